@@ -1,0 +1,49 @@
+# ac-audience-sync: every developer and CI entry point. `make help` lists them.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test lint typecheck unit component integration bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv with the service and its dev tools
+
+demo: $(STAMP) ## run the service end to end: local broker + AC emulator + sample events
+	$(BIN)/ac-audience-sync demo
+
+test: $(STAMP) ## everything CI runs: system deps, ruff, mypy --strict, all tests
+	./scripts/install-test-deps
+	$(MAKE) lint typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP) ## ruff lint and format check
+	$(BIN)/ruff check service tests benchmarks
+	$(BIN)/ruff format --check service tests benchmarks
+
+typecheck: $(STAMP) ## mypy --strict on service/
+	$(BIN)/mypy
+
+unit: $(STAMP) ## fast unit tests of the pure parts
+	$(BIN)/python -m pytest -q tests/unit
+
+component: $(STAMP) ## component tests (emulator over sockets, runner with fakes)
+	$(BIN)/python -m pytest -q tests/component
+
+integration: $(STAMP) ## integration tests (real broker, emulator, CLI processes)
+	$(BIN)/python -m pytest -q tests/integration
+
+bench: $(STAMP) ## the throughput benchmark (prints figures; not a pass/fail test)
+	$(BIN)/python benchmarks/run.py
+
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

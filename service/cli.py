@@ -1,0 +1,283 @@
+"""``ac-audience-sync``: the composition root. The only place that builds real clients.
+
+Subcommands: ``run`` (the service), ``check`` (config, broker, topic, token), ``emulator`` (the
+ActiveCampaign emulator), ``demo`` (everything end to end on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import random
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from service import __version__
+from service.errors import ConfigError
+from service.settings import Settings, load_settings
+
+logger = logging.getLogger("service")
+
+EXIT_CONFIG = 2
+
+
+def _settings_or_exit(env: Mapping[str, str]) -> Settings:
+    try:
+        return load_settings(env)
+    except ConfigError as exc:
+        print(f"ac-audience-sync: configuration error: {exc.field}: {exc.why}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def build_runner(settings: Settings, registry: Any) -> Any:
+    """Wire the real parts together (used by ``run``, the demo and the integration tests)."""
+    import httpx
+    from confluent_kafka import Consumer, Producer
+
+    from service.activecampaign import ActiveCampaignClient
+    from service.apply import ContactApplier
+    from service.codec import EventDecoder, SchemaRegistryClient, load_reader_schema
+    from service.lists import ListDirectory
+    from service.logs import EmailHasher
+    from service.metrics import Metrics
+    from service.ratelimit import RateLimitedTransport, RateLimiter
+    from service.runner import Runner
+
+    metrics = Metrics(registry)
+    limiter = RateLimiter(settings.ac_rate_limit_per_second, on_wait=metrics.ratelimit_wait.observe)
+    transport = RateLimitedTransport(httpx.HTTPTransport(retries=0), limiter)
+    http = httpx.Client(
+        base_url=settings.ac_base_url + "/",
+        transport=transport,
+        timeout=httpx.Timeout(settings.ac_request_timeout_seconds),
+        limits=httpx.Limits(max_connections=settings.ac_concurrency + 2),
+    )
+    client = ActiveCampaignClient(
+        http,
+        lambda: settings.current_token().reveal(),
+        metrics,
+        sender_url=settings.ac_list_sender_url,
+        sender_reminder=settings.ac_list_sender_reminder,
+    )
+    lists = ListDirectory(client, create=settings.ac_create_lists)
+    applier = ContactApplier(
+        client,
+        lists,
+        settings.attribute_map,
+        settings.field_map,
+        clock=__import__("time").monotonic,
+    )
+    lookup = None
+    if settings.schema_registry_url:
+        registry_http = httpx.Client(timeout=10.0)
+
+        def http_get(url: str) -> tuple[int, bytes]:
+            response = registry_http.get(url)
+            return response.status_code, response.content
+
+        lookup = SchemaRegistryClient(settings.schema_registry_url, http_get)
+    decoder = EventDecoder(load_reader_schema(), lookup)
+    key = settings.email_hash_key.reveal().encode() if settings.email_hash_key else None
+    hasher = EmailHasher(key)
+
+    holder: dict[str, Runner] = {}
+
+    def on_error(error: Any) -> None:
+        if "runner" in holder:
+            holder["runner"].on_kafka_error(error)
+
+    consumer_cfg: dict[str, Any] = dict(settings.consumer_config())
+    consumer_cfg["error_cb"] = on_error
+    consumer = Consumer(consumer_cfg)
+    producer = Producer(settings.producer_config())
+    runner = Runner(
+        settings,
+        consumer,
+        producer,
+        decoder,
+        applier,
+        limiter,
+        metrics,
+        hasher,
+        rng=random.Random(),
+    )
+    holder["runner"] = runner
+    return runner
+
+
+def ensure_dlq_topic(settings: Settings) -> None:
+    """Create the dead-letter topic when it is missing (best effort; ``check`` reports it)."""
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    admin = AdminClient(dict(settings.producer_config()))
+    try:
+        metadata = admin.list_topics(timeout=10)
+    except Exception as exc:
+        logger.warning("cannot list topics", extra={"error": str(exc)})
+        return
+    if settings.kafka_dlq_topic in metadata.topics:
+        return
+    source = metadata.topics.get(settings.kafka_topic)
+    partitions = len(source.partitions) if source is not None and source.partitions else 1
+    futures = admin.create_topics([NewTopic(settings.kafka_dlq_topic, partitions)])
+    for topic, future in futures.items():
+        try:
+            future.result(timeout=10)
+            logger.info("created dead-letter topic", extra={"topic": topic})
+        except Exception as exc:
+            logger.warning(
+                "could not create dead-letter topic", extra={"topic": topic, "error": str(exc)}
+            )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit(os.environ)
+    from prometheus_client import CollectorRegistry
+
+    from service.health import HealthServer
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    registry = CollectorRegistry()
+    ensure_dlq_topic(settings)
+    runner = build_runner(settings, registry)
+    health = HealthServer(
+        (settings.metrics_host, settings.metrics_port), registry, runner.liveness, runner.readiness
+    ).start()
+    logger.info(
+        "ac-audience-sync started",
+        extra={
+            "version": __version__,
+            "metrics_port": health.port,
+            "rate_limit_per_second": settings.ac_rate_limit_per_second,
+        },
+    )
+
+    def stop(signum: int, _frame: Any) -> None:
+        logger.info("signal received; stopping", extra={"signal": signal.Signals(signum).name})
+        runner.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = int(runner.run())
+    health.stop()
+    return code
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from service.check import run_checks
+
+    try:
+        settings = load_settings(os.environ)
+    except ConfigError as exc:
+        print(f"FAIL  configuration: {exc.field}: {exc.why}")
+        return EXIT_CONFIG
+    print("OK    configuration")
+    return run_checks(settings, timeout=args.timeout)
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from service.emulator.server import Emulator
+
+    token = args.token or os.environ.get("AC_API_TOKEN")
+    if not token:
+        print("ac-audience-sync emulator: give --token or set AC_API_TOKEN", file=sys.stderr)
+        return EXIT_CONFIG
+    low, _, high = args.latency_ms.partition("-")
+    emulator = Emulator(
+        args.host,
+        args.port,
+        tokens={token},
+        rate_limit=args.rate_limit,
+        import_delay=args.import_delay,
+    )
+    if float(high or low or 0):
+        emulator.account.set_faults({"latency_ms": [float(low), float(high or low)]}, 0.0)
+    print(
+        f"ActiveCampaign emulator on {emulator.url} (inspect: {emulator.url}/_emulator/state)",
+        flush=True,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        emulator.serve_forever()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from service.demo import run_demo
+
+    return run_demo(
+        events=args.events, emails=args.emails, audiences=args.audiences, rate_limit=args.rate_limit
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ac-audience-sync",
+        description="Keep ActiveCampaign lists in step with CDP audience events from Kafka. "
+        "Configured through environment variables (see the README).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="run the service", description="Run the sync service until SIGTERM."
+    )
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser(
+        "check",
+        help="check config, broker, topic and token",
+        description="Check the configuration, that the broker answers, that the topic exists and "
+        "that ActiveCampaign accepts the token. Exits non-zero on any failure.",
+    )
+    check.add_argument("--timeout", type=float, default=10.0, help="seconds per check (default 10)")
+    check.set_defaults(func=cmd_check)
+
+    emulator = sub.add_parser(
+        "emulator",
+        help="run the ActiveCampaign emulator",
+        description="Serve an emulated ActiveCampaign v3 API (lists, contacts, bulk import) with "
+        "AC's rate limit, plus an inspection API under /_emulator/.",
+    )
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--port", type=int, default=8080)
+    emulator.add_argument("--token", help="the accepted Api-Token (default: $AC_API_TOKEN)")
+    emulator.add_argument(
+        "--rate-limit", type=float, default=5.0, help="requests per second (default 5)"
+    )
+    emulator.add_argument(
+        "--import-delay", type=float, default=2.0, help="seconds before an import completes"
+    )
+    emulator.add_argument("--latency-ms", default="0", help="added latency, e.g. 100-300")
+    emulator.set_defaults(func=cmd_emulator)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run everything end to end locally",
+        description="Start a local broker and the emulator, produce sample events, run the "
+        "service until the lag is zero, and print what ActiveCampaign now holds.",
+    )
+    demo.add_argument("--events", type=int, default=3000)
+    demo.add_argument("--emails", type=int, default=400)
+    demo.add_argument("--audiences", type=int, default=4)
+    demo.add_argument(
+        "--rate-limit",
+        type=float,
+        default=5.0,
+        help="AC's requests per second for the emulator and the service (default 5)",
+    )
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Bytes -> ``MembershipEvent``. Pure apart from the optional schema-registry lookup.
+
+Two encodings:
+- schemaless Avro written with ``schemas/segment_membership_change.avsc`` (the default);
+- Confluent wire format (magic byte 0, 4-byte big-endian schema id, Avro body) when a schema
+  registry is configured. The writer schema comes from the registry and is resolved against our
+  reader schema, so a producer that adds a field with a default does not break us.
+
+Every failure that retrying cannot fix is a ``PoisonMessage`` with an enumerated ``reason``:
+``undecodable``, ``bad_magic``, ``unknown_schema``, ``incompatible_schema``, ``missing_field``,
+``invalid_email``. The caller parks those in the DLQ.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import fastavro
+from fastavro.read import SchemaResolutionError
+
+from service.errors import PoisonMessage
+from service.model import Action, MembershipEvent, validated_email
+
+SCHEMA_FILE = "segment_membership_change.avsc"
+_CONFLUENT_HEADER = struct.Struct(">bI")
+
+ParsedSchema = Any
+WriterSchemaLookup = Callable[[int], ParsedSchema]
+
+
+def load_reader_schema() -> ParsedSchema:
+    """The project's schema, parsed. Shipped inside the package (a link to ``schemas/``)."""
+    text = resources.files("service").joinpath("schemas", SCHEMA_FILE).read_text(encoding="utf-8")
+    return fastavro.parse_schema(json.loads(text))
+
+
+def encode_event(event: Mapping[str, Any], schema: ParsedSchema) -> bytes:
+    """Schemaless Avro encoding of one event dict (used by the demo, tests and benchmarks)."""
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, schema, dict(event))
+    return buffer.getvalue()
+
+
+def confluent_frame(schema_id: int, body: bytes) -> bytes:
+    return _CONFLUENT_HEADER.pack(0, schema_id) + body
+
+
+class EventDecoder:
+    """Decodes and validates one record value. Thread-compatible; keeps a writer-schema cache."""
+
+    def __init__(
+        self, reader_schema: ParsedSchema, writer_lookup: WriterSchemaLookup | None = None
+    ) -> None:
+        self._reader = reader_schema
+        self._writer_lookup = writer_lookup
+        self._writers: dict[int, ParsedSchema] = {}
+
+    def decode(self, value: bytes | None) -> MembershipEvent:
+        if not value:
+            raise PoisonMessage("undecodable", "record has no value")
+        if self._writer_lookup is None:
+            record = self._read(value, 0, self._reader, None)
+        else:
+            if len(value) < _CONFLUENT_HEADER.size or value[0] != 0:
+                raise PoisonMessage("bad_magic", "value is not in Confluent wire format")
+            _, schema_id = _CONFLUENT_HEADER.unpack_from(value)
+            writer = self._writer_schema(schema_id)
+            record = self._read(value, _CONFLUENT_HEADER.size, writer, self._reader)
+        return to_event(record)
+
+    def _writer_schema(self, schema_id: int) -> ParsedSchema:
+        cached = self._writers.get(schema_id)
+        if cached is None:
+            assert self._writer_lookup is not None
+            cached = self._writer_lookup(schema_id)
+            self._writers[schema_id] = cached
+        return cached
+
+    @staticmethod
+    def _read(
+        value: bytes, start: int, writer: ParsedSchema, reader: ParsedSchema | None
+    ) -> dict[str, Any]:
+        buffer = io.BytesIO(value)
+        buffer.seek(start)
+        try:
+            record = fastavro.schemaless_reader(buffer, writer, reader)
+        except SchemaResolutionError as exc:
+            raise PoisonMessage("incompatible_schema", str(exc)[:200]) from None
+        except Exception as exc:  # fastavro raises many types on garbage input
+            raise PoisonMessage("undecodable", f"{type(exc).__name__}: {str(exc)[:120]}") from None
+        if buffer.tell() != len(value):
+            # Trailing bytes mean the writer used a different schema than we read with.
+            raise PoisonMessage("undecodable", "trailing bytes after the Avro record")
+        if not isinstance(record, dict):
+            raise PoisonMessage("undecodable", "value is not an Avro record")
+        return record
+
+
+def to_event(record: Mapping[str, Any]) -> MembershipEvent:
+    """Validate a decoded record dict into an event (the email normalised)."""
+    for name in ("event_id", "audience_id", "audience_name"):
+        value = record.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise PoisonMessage("missing_field", f"{name} is empty")
+    raw_email = record.get("email")
+    if not isinstance(raw_email, str):
+        raise PoisonMessage("missing_field", "email is missing")
+    occurred = record.get("occurred_at")
+    if isinstance(occurred, datetime):
+        occurred_ms = int(occurred.timestamp() * 1000)
+    elif isinstance(occurred, int):
+        occurred_ms = occurred
+    else:
+        raise PoisonMessage("missing_field", "occurred_at is missing")
+    try:
+        action = Action(record.get("action"))
+    except ValueError:
+        raise PoisonMessage("missing_field", "action is not ENTERED or EXITED") from None
+    attributes = record.get("attributes") or {}
+    return MembershipEvent(
+        event_id=record["event_id"],
+        occurred_at_ms=occurred_ms,
+        email=validated_email(raw_email),
+        audience_id=record["audience_id"].strip(),
+        audience_name=record["audience_name"].strip(),
+        action=action,
+        campaign_id=record.get("campaign_id"),
+        treatment_group=record.get("treatment_group"),
+        attributes=attributes,
+    )
+
+
+class SchemaRegistryClient:
+    """Fetches writer schemas by id from a Confluent-compatible registry (``GET /schemas/ids/N``).
+
+    An unknown id (404) is a ``PoisonMessage``; a registry that cannot be reached raises
+    ``RegistryUnavailable`` so the runner retries instead of dead-lettering good records.
+    """
+
+    def __init__(self, base_url: str, http_get: Callable[[str], tuple[int, bytes]]) -> None:
+        self._base = base_url.rstrip("/")
+        self._get = http_get
+
+    def __call__(self, schema_id: int) -> ParsedSchema:
+        status, body = self._get(f"{self._base}/schemas/ids/{schema_id}")
+        if status == 404:
+            raise PoisonMessage("unknown_schema", f"schema id {schema_id} is not in the registry")
+        if status != 200:
+            raise RegistryUnavailable(f"schema registry answered {status} for id {schema_id}")
+        try:
+            schema_text = json.loads(body)["schema"]
+            return fastavro.parse_schema(json.loads(schema_text))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PoisonMessage(
+                "unknown_schema", f"schema id {schema_id} unusable: {exc}"
+            ) from None
+
+
+class RegistryUnavailable(Exception):
+    """The schema registry could not be asked; retry the record later."""

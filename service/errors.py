@@ -1,0 +1,72 @@
+"""The service's exception tree. Every error carries the data needed to act on it.
+
+::
+
+    ServiceError
+    ├── ConfigError(field, why)                 bad or missing configuration; exit status 2
+    ├── PoisonMessage(reason, detail)           a record that can never be applied; goes to the DLQ
+    └── ApiError                                an ActiveCampaign call did not succeed
+        ├── RateLimited(retry_after)            429 (or bulk-import "Rate limit exceeded."): back off
+        ├── TransientApiError(status, detail)   5xx, timeout, connection error, non-JSON 2xx: retry
+        ├── AuthRejected(status, detail)        401/402/403 or an HTML login page: stop all traffic
+        └── PermanentApiError(status, code, detail)   4xx about this record: to the DLQ
+
+No error message ever contains the API token or a raw email address.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error this service raises on purpose."""
+
+
+class ConfigError(ServiceError):
+    """A configuration value is missing or malformed."""
+
+    def __init__(self, field: str, why: str) -> None:
+        super().__init__(f"{field}: {why}")
+        self.field = field
+        self.why = why
+
+
+class PoisonMessage(ServiceError):
+    """A record that cannot be decoded or validated. ``reason`` is a short enumerated label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ApiError(ServiceError):
+    """An ActiveCampaign request that did not succeed."""
+
+    def __init__(self, status: int | None, detail: str) -> None:
+        super().__init__(f"status={status} {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class RateLimited(ApiError):
+    """AC asked us to slow down; no request may be sent for ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: float, status: int | None = 429, detail: str = "") -> None:
+        super().__init__(status, detail or f"rate limited, retry after {retry_after:g}s")
+        self.retry_after = retry_after
+
+
+class TransientApiError(ApiError):
+    """A failure that repeating the same request later may fix."""
+
+
+class AuthRejected(ApiError):
+    """The token was refused (or the account is blocked): not a per-record failure."""
+
+
+class PermanentApiError(ApiError):
+    """AC refused this record for a reason that retrying cannot fix (``code`` as AC gave it)."""
+
+    def __init__(self, status: int | None, code: str, detail: str) -> None:
+        super().__init__(status, f"{code}: {detail}")
+        self.code = code

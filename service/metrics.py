@@ -1,0 +1,177 @@
+"""Every metric, defined once, on an injected registry (tests use a fresh one each).
+
+Labels are bounded sets only: topic, partition, endpoint (route template), method, code (HTTP
+status or ``timeout``/``conn_error``), reason and outcome (enumerated), action, kind. Never an
+email, a list name from user data, an event id or the token.
+"""
+
+from __future__ import annotations
+
+import confluent_kafka
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service import __version__
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
+WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120)
+AGE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1800, 3600, 14400)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.events_consumed = Counter(
+            "ac_sync_events_consumed",
+            "Records polled from Kafka, by outcome.",
+            ["topic", "outcome"],
+            registry=r,
+        )
+        self.changes_applied = Counter(
+            "ac_sync_changes_applied",
+            "Membership changes confirmed by ActiveCampaign.",
+            ["action"],
+            registry=r,
+        )
+        self.events_coalesced = Counter(
+            "ac_sync_events_coalesced",
+            "Events superseded by a later event for the same email and list before sending.",
+            registry=r,
+        )
+        self.dlq_records = Counter(
+            "ac_sync_dlq_records",
+            "Records parked in the dead-letter topic, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.ac_requests = Counter(
+            "ac_sync_ac_requests",
+            "ActiveCampaign HTTP attempts, by endpoint and status.",
+            ["endpoint", "method", "code"],
+            registry=r,
+        )
+        self.ac_request_duration = Histogram(
+            "ac_sync_ac_request_duration_seconds",
+            "ActiveCampaign request latency.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ac_rate_limited = Counter(
+            "ac_sync_ac_rate_limited",
+            "429 (and bulk-import rate-limit) answers received.",
+            registry=r,
+        )
+        self.ac_retries = Counter(
+            "ac_sync_ac_retries",
+            "Changes scheduled for another attempt, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.ratelimit_wait = Histogram(
+            "ac_sync_ratelimit_wait_seconds",
+            "Time a request waited for a limiter slot.",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.ratelimit_queue_depth = Gauge(
+            "ac_sync_ratelimit_queue_depth",
+            "Requests waiting for a limiter slot.",
+            registry=r,
+        )
+        self.ratelimit_rate = Gauge(
+            "ac_sync_ratelimit_rate_per_second",
+            "Effective request rate of this replica.",
+            registry=r,
+        )
+        self.ratelimit_paused = Gauge(
+            "ac_sync_ratelimit_paused",
+            "1 while all AC traffic waits for a Retry-After.",
+            registry=r,
+        )
+        self.changes_pending = Gauge(
+            "ac_sync_changes_pending",
+            "Coalesced changes waiting to be sent.",
+            registry=r,
+        )
+        self.changes_inflight = Gauge(
+            "ac_sync_changes_inflight",
+            "Changes being sent to ActiveCampaign now.",
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "ac_sync_consumer_lag",
+            "Records between the committed offset and the partition end.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.committed_offset = Gauge(
+            "ac_sync_committed_offset",
+            "Last committed offset.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.last_commit_timestamp = Gauge(
+            "ac_sync_last_commit_timestamp_seconds",
+            "Wall time of the last commit that advanced the partition.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.commit_failures = Counter(
+            "ac_sync_commit_failures",
+            "Failed offset commits.",
+            ["reason"],
+            registry=r,
+        )
+        self.commit_duration = Histogram(
+            "ac_sync_commit_duration_seconds",
+            "Offset commit latency.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.event_to_applied = Histogram(
+            "ac_sync_event_to_applied_seconds",
+            "From the event's occurred_at to ActiveCampaign confirming the change.",
+            buckets=AGE_BUCKETS,
+            registry=r,
+        )
+        self.rebalances = Counter(
+            "ac_sync_rebalances",
+            "Group rebalance callbacks, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.assigned_partitions = Gauge(
+            "ac_sync_assigned_partitions",
+            "Partitions currently assigned.",
+            registry=r,
+        )
+        self.paused_partitions = Gauge(
+            "ac_sync_paused_partitions",
+            "Partitions paused for back-pressure.",
+            registry=r,
+        )
+        self.heartbeat = Gauge(
+            "ac_sync_main_loop_heartbeat_timestamp_seconds",
+            "Wall time of the last main-loop iteration.",
+            registry=r,
+        )
+        self.auth_rejected = Gauge(
+            "ac_sync_auth_rejected",
+            "1 while ActiveCampaign refuses the token.",
+            registry=r,
+        )
+        self.ready = Gauge("ac_sync_ready", "1 when the readiness probe passes.", registry=r)
+        self.inflight_uncommitted = Gauge(
+            "ac_sync_inflight_uncommitted",
+            "Polled offsets not yet committable (work repeated after a crash).",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "ac_sync_build_info",
+            "Build metadata.",
+            ["version", "librdkafka_version"],
+            registry=r,
+        )
+        self.build_info.labels(__version__, confluent_kafka.libversion()[0]).set(1)

@@ -1,0 +1,174 @@
+"""The account-wide request budget: a leaky bucket with no burst, and the transport that obeys it.
+
+``LeakyBucket`` is pure arithmetic over ``now``: requests leave one every ``interval`` seconds,
+never two closer together, and none before a Retry-After pause ends. ActiveCampaign documents
+5 requests per second per account and no burst, so the bucket holds exactly one request.
+
+``interval = 1/rate + guard``: the guard (default 10 ms) absorbs scheduling and network jitter
+between the moment we send and the moment AC counts the request, so that no one-second window at
+AC's side ever holds more than ``rate`` requests.
+
+``RateLimiter`` is the thread-safe shell: workers call ``acquire()`` and sleep outside the lock.
+``RateLimitedTransport`` wraps any httpx transport so that no request, retries and lookups
+included, can bypass the budget.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+
+
+class LeakyBucket:
+    """Pure arithmetic. Invariant: two granted slots are at least ``interval`` apart."""
+
+    def __init__(self, rate: float, guard: float = 0.01) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.guard = guard
+        self.interval = 1.0 / rate + guard
+        self.next_free = float("-inf")
+        self.paused_until = float("-inf")
+        self.pause_epoch = 0
+
+    @property
+    def rate(self) -> float:
+        return 1.0 / self.interval
+
+    def set_rate(self, rate: float) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.interval = 1.0 / rate + self.guard
+
+    def reserve(self, now: float) -> float:
+        """Book the next free slot; return when it starts (``>= now``)."""
+        start = max(now, self.next_free, self.paused_until)
+        self.next_free = start + self.interval
+        return start
+
+    def pause(self, until: float) -> None:
+        """No slot may start before ``until`` (a 429's Retry-After). Slots already booked are void."""
+        if until > self.paused_until:
+            self.paused_until = until
+            self.next_free = max(self.next_free, until)
+            self.pause_epoch += 1
+
+    def paused(self, now: float) -> bool:
+        return now < self.paused_until
+
+
+class LimiterClosed(Exception):
+    """The limiter was closed (shutdown) while a request waited for a slot."""
+
+
+class RateLimiter:
+    """Thread-safe shell around ``LeakyBucket`` with an injectable clock and sleeper."""
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        guard: float = 0.01,
+        clock: Callable[[], float] = time.monotonic,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> None:
+        self._bucket = LeakyBucket(rate, guard)
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._clock = clock
+        self._on_wait = on_wait
+        self.waiting = 0
+
+    @property
+    def rate(self) -> float:
+        return self._bucket.rate
+
+    def set_rate(self, rate: float) -> None:
+        with self._lock:
+            self._bucket.set_rate(rate)
+
+    def pause_for(self, seconds: float) -> None:
+        with self._lock:
+            self._bucket.pause(self._clock() + seconds)
+
+    def paused(self) -> bool:
+        with self._lock:
+            return self._bucket.paused(self._clock())
+
+    def paused_for(self) -> float:
+        with self._lock:
+            return max(0.0, self._bucket.paused_until - self._clock())
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def acquire(self) -> float:
+        """Block until this caller may send one request; return the seconds waited."""
+        began = self._clock()
+        with self._lock:
+            self.waiting += 1
+        try:
+            while True:
+                with self._lock:
+                    now = self._clock()
+                    start = self._bucket.reserve(now)
+                    epoch = self._bucket.pause_epoch
+                if start > now and self._closed.wait(start - now):
+                    raise LimiterClosed()
+                if self._closed.is_set():
+                    raise LimiterClosed()
+                with self._lock:
+                    # A 429 that arrived while we slept voids our slot: book a new one after it.
+                    if self._bucket.pause_epoch == epoch:
+                        break
+        finally:
+            with self._lock:
+                self.waiting -= 1
+        waited = self._clock() - began
+        if self._on_wait is not None:
+            self._on_wait(waited)
+        return waited
+
+
+def parse_retry_after(value: str | None, default: float) -> float:
+    """Retry-After in seconds (AC sends whole seconds); an HTTP date is also accepted."""
+    if not value:
+        return default
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return default
+    return max(0.0, when.timestamp() - time.time())
+
+
+class RateLimitedTransport(httpx.BaseTransport):
+    """Every request waits for a slot; a 429 pauses every other request for its Retry-After."""
+
+    def __init__(
+        self, inner: httpx.BaseTransport, limiter: RateLimiter, default_retry_after: float = 5.0
+    ) -> None:
+        self._inner = inner
+        self._limiter = limiter
+        self._default_retry_after = default_retry_after
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self._limiter.acquire()
+        response = self._inner.handle_request(request)
+        if response.status_code == 429:
+            retry_after = parse_retry_after(
+                response.headers.get("Retry-After"), self._default_retry_after
+            )
+            self._limiter.pause_for(retry_after)
+        return response
+
+    def close(self) -> None:
+        self._inner.close()

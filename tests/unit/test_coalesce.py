@@ -1,0 +1,122 @@
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.coalesce import Coalescer, ListRef
+from service.model import Action, MembershipEvent, SourceOffset
+
+A = ListRef(name="A")
+B = ListRef(name="B")
+
+
+def ev(email: str, action: Action, n: int = 0) -> MembershipEvent:
+    return MembershipEvent(f"e{n}", n, email, "aud", "A", action)
+
+
+def test_last_event_wins_and_carries_all_offsets() -> None:
+    c = Coalescer(window=5)
+    assert not c.add(0, A, ev("x@y.com", Action.ENTERED), b"1", 10, now=0)
+    assert c.add(0, A, ev("x@y.com", Action.EXITED), b"2", 11, now=1)
+    assert c.take_due(4.9, limit=10, busy=set()) == []
+    [group] = c.take_due(5.0, limit=10, busy=set())
+    [change] = group
+    assert change.event.action is Action.EXITED
+    assert change.raw == b"2"
+    assert change.offsets == [SourceOffset(0, 10), SourceOffset(0, 11)]
+    assert len(c) == 0
+
+
+def test_due_from_first_event_so_hot_keys_do_not_starve() -> None:
+    c = Coalescer(window=5)
+    for i in range(10):
+        c.add(0, A, ev("x@y.com", Action.ENTERED, i), None, i, now=i * 0.9)
+    assert len(c.take_due(5.0, limit=10, busy=set())) == 1
+
+
+def test_one_group_per_email_with_all_its_lists() -> None:
+    c = Coalescer(window=0)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=0)
+    c.add(0, B, ev("x@y.com", Action.EXITED), None, 2, now=0)
+    c.add(0, A, ev("z@y.com", Action.ENTERED), None, 3, now=0)
+    groups = c.take_due(0, limit=10, busy=set())
+    assert sorted(len(g) for g in groups) == [1, 2]
+
+
+def test_busy_email_is_deferred_not_lost() -> None:
+    c = Coalescer(window=0)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=0)
+    assert c.take_due(1, limit=10, busy={"x@y.com"}) == []
+    assert len(c.take_due(1, limit=10, busy=set())) == 1
+
+
+def test_limit_and_flush_all() -> None:
+    c = Coalescer(window=100)
+    for i in range(5):
+        c.add(0, A, ev(f"p{i}@y.com", Action.ENTERED), None, i, now=0)
+    assert c.take_due(1, limit=10, busy=set()) == []
+    assert len(c.take_due(1, limit=3, busy=set(), flush_all=True)) == 3
+    assert len(c) == 2
+
+
+def test_requeue_yields_to_newer_change_which_inherits_offsets() -> None:
+    c = Coalescer(window=0)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=0)
+    [[old]] = c.take_due(0, limit=1, busy=set())
+    c.add(0, A, ev("x@y.com", Action.EXITED), None, 2, now=1)
+    c.requeue(old, not_before=10)
+    [[newer]] = c.take_due(1, limit=1, busy=set())
+    assert newer.event.action is Action.EXITED
+    assert [o.offset for o in newer.offsets] == [1, 2]
+
+
+def test_requeue_respects_not_before() -> None:
+    c = Coalescer(window=0)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=0)
+    [[change]] = c.take_due(0, limit=1, busy=set())
+    c.requeue(change, not_before=30)
+    assert c.take_due(29, limit=1, busy=set()) == []
+    assert len(c.take_due(30, limit=1, busy=set())) == 1
+
+
+def test_discard_partition() -> None:
+    c = Coalescer(window=0)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=0)
+    c.add(1, A, ev("z@y.com", Action.ENTERED), None, 1, now=0)
+    assert len(c.discard([1])) == 1
+    [[left]] = c.take_due(0, limit=5, busy=set())
+    assert left.partition == 0
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a@x.com", "b@x.com", "c@x.com"]),
+            st.sampled_from([A, B]),
+            st.sampled_from(list(Action)),
+            st.floats(0, 3),
+        ),
+        max_size=80,
+    ),
+    st.floats(0, 4),
+)
+def test_coalescing_then_applying_equals_applying_every_event(events, window) -> None:  # type: ignore[no-untyped-def]
+    """Property: the final state is the same whether or not events are coalesced, whatever the
+    window and the moments the loop takes due work; every offset is covered exactly once."""
+    c = Coalescer(window=window)
+    applied: dict[tuple[str, ListRef], Action] = {}
+    expected: dict[tuple[str, ListRef], Action] = {}
+    covered: list[int] = []
+    now = 0.0
+    for offset, (email, target, action, gap) in enumerate(events):
+        now += gap
+        c.add(0, target, ev(email, action, offset), None, offset, now)
+        expected[(email, target)] = action
+        for group in c.take_due(now, limit=2, busy=set()):
+            for change in group:
+                applied[(change.email, change.target)] = change.event.action
+                covered.extend(o.offset for o in change.offsets)
+    for group in c.take_due(now, limit=10**6, busy=set(), flush_all=True):
+        for change in group:
+            applied[(change.email, change.target)] = change.event.action
+            covered.extend(o.offset for o in change.offsets)
+    assert applied == expected
+    assert sorted(covered) == list(range(len(events)))

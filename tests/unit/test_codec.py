@@ -1,0 +1,129 @@
+import io
+import json
+from typing import Any
+
+import fastavro
+import pytest
+
+from service.codec import (
+    EventDecoder,
+    SchemaRegistryClient,
+    confluent_frame,
+    encode_event,
+    load_reader_schema,
+)
+from service.errors import PoisonMessage
+from service.model import Action
+
+SCHEMA = load_reader_schema()
+
+
+def event(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "event_id": "e1",
+        "occurred_at": 1_700_000_000_000,
+        "email": "  Jane.Doe@Example.COM ",
+        "audience_id": "a1",
+        "audience_name": "VIP",
+        "action": "ENTERED",
+        "campaign_id": None,
+        "treatment_group": None,
+        "attributes": {"first_name": "Jane"},
+    }
+    base.update(changes)
+    return base
+
+
+def test_schemaless_roundtrip_normalises_email() -> None:
+    decoded = EventDecoder(SCHEMA).decode(encode_event(event(), SCHEMA))
+    assert decoded.email == "jane.doe@example.com"
+    assert decoded.action is Action.ENTERED
+    assert decoded.occurred_at_ms == 1_700_000_000_000
+    assert decoded.attributes == {"first_name": "Jane"}
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"", "undecodable"),
+        (b"\xff\xfe garbage \x00", "undecodable"),
+        (None, "undecodable"),
+    ],
+)
+def test_garbage(value: bytes | None, reason: str) -> None:
+    with pytest.raises(PoisonMessage) as info:
+        EventDecoder(SCHEMA).decode(value)
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"email": "not-an-email"}, "invalid_email"),
+        ({"email": "   "}, "missing_field"),
+        ({"audience_id": ""}, "missing_field"),
+        ({"audience_name": " "}, "missing_field"),
+        ({"email": "a@b"}, "invalid_email"),
+    ],
+)
+def test_invalid_fields(changes: dict[str, Any], reason: str) -> None:
+    with pytest.raises(PoisonMessage) as info:
+        EventDecoder(SCHEMA).decode(encode_event(event(**changes), SCHEMA))
+    assert info.value.reason == reason
+
+
+def test_trailing_bytes_are_rejected() -> None:
+    with pytest.raises(PoisonMessage):
+        EventDecoder(SCHEMA).decode(encode_event(event(), SCHEMA) + b"\x02xx")
+
+
+NEWER = json.loads(
+    (
+        __import__("pathlib").Path(__file__).parents[2] / "schemas/segment_membership_change.avsc"
+    ).read_text()
+)
+NEWER["fields"].append({"name": "score", "type": "double", "default": 0.0})
+
+
+def registry(schemas: dict[int, dict[str, Any]]) -> SchemaRegistryClient:
+    def get(url: str) -> tuple[int, bytes]:
+        schema_id = int(url.rsplit("/", 1)[1])
+        if schema_id not in schemas:
+            return 404, b'{"error_code":40403}'
+        return 200, json.dumps({"schema": json.dumps(schemas[schema_id])}).encode()
+
+    return SchemaRegistryClient("http://registry", get)
+
+
+def test_confluent_framing_with_a_newer_writer_schema() -> None:
+    writer = fastavro.parse_schema(NEWER)
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, writer, {**event(), "score": 0.7})
+    decoder = EventDecoder(SCHEMA, registry({7: NEWER}))
+    decoded = decoder.decode(confluent_frame(7, buffer.getvalue()))
+    assert decoded.email == "jane.doe@example.com"
+
+
+def test_confluent_errors() -> None:
+    decoder = EventDecoder(SCHEMA, registry({}))
+    with pytest.raises(PoisonMessage) as info:
+        decoder.decode(encode_event(event(), SCHEMA))
+    assert info.value.reason == "bad_magic"
+    with pytest.raises(PoisonMessage) as info:
+        decoder.decode(confluent_frame(99, encode_event(event(), SCHEMA)))
+    assert info.value.reason == "unknown_schema"
+
+
+def test_incompatible_writer_schema() -> None:
+    incompatible = {
+        "type": "record",
+        "name": "SegmentMembershipChange",
+        "namespace": "com.cdp.audience",
+        "fields": [{"name": "event_id", "type": "int"}],
+    }
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, fastavro.parse_schema(incompatible), {"event_id": 3})
+    decoder = EventDecoder(SCHEMA, registry({3: incompatible}))
+    with pytest.raises(PoisonMessage) as info:
+        decoder.decode(confluent_frame(3, buffer.getvalue()))
+    assert info.value.reason in ("incompatible_schema", "undecodable")

@@ -1,0 +1,85 @@
+import threading
+import time
+
+import pytest
+
+from service.coalesce import ListRef
+from service.errors import PermanentApiError, PoisonMessage
+from service.lists import ListDirectory, list_for_event, stringid_for
+from service.model import Action, MembershipEvent
+from service.settings import ListTarget
+
+
+def ev(**kw: str | None) -> MembershipEvent:
+    base = dict(
+        event_id="e",
+        occurred_at_ms=0,
+        email="a@b.com",
+        audience_id="a1",
+        audience_name="VIP  Buyers",
+        action=Action.ENTERED,
+        campaign_id="c9",
+        treatment_group="B",
+    )
+    base.update(kw)
+    return MembershipEvent(**base)  # type: ignore[arg-type]
+
+
+def test_default_template_and_whitespace() -> None:
+    assert list_for_event(ev(), "{audience_name}", {}) == ListRef(name="VIP Buyers")
+
+
+def test_treatment_group_lists() -> None:
+    assert (
+        list_for_event(ev(), "{audience_name} / {campaign_id} / {treatment_group}", {}).name
+        == "VIP Buyers / c9 / B"
+    )
+
+
+def test_mapping_wins() -> None:
+    assert list_for_event(ev(), "{audience_name}", {"a1": ListTarget(list_id="12")}) == ListRef(
+        list_id="12"
+    )
+
+
+def test_empty_name_is_poison() -> None:
+    with pytest.raises(PoisonMessage):
+        list_for_event(ev(treatment_group=None), "{treatment_group}", {})
+
+
+def test_stringid_is_url_safe_and_unique_per_name() -> None:
+    a, b = stringid_for("VIP Buyers!"), stringid_for("vip buyers")
+    assert a != b
+    assert all(ch.isalnum() or ch == "-" for ch in a)
+
+
+class SlowApi:
+    def __init__(self) -> None:
+        self.created: list[str] = []
+
+    def find_list(self, name: str) -> str | None:
+        time.sleep(0.01)
+        return None
+
+    def create_list(self, name: str, stringid: str) -> str:
+        self.created.append(name)
+        return str(len(self.created))
+
+
+def test_concurrent_workers_create_a_list_once() -> None:
+    api = SlowApi()
+    directory = ListDirectory(api, create=True)
+    threads = [
+        threading.Thread(target=directory.list_id, args=(ListRef(name="X"),)) for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert api.created == ["X"]
+
+
+def test_creation_turned_off() -> None:
+    with pytest.raises(PermanentApiError) as info:
+        ListDirectory(SlowApi(), create=False).list_id(ListRef(name="X"))
+    assert info.value.code == "list_missing"

@@ -1,0 +1,84 @@
+import math
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.ratelimit import LeakyBucket, RateLimitedTransport, RateLimiter, parse_retry_after
+
+
+def test_no_burst_one_slot_per_interval() -> None:
+    b = LeakyBucket(5, guard=0)
+    starts = [b.reserve(0.0) for _ in range(6)]
+    assert starts == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+
+
+def test_idle_bucket_does_not_bank_slots() -> None:
+    b = LeakyBucket(5, guard=0)
+    b.reserve(0.0)
+    assert b.reserve(100.0) == 100.0
+    assert b.reserve(100.0) == pytest.approx(100.2)
+
+
+def test_pause_voids_slots_and_blocks_until_retry_after() -> None:
+    b = LeakyBucket(5, guard=0)
+    b.reserve(0.0)
+    epoch = b.pause_epoch
+    b.pause(30.0)
+    assert b.pause_epoch == epoch + 1
+    assert b.paused(10.0)
+    assert b.reserve(1.0) == 30.0
+    assert b.reserve(1.0) == pytest.approx(30.2)
+    b.pause(5.0)  # an earlier deadline never shortens a pause
+    assert b.paused_until == 30.0
+
+
+def test_guard_spaces_slots() -> None:
+    b = LeakyBucket(5, guard=0.01)
+    assert b.reserve(0) == 0
+    assert b.reserve(0) == pytest.approx(0.21)
+
+
+@given(st.lists(st.floats(0, 10), min_size=2, max_size=50), st.floats(0.5, 50))
+def test_any_one_second_window_holds_at_most_rate_requests(arrivals, rate) -> None:  # type: ignore[no-untyped-def]
+    b = LeakyBucket(rate, guard=0)
+    starts = sorted(b.reserve(t) for t in sorted(arrivals))
+    for i, s in enumerate(starts):
+        inside = [x for x in starts[i:] if x < s + 1.0 - 1e-9]
+        # n requests need (n-1) intervals of 1/rate: n <= ceil(rate) fit in a half-open second.
+        assert len(inside) <= math.ceil(rate - 1e-9)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_limiter_acquire_uses_injected_clock() -> None:
+    clock = FakeClock()
+    waits: list[float] = []
+    limiter = RateLimiter(1000, guard=0, clock=clock, on_wait=waits.append)
+    limiter.acquire()
+    assert waits == [0.0]
+
+
+def test_transport_pauses_everyone_on_429() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, headers={"Retry-After": "7"})
+
+    limiter = RateLimiter(1000)
+    transport = RateLimitedTransport(httpx.MockTransport(answer), limiter)
+    with httpx.Client(transport=transport, base_url="http://ac") as client:
+        assert client.get("/x").status_code == 429
+    assert 6.0 < limiter.paused_for() <= 7.0
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after("30", 5) == 30
+    assert parse_retry_after(None, 5) == 5
+    assert parse_retry_after("soon", 5) == 5
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 5) == 0
