@@ -9,6 +9,7 @@ excluded email) fails them all, one that concerns a list fails only that change.
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -78,7 +79,12 @@ class ContactApplier:
         self.clock = clock
         self.contact_ids: dict[str, str] = {}
 
-    def apply(self, email: str, changes: list[PendingChange]) -> list[ChangeOutcome]:
+    def apply(
+        self, email: str, changes: list[PendingChange], cancel: threading.Event | None = None
+    ) -> list[ChangeOutcome]:
+        """Apply one email's changes. ``cancel`` (set when the partition is revoked) stops the
+        work before the next request, so a stale write cannot land after the new owner's."""
+        cancel = cancel or threading.Event()
         attributes: dict[str, str] = {}
         for change in sorted(changes, key=lambda c: c.offsets[-1].offset):
             attributes.update(change.event.attributes)
@@ -90,6 +96,8 @@ class ContactApplier:
         outcomes: list[ChangeOutcome] = []
         for index, change in enumerate(changes):
             try:
+                if cancel.is_set():
+                    raise TransientApiError(None, "partition revoked")
                 list_id = self.lists.list_id(change.target)
                 try:
                     self.client.set_list_status(contact_id, list_id, change.event.action.status)

@@ -54,6 +54,7 @@ class _InFlight:
     partition: int
     generation: int
     changes: list[PendingChange]
+    cancel: threading.Event
 
 
 class Runner:
@@ -233,9 +234,10 @@ class Runner:
         groups = self.coalescer.take_due(now, limit=free, busy=self.busy, flush_all=flush_all)
         for group in groups:
             email, partition = group[0].email, group[0].partition
-            future = self.pool.submit(self.applier.apply, email, group)
+            cancel = threading.Event()
+            future = self.pool.submit(self.applier.apply, email, group, cancel)
             self.inflight[future] = _InFlight(
-                email, partition, self.generation.get(partition, 0), group
+                email, partition, self.generation.get(partition, 0), group, cancel
             )
             self.busy.add(email)
         self._gauges()
@@ -413,6 +415,9 @@ class Runner:
         gone = {tp.partition for tp in partitions if tp.topic == self.topic}
         if not self._closing:
             self.coalescer.discard(gone)
+            for item in self.inflight.values():
+                if item.partition in gone:
+                    item.cancel.set()  # finish the request on the wire, send no more
             deadline = self.clock() + self.settings.revoke_deadline_seconds
             while self.clock() < deadline and any(
                 f.partition in gone for f in self.inflight.values()

@@ -1,0 +1,211 @@
+"""The pipeline end to end: real broker, the emulator over sockets, the real CLI process."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.emulator.server import Emulator
+from service.samples import make_samples, produce
+from tests.conftest import TOKEN
+from tests.support.harness import (
+    ServiceProcess,
+    emulator_lists,
+    max_in_any_second,
+    read_topic,
+    request_log,
+    service_env,
+    wait_for_lag_zero,
+)
+
+FAST = "200"  # functional tests run AC and the service at a raised limit; limit tests use 5
+
+
+@pytest.fixture
+def fast_emulator() -> Iterator[Emulator]:
+    emu = Emulator(tokens={TOKEN}, rate_limit=float(FAST), import_delay=0.3, seed=5).start()
+    try:
+        yield emu
+    finally:
+        emu.stop()
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[list[ServiceProcess]]:
+    started: list[ServiceProcess] = []
+    yield started
+    for service in started:
+        service.stop()
+
+
+def test_thousands_of_events_final_state_and_dlq(
+    bootstrap: str,
+    topic: str,
+    fast_emulator: Emulator,
+    services: list[ServiceProcess],
+    tmp_path: Path,
+) -> None:
+    samples = make_samples(events=4000, emails=300, audiences=4, invalid_ratio=0.02, seed=11)
+    ends = produce(bootstrap, topic, samples.records)
+    service = ServiceProcess(
+        service_env(bootstrap, topic, "g-final", fast_emulator, AC_RATE_LIMIT_PER_SECOND=FAST),
+        tmp_path / "svc",
+    ).start()
+    services.append(service)
+    wait_for_lag_zero(bootstrap, "g-final", topic, ends, timeout=240, services=services)
+    assert emulator_lists(fast_emulator) == samples.expected
+    dlq = read_topic(bootstrap, f"{topic}.dlq", samples.invalid)
+    assert len(dlq) == samples.invalid
+    for record in dlq:
+        headers = {k: v.decode() for k, v in record.headers()}
+        assert headers["dlq.reason"] == "invalid_email"
+        assert headers["dlq.error_class"] == "PoisonMessage"
+        assert headers["dlq.source.topic"] == topic
+        assert int(headers["dlq.source.offset"]) >= 0
+    metrics = service.metrics()
+    assert (
+        f'ac_sync_dlq_records_total{{reason="invalid_email"}} {float(samples.invalid)}' in metrics
+    )
+    assert "ac_sync_events_coalesced_total" in metrics
+    assert service.terminate() == 0
+
+
+def test_sigkill_at_random_moments_loses_nothing(
+    bootstrap: str,
+    topic: str,
+    fast_emulator: Emulator,
+    services: list[ServiceProcess],
+    tmp_path: Path,
+) -> None:
+    fast_emulator.account.set_faults({"latency_ms": [5, 30]}, 0.0)
+    samples = make_samples(events=3000, emails=400, audiences=3, seed=12)
+    ends = produce(bootstrap, topic, samples.records)
+    env = service_env(
+        bootstrap,
+        topic,
+        "g-kill",
+        fast_emulator,
+        AC_RATE_LIMIT_PER_SECOND="60",
+        COALESCE_WINDOW_SECONDS="0.5",
+    )
+    service = ServiceProcess(env, tmp_path / "svc")
+    services.append(service)
+    rng = random.Random(3)
+    for _ in range(4):
+        service.start()
+        time.sleep(rng.uniform(4.0, 9.0))  # joins the group (~3 s), then works for a while
+        service.kill()
+    service.start()
+    wait_for_lag_zero(bootstrap, "g-kill", topic, ends, timeout=300, services=services)
+    assert emulator_lists(fast_emulator) == samples.expected
+    assert len(service.logs) == 5
+
+
+def test_ac_faults_keep_state_exact_and_never_exceed_5_per_second(
+    bootstrap: str, topic: str, emulator: Emulator, services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    """At AC's real limit: 10% 5xx, some timeouts, a 429 storm, added latency."""
+    emulator.account.set_faults(
+        {
+            "latency_ms": [50, 300],
+            "error_5xx_ratio": 0.1,
+            "timeout_ratio": 0.03,
+            "timeout_seconds": 2.5,
+            "storm_429_ratio": 0.5,
+            "storm_429_retry_after": 3,
+            "storm_429_seconds": 12,
+        },
+        time.monotonic(),
+    )
+    samples = make_samples(events=400, emails=50, audiences=2, seed=13)
+    ends = produce(bootstrap, topic, samples.records)
+    service = ServiceProcess(
+        service_env(bootstrap, topic, "g-faults", emulator, AC_RATE_LIMIT_PER_SECOND="5"),
+        tmp_path / "svc",
+    ).start()
+    services.append(service)
+    wait_for_lag_zero(bootstrap, "g-faults", topic, ends, timeout=400, services=services)
+    assert emulator_lists(emulator) == samples.expected
+    log = request_log(emulator)
+    statuses = {r["status"] for r in log}
+    assert 429 in statuses and statuses & {500, 502, 503}, statuses
+    assert max_in_any_second([r["t"] for r in log]) <= 5
+    assert "ac_sync_ac_rate_limited_total" in service.metrics()
+
+
+def test_consumers_in_one_group_with_partitions_moving(
+    bootstrap: str,
+    topic: str,
+    fast_emulator: Emulator,
+    services: list[ServiceProcess],
+    tmp_path: Path,
+) -> None:
+    fast_emulator.account.set_faults({"latency_ms": [5, 20]}, 0.0)
+    samples = make_samples(events=4000, emails=500, audiences=3, seed=14)
+    ends = produce(bootstrap, topic, samples.records)
+    env = service_env(bootstrap, topic, "g-group", fast_emulator, AC_RATE_LIMIT_PER_SECOND="40")
+    a = ServiceProcess(env, tmp_path / "a").start()
+    b = ServiceProcess(env, tmp_path / "b")
+    c = ServiceProcess(env, tmp_path / "c")
+    services.extend([a, b, c])
+    time.sleep(5)
+    b.start()  # partitions move a -> b
+    time.sleep(6)
+    c.start()  # and again
+    time.sleep(6)
+    assert b.terminate() == 0  # b's partitions move back
+    wait_for_lag_zero(bootstrap, "g-group", topic, ends, timeout=300, services=[a, c])
+    assert emulator_lists(fast_emulator) == samples.expected
+    logs = a.log_text() + c.log_text()
+    assert "partitions revoked" in logs or "partitions assigned" in logs
+
+
+def test_sigterm_with_pending_work_exits_0_and_loses_nothing(
+    bootstrap: str,
+    topic: str,
+    fast_emulator: Emulator,
+    services: list[ServiceProcess],
+    tmp_path: Path,
+) -> None:
+    samples = make_samples(events=600, emails=100, audiences=2, seed=15)
+    ends = produce(bootstrap, topic, samples.records)
+    # A long window keeps changes pending when SIGTERM arrives; the grace period flushes them.
+    env = service_env(
+        bootstrap,
+        topic,
+        "g-term",
+        fast_emulator,
+        AC_RATE_LIMIT_PER_SECOND=FAST,
+        COALESCE_WINDOW_SECONDS="120",
+        SHUTDOWN_GRACE_SECONDS="15",
+    )
+    service = ServiceProcess(env, tmp_path / "svc").start()
+    services.append(service)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if "ac_sync_changes_pending " in service.metrics() and _pending(service) > 0:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    assert _pending(service) > 0
+    began = time.monotonic()
+    assert service.terminate(timeout=30) == 0
+    assert time.monotonic() - began < 15
+    assert emulator_lists(fast_emulator) == samples.expected  # flushed during the grace period
+    service.start()
+    wait_for_lag_zero(bootstrap, "g-term", topic, ends, timeout=60, services=services)
+    assert emulator_lists(fast_emulator) == samples.expected
+
+
+def _pending(service: ServiceProcess) -> float:
+    for line in service.metrics().splitlines():
+        if line.startswith("ac_sync_changes_pending "):
+            return float(line.split()[1])
+    return 0.0
