@@ -261,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a local broker and the emulator, produce sample events, run the "
         "service until the lag is zero, and print what ActiveCampaign now holds.",
     )
-    demo.add_argument("--events", type=int, default=3000)
-    demo.add_argument("--emails", type=int, default=400)
-    demo.add_argument("--audiences", type=int, default=4)
+    demo.add_argument("--events", type=int, default=2000)
+    demo.add_argument("--emails", type=int, default=120)
+    demo.add_argument("--audiences", type=int, default=3)
     demo.add_argument(
         "--rate-limit",
         type=float,

@@ -209,3 +209,79 @@ def _pending(service: ServiceProcess) -> float:
         if line.startswith("ac_sync_changes_pending "):
             return float(line.split()[1])
     return 0.0
+
+
+def test_refused_token_stops_sending_keeps_offsets_and_recovers(
+    bootstrap: str,
+    topic: str,
+    fast_emulator: Emulator,
+    services: list[ServiceProcess],
+    tmp_path: Path,
+) -> None:
+    from service.localbroker import committed_offsets
+
+    fast_emulator.account.set_faults({"auth_failure": True}, 0.0)
+    samples = make_samples(events=300, emails=40, audiences=2, seed=16)
+    ends = produce(bootstrap, topic, samples.records)
+    service = ServiceProcess(
+        service_env(bootstrap, topic, "g-auth", fast_emulator, AC_RATE_LIMIT_PER_SECOND=FAST),
+        tmp_path / "svc",
+    ).start()
+    services.append(service)
+    deadline = time.monotonic() + 40
+    metrics = ""
+    while time.monotonic() < deadline:
+        try:
+            metrics = service.metrics()
+        except httpx.HTTPError:
+            time.sleep(0.3)
+            continue
+        if "ac_sync_auth_rejected 1.0" in metrics:
+            break
+        time.sleep(0.3)
+    assert "ac_sync_auth_rejected 1.0" in metrics
+    ready = httpx.get(f"http://127.0.0.1:{service.metrics_port}/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["token_accepted"] is False
+    assert httpx.get(f"http://127.0.0.1:{service.metrics_port}/healthz").status_code == 200
+    time.sleep(3)
+    refused = len(request_log(fast_emulator))
+    assert refused < 10  # it stopped sending: one probe at a time, not one request per record
+    committed = committed_offsets(bootstrap, "g-auth", topic, list(ends))
+    # Every record is unconfirmed, so no partition may be committed past its first offset (0).
+    assert all(o <= 0 for o in committed.values()), committed
+    assert 'ac_sync_dlq_records_total{reason="ac_rejected"}' not in service.metrics()
+    fast_emulator.account.set_faults({}, 0.0)  # the token is accepted again
+    wait_for_lag_zero(bootstrap, "g-auth", topic, ends, timeout=90, services=services)
+    assert emulator_lists(fast_emulator) == samples.expected
+    assert httpx.get(f"http://127.0.0.1:{service.metrics_port}/readyz").status_code == 200
+
+
+def test_permanent_ac_refusal_goes_to_dlq_with_acs_code(
+    bootstrap: str,
+    topic: str,
+    fast_emulator: Emulator,
+    services: list[ServiceProcess],
+    tmp_path: Path,
+) -> None:
+    samples = make_samples(events=200, emails=20, audiences=1, seed=17)
+    excluded = "person00003@example.com"
+    httpx.post(fast_emulator.url + "/_emulator/exclusions", json={"emails": [excluded]})
+    ends = produce(bootstrap, topic, samples.records)
+    service = ServiceProcess(
+        service_env(bootstrap, topic, "g-perm", fast_emulator, AC_RATE_LIMIT_PER_SECOND=FAST),
+        tmp_path / "svc",
+    ).start()
+    services.append(service)
+    wait_for_lag_zero(bootstrap, "g-perm", topic, ends, timeout=60, services=services)
+    expected = {
+        name: {e: s for e, s in members.items() if e != excluded}
+        for name, members in samples.expected.items()
+    }
+    assert emulator_lists(fast_emulator) == expected
+    [letter] = read_topic(bootstrap, f"{topic}.dlq", 1)
+    headers = {k: v.decode() for k, v in letter.headers()}
+    assert headers["dlq.reason"] == "ac_rejected"
+    assert headers["dlq.ac_code"] == "email_excluded"
+    assert headers["dlq.ac_status"] == "422"
+    assert excluded not in service.log_text()
