@@ -12,6 +12,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service import __version__
 
+DLQ_REASONS = (
+    "undecodable",
+    "bad_magic",
+    "unknown_schema",
+    "incompatible_schema",
+    "missing_field",
+    "invalid_email",
+    "no_list_name",
+    "list_missing",
+    "ac_rejected",
+)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120)
 AGE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1800, 3600, 14400)
@@ -119,8 +130,7 @@ class Metrics:
         )
         self.commit_failures = Counter(
             "ac_sync_commit_failures",
-            "Failed offset commits.",
-            ["reason"],
+            "Failed offset commits (the reason is logged).",
             registry=r,
         )
         self.commit_duration = Histogram(
@@ -175,3 +185,12 @@ class Metrics:
             registry=r,
         )
         self.build_info.labels(__version__, confluent_kafka.libversion()[0]).set(1)
+        # Every bounded label value exists from the start, so rates and alerts see a 0, not nothing.
+        for reason in DLQ_REASONS:
+            self.dlq_records.labels(reason)
+        for action in ("entered", "exited"):
+            self.changes_applied.labels(action)
+        for reason in ("transient", "rate_limited"):
+            self.ac_retries.labels(reason)
+        for kind in ("assign", "revoke", "lost"):
+            self.rebalances.labels(kind)
