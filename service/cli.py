@@ -80,7 +80,7 @@ def build_runner(settings: Settings, registry: Any) -> Any:
             return response.status_code, response.content
 
         lookup = SchemaRegistryClient(settings.schema_registry_url, http_get)
-    decoder = EventDecoder(load_reader_schema(), lookup)
+    decoder = EventDecoder(load_reader_schema(logical_types=False), lookup)
     key = settings.email_hash_key.reveal().encode() if settings.email_hash_key else None
     hasher = EmailHasher(key)
 

@@ -127,3 +127,17 @@ def test_incompatible_writer_schema() -> None:
     with pytest.raises(PoisonMessage) as info:
         decoder.decode(confluent_frame(3, buffer.getvalue()))
     assert info.value.reason in ("incompatible_schema", "undecodable")
+
+
+def test_plain_long_reader_matches_logical_type_reader() -> None:
+    fast = EventDecoder(load_reader_schema(logical_types=False))
+    value = encode_event(event(), SCHEMA)
+    assert fast.decode(value) == EventDecoder(SCHEMA).decode(value)
+
+
+def test_plain_long_reader_with_a_confluent_writer_schema() -> None:
+    writer = fastavro.parse_schema(NEWER)
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, writer, {**event(), "score": 0.7})
+    decoder = EventDecoder(load_reader_schema(logical_types=False), registry({7: NEWER}))
+    assert decoder.decode(confluent_frame(7, buffer.getvalue())).occurred_at_ms == 1_700_000_000_000
