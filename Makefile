@@ -42,8 +42,8 @@ component: $(STAMP) ## component tests (emulator over sockets, runner with fakes
 integration: $(STAMP) ## integration tests (real broker, emulator, CLI processes)
 	$(BIN)/python -m pytest -q tests/integration
 
-bench: $(STAMP) ## benchmarks: prints figures, not a pass/fail test (CPU decode+coalesce so far)
-	$(BIN)/python benchmarks/cpu.py
+bench: $(STAMP) ## the benchmark: prints throughput, requests, latency, CPU (not a pass/fail test)
+	$(BIN)/python benchmarks/run.py
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

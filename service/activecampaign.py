@@ -87,7 +87,7 @@ def classify_response(
     if status in (408, 409, 425) or status >= 500:
         return TransientApiError(status, f"server answered {status}")
     code, title = _error_code(parsed)
-    return PermanentApiError(status, code, title)
+    return PermanentApiError(status, code, title, parsed)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ def build_runner(settings: Settings, registry: Any) -> Any:
 
     from service.activecampaign import ActiveCampaignClient
     from service.apply import ContactApplier
+    from service.bulk import BulkImporter
     from service.codec import EventDecoder, SchemaRegistryClient, load_reader_schema
     from service.lists import ListDirectory
     from service.logs import EmailHasher
@@ -48,7 +50,10 @@ def build_runner(settings: Settings, registry: Any) -> Any:
     from service.runner import Runner
 
     metrics = Metrics(registry)
-    limiter = RateLimiter(settings.ac_rate_limit_per_second, on_wait=metrics.ratelimit_wait.observe)
+    # Wall-clock time: replicas align their shares of the account budget on the same ticks.
+    limiter = RateLimiter(
+        settings.ac_rate_limit_per_second, clock=time.time, on_wait=metrics.ratelimit_wait.observe
+    )
     transport = RateLimitedTransport(httpx.HTTPTransport(retries=0), limiter)
     http = httpx.Client(
         base_url=settings.ac_base_url + "/",
@@ -69,7 +74,12 @@ def build_runner(settings: Settings, registry: Any) -> Any:
         lists,
         settings.attribute_map,
         settings.field_map,
-        clock=__import__("time").monotonic,
+        clock=time.monotonic,
+    )
+    bulk = (
+        BulkImporter(client, lists, settings.attribute_map, settings.field_map)
+        if settings.ac_bulk_import
+        else None
     )
     lookup = None
     if settings.schema_registry_url:
@@ -104,6 +114,7 @@ def build_runner(settings: Settings, registry: Any) -> Any:
         metrics,
         hasher,
         rng=random.Random(),
+        bulk=bulk,
     )
     holder["runner"] = runner
     return runner

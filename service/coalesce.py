@@ -50,6 +50,7 @@ class PendingChange:
     attempts: int = 0
     last_error: str = ""
     seq: int = field(default=0)
+    force_single: bool = False  # AC refused it in an import: learn the exact error per contact
 
     @property
     def key(self) -> ChangeKey:
@@ -95,6 +96,7 @@ class Coalescer:
             current.raw = raw
             current.offsets.append(source)
             current.attempts = 0
+            current.force_single = False
             self.superseded_total += 1
             return True
         self._insert(

@@ -67,6 +67,7 @@ class AuthRejected(ApiError):
 class PermanentApiError(ApiError):
     """AC refused this record for a reason that retrying cannot fix (``code`` as AC gave it)."""
 
-    def __init__(self, status: int | None, code: str, detail: str) -> None:
+    def __init__(self, status: int | None, code: str, detail: str, body: object = None) -> None:
         super().__init__(status, f"{code}: {detail}")
         self.code = code
+        self.body = body  # AC's parsed answer (bulk import's failureReasons live here)

@@ -66,6 +66,19 @@ class ListDirectory:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
+    def _create_list(self, name: str) -> str:
+        try:
+            return self._api.create_list(name, stringid_for(name))
+        except PermanentApiError as error:
+            if error.code != "duplicate":
+                raise
+            # Another replica (or a person) created it between our lookup and our create: the
+            # stringid is derived from the name, so AC refuses the second one. Use theirs.
+            found = self._api.find_list(name)
+            if found is None:
+                raise
+            return found
+
     def cached(self) -> dict[str, str]:
         return dict(self._ids)
 
@@ -89,6 +102,6 @@ class ListDirectory:
                     raise PermanentApiError(
                         None, "list_missing", "the list does not exist and AC_CREATE_LISTS is off"
                     )
-                found = self._api.create_list(name, stringid_for(name))
+                found = self._create_list(name)
             self._ids[name] = found
             return found

@@ -79,6 +79,20 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.imports = Counter(
+            "ac_sync_imports",
+            "Bulk imports by outcome: submitted, queued, completed, rate_limited, failed, timed_out.",
+            ["outcome"],
+            registry=r,
+        )
+        self.import_contacts = Counter(
+            "ac_sync_import_contacts", "Contacts sent in queued bulk imports.", registry=r
+        )
+        self.imports_outstanding = Gauge(
+            "ac_sync_imports_outstanding",
+            "Bulk imports queued at AC, not yet completed.",
+            registry=r,
+        )
         self.ratelimit_wait = Histogram(
             "ac_sync_ratelimit_wait_seconds",
             "Time a request waited for a limiter slot.",
@@ -194,3 +208,5 @@ class Metrics:
             self.ac_retries.labels(reason)
         for kind in ("assign", "revoke", "lost"):
             self.rebalances.labels(kind)
+        for outcome in ("submitted", "queued", "completed", "rate_limited", "failed", "timed_out"):
+            self.imports.labels(outcome)

@@ -8,6 +8,14 @@ never two closer together, and none before a Retry-After pause ends. ActiveCampa
 between the moment we send and the moment AC counts the request, so that no one-second window at
 AC's side ever holds more than ``rate`` requests.
 
+**One budget per account across replicas.** ``share(owned, total)`` switches the bucket to
+wall-clock-aligned ticks of ``interval`` seconds; tick ``k`` belongs to partition ``k mod total``
+and a replica may only start a request in a tick of a partition it owns. Kafka gives each
+partition to exactly one group member, so at most one request starts per tick account-wide (no
+one-second window holds more than ``rate``), and each replica's share is proportional to the
+partitions it owns, re-balanced with the partitions. The cost: replicas need clocks within tens
+of milliseconds of each other (NTP), and a replica's unused ticks are not lent to the others.
+
 ``RateLimiter`` is the thread-safe shell: workers call ``acquire()`` and sleep outside the lock.
 ``RateLimitedTransport`` wraps any httpx transport so that no request, retries and lookups
 included, can bypass the budget.
@@ -15,8 +23,10 @@ included, can bypass the budget.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import httpx
@@ -33,6 +43,8 @@ class LeakyBucket:
         self.next_free = float("-inf")
         self.paused_until = float("-inf")
         self.pause_epoch = 0
+        self.owned: frozenset[int] | None = None  # None: the whole budget is ours
+        self.total = 0
 
     @property
     def rate(self) -> float:
@@ -43,11 +55,35 @@ class LeakyBucket:
             raise ValueError("rate must be positive")
         self.interval = 1.0 / rate + self.guard
 
+    def share(self, owned: frozenset[int] | None, total: int) -> None:
+        """Own only the ticks of ``owned`` partitions out of ``total`` (None: all ticks)."""
+        self.owned = owned if owned is not None and total > 0 else None
+        self.total = total
+
+    @property
+    def share_ratio(self) -> float:
+        if self.owned is None:
+            return 1.0
+        return len(self.owned) / self.total
+
     def reserve(self, now: float) -> float:
         """Book the next free slot; return when it starts (``>= now``)."""
         start = max(now, self.next_free, self.paused_until)
+        if self.owned is not None:
+            start = self._next_owned_tick(start)
         self.next_free = start + self.interval
         return start
+
+    def _next_owned_tick(self, earliest: float) -> float:
+        assert self.owned is not None
+        if not self.owned:
+            # Nothing assigned: one partition's share, so lookups and probes still trickle.
+            return earliest + self.interval * (self.total - 1)
+        tick = math.ceil(earliest / self.interval - 1e-9)
+        for step in range(self.total):
+            if (tick + step) % self.total in self.owned:
+                return (tick + step) * self.interval
+        raise AssertionError("unreachable: owned is not empty")
 
     def pause(self, until: float) -> None:
         """No slot may start before ``until`` (a 429's Retry-After). Slots already booked are void."""
@@ -84,7 +120,12 @@ class RateLimiter:
 
     @property
     def rate(self) -> float:
-        return self._bucket.rate
+        """This replica's effective request rate (its share of the account budget)."""
+        return self._bucket.rate * self._bucket.share_ratio
+
+    def share(self, owned: frozenset[int] | None, total: int) -> None:
+        with self._lock:
+            self._bucket.share(owned, total)
 
     def set_rate(self, rate: float) -> None:
         with self._lock:
@@ -131,6 +172,45 @@ class RateLimiter:
         if self._on_wait is not None:
             self._on_wait(waited)
         return waited
+
+
+class ImportBudget:
+    """Pure: bulk imports allowed in any window (AC: 100 multi-contact imports a minute).
+
+    Counts at send time over ``window`` seconds (61, one more than AC's minute, because a request
+    sent at t arrives a little later). ``share`` scales the budget down to this replica's part;
+    floors keep the replicas' sum within AC's limit.
+    """
+
+    def __init__(self, per_minute: int = 100, window: float = 61.0) -> None:
+        self.per_minute = per_minute
+        self.window = window
+        self.ratio = 1.0
+        self.paused_until = float("-inf")
+        self._sent: deque[float] = deque()
+
+    def share(self, ratio: float) -> None:
+        self.ratio = ratio
+
+    @property
+    def capacity(self) -> int:
+        return max(1, math.floor(self.per_minute * self.ratio))
+
+    def _trim(self, now: float) -> None:
+        while self._sent and self._sent[0] <= now - self.window:
+            self._sent.popleft()
+
+    def available(self, now: float) -> bool:
+        self._trim(now)
+        return now >= self.paused_until and len(self._sent) < self.capacity
+
+    def take(self, now: float) -> None:
+        self._trim(now)
+        self._sent.append(now)
+
+    def pause(self, until: float) -> None:
+        """AC answered "Rate limit exceeded.": no import until ``until``."""
+        self.paused_until = max(self.paused_until, until)
 
 
 def parse_retry_after(value: str | None, default: float) -> float:

@@ -24,28 +24,32 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from service.activecampaign import ImportStatus
 from service.apply import ChangeOutcome, ContactApplier, OutcomeKind
 from service.backoff import backoff_delay
+from service.bulk import MAX_CONTACTS, BulkImporter, Group, Submitted, next_poll_delay
 from service.coalesce import Coalescer, PendingChange
 from service.codec import EventDecoder
 from service.dlq import DeadLetter, DeadLetterQueue
-from service.errors import PermanentApiError, PoisonMessage
+from service.errors import ApiError, AuthRejected, PermanentApiError, PoisonMessage, RateLimited
 from service.lists import list_for_event
 from service.logs import EmailHasher
 from service.metrics import Metrics
+from service.model import Action
 from service.offsets import OffsetTracker
-from service.ratelimit import RateLimiter
+from service.ratelimit import ImportBudget, RateLimiter
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 CONSUME_BATCH = 500
 AUTH_RETRY_SECONDS = 15.0
+IMPORT_RATE_LIMIT_PAUSE = 60.0
 
 
 @dataclass
@@ -55,6 +59,23 @@ class _InFlight:
     generation: int
     changes: list[PendingChange]
     cancel: threading.Event
+    kind: str = "apply"  # "apply" (per contact), "import" (submit), "poll" (import/info)
+    groups: list[Group] | None = None
+    batch_id: str = ""
+    generations: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Outstanding:
+    """An import AC queued: its contacts stay busy and its offsets open until it completes."""
+
+    batch_id: str
+    groups: list[Group]
+    generations: dict[int, int]
+    queued_at: float
+    next_poll_at: float
+    polls: int = 0
+    polling: bool = False
 
 
 class Runner:
@@ -72,6 +93,7 @@ class Runner:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        bulk: BulkImporter | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.kafka_topic
@@ -88,7 +110,13 @@ class Runner:
         self.tracker = OffsetTracker()
         self.dlq = DeadLetterQueue(producer, settings.kafka_dlq_topic, self._parked)
         self.pool = ThreadPoolExecutor(settings.ac_concurrency, thread_name_prefix="ac")
-        self.inflight: dict[Future[list[ChangeOutcome]], _InFlight] = {}
+        self.inflight: dict[Future[Any], _InFlight] = {}
+        self.bulk = bulk
+        self.import_budget = ImportBudget(settings.ac_imports_per_minute)
+        self.imports: dict[str, _Outstanding] = {}
+        self.expected_import_seconds = 2.0  # learned from completions (EWMA)
+        # (email, list) pairs this process unsubscribed: an import would not re-subscribe them.
+        self.unsubscribed_by_us: set[int] = set()
         self.busy: set[str] = set()
         self.assigned: set[int] = set()
         self.generation: dict[int, int] = {}
@@ -153,7 +181,7 @@ class Runner:
         logger.info("shutting down", extra={"grace_seconds": grace, "pending": len(self.coalescer)})
         if self.assigned:
             self.consumer.pause([TopicPartition(self.topic, p) for p in self.assigned])
-        while self.clock() < deadline and (len(self.coalescer) or self.inflight):
+        while self.clock() < deadline and (len(self.coalescer) or self.inflight or self.imports):
             self.consumer.consume(CONSUME_BATCH, 0.05)  # keeps the group session alive; paused
             now = self.clock()
             self._drain(now)
@@ -231,8 +259,24 @@ class Runner:
                 return
             free = 1  # one probe at a time while the token is refused
             self.auth_retry_at = now + AUTH_RETRY_SECONDS
-        groups = self.coalescer.take_due(now, limit=free, busy=self.busy, flush_all=flush_all)
-        for group in groups:
+        free -= self._dispatch_polls(now, free)
+        if free <= 0:
+            return
+        bulk = self.bulk is not None and not self.auth_blocked
+        limit = MAX_CONTACTS if bulk else free
+        groups = self.coalescer.take_due(now, limit=limit, busy=self.busy, flush_all=flush_all)
+        single = [g for g in groups if self._needs_single(g)]
+        multi = [g for g in groups if not self._needs_single(g)]
+        if bulk and len(multi) >= self.settings.bulk_min_contacts:
+            if self.import_budget.available(now):
+                self._submit_import(multi, now)
+                free -= 1
+            else:
+                # No import slot yet: keep them pending, so the batch grows while we wait.
+                self._restore(multi)
+        else:
+            single += multi
+        for group in single[:free]:
             email, partition = group[0].email, group[0].partition
             cancel = threading.Event()
             future = self.pool.submit(self.applier.apply, email, group, cancel)
@@ -240,12 +284,75 @@ class Runner:
                 email, partition, self.generation.get(partition, 0), group, cancel
             )
             self.busy.add(email)
+        self._restore(single[free:])
         self._gauges()
+
+    def _needs_single(self, changes: list[PendingChange]) -> bool:
+        """Per-contact calls for changes an import cannot express: a re-entry to a list this
+        service unsubscribed (imports never re-subscribe), or one AC refused in an import."""
+        return any(
+            c.force_single
+            or (c.event.action is Action.ENTERED and self._key_hash(c) in self.unsubscribed_by_us)
+            for c in changes
+        )
+
+    @staticmethod
+    def _key_hash(change: PendingChange) -> int:
+        return hash((change.email, change.target))
+
+    def _restore(self, groups: list[list[PendingChange]]) -> None:
+        for group in groups:
+            for change in group:
+                self.coalescer.requeue(change, change.due_at)
+
+    def _submit_import(self, groups: list[list[PendingChange]], now: float) -> None:
+        assert self.bulk is not None
+        self.import_budget.take(now)
+        batch = [Group(g[0].email, g) for g in groups]
+        changes = [c for g in groups for c in g]
+        future = self.pool.submit(self.bulk.submit, batch)
+        generations = {c.partition: self.generation.get(c.partition, 0) for c in changes}
+        self.inflight[future] = _InFlight(
+            "",
+            -1,
+            0,
+            changes,
+            threading.Event(),
+            kind="import",
+            groups=batch,
+            generations=generations,
+        )
+        for group in batch:
+            self.busy.add(group.email)
+        self.metrics.imports.labels("submitted").inc()
+
+    def _dispatch_polls(self, now: float, free: int) -> int:
+        """Ask AC about queued imports whose poll is due. Returns the workers used."""
+        used = 0
+        for outstanding in self.imports.values():
+            if used >= free:
+                break
+            if outstanding.polling or now < outstanding.next_poll_at:
+                continue
+            assert self.bulk is not None
+            outstanding.polling = True
+            future = self.pool.submit(self.bulk.client.import_info, outstanding.batch_id)
+            self.inflight[future] = _InFlight(
+                "", -1, 0, [], threading.Event(), kind="poll", batch_id=outstanding.batch_id
+            )
+            used += 1
+        return used
 
     def _drain(self, now: float) -> None:
         done = [f for f in self.inflight if f.done()]
         for future in done:
             item = self.inflight.pop(future)
+            if item.kind == "import":
+                self._import_submitted(item, future, now)
+                continue
+            if item.kind == "poll":
+                self._import_polled(item, future, now)
+                continue
             self.busy.discard(item.email)
             try:
                 outcomes = future.result()
@@ -264,6 +371,127 @@ class Runner:
         if done:
             self._gauges()
 
+    # ---- the bulk path ---------------------------------------------------------------------
+
+    def _owned(self, change: PendingChange, generations: dict[int, int]) -> bool:
+        p = change.partition
+        return p in self.assigned and self.generation.get(p) == generations.get(p)
+
+    def _import_submitted(self, item: _InFlight, future: Future[Any], now: float) -> None:
+        groups = item.groups or []
+        try:
+            result: Submitted = future.result()
+        except Exception:
+            logger.exception("import submission crashed; retrying its changes")
+            result = Submitted(sent=groups, error=ApiError(None, "crash"))
+        for group in groups:
+            self.busy.discard(group.email)
+        for group in result.rejected:
+            for change in group.changes:
+                if self._owned(change, item.generations):
+                    change.force_single = True
+                    self.coalescer.requeue(change, now)
+        for group, error in result.failed:
+            for change in group.changes:
+                if self._owned(change, item.generations):
+                    self._settle(ChangeOutcome(change, OutcomeKind.PERMANENT, error), now)
+        if result.error is not None:
+            error = result.error
+            if isinstance(error, RateLimited) and error.status == 400:
+                # AC's per-minute import limit: back-pressure for imports only, not a bad record.
+                self.import_budget.pause(now + IMPORT_RATE_LIMIT_PAUSE)
+                self.metrics.imports.labels("rate_limited").inc()
+                for group in result.sent:
+                    for change in group.changes:
+                        if self._owned(change, item.generations):
+                            self.coalescer.requeue(change, now)
+                return
+            self.metrics.imports.labels("failed").inc()
+            from service.apply import outcome_for_error
+
+            for group in result.sent:
+                for change in group.changes:
+                    if self._owned(change, item.generations):
+                        self._settle(outcome_for_error(change, error), now)
+            return
+        if result.batch_id is None:
+            return
+        self.imports[result.batch_id] = _Outstanding(
+            result.batch_id,
+            result.sent,
+            item.generations,
+            now,
+            now + next_poll_delay(0, self.expected_import_seconds),
+        )
+        for group in result.sent:
+            self.busy.add(group.email)  # until AC confirms the import
+        self.metrics.imports.labels("queued").inc()
+        self.metrics.import_contacts.inc(len(result.sent))
+
+    def _import_polled(self, item: _InFlight, future: Future[Any], now: float) -> None:
+        outstanding = self.imports.get(item.batch_id)
+        if outstanding is None:
+            return
+        outstanding.polling = False
+        try:
+            status: ImportStatus = future.result()
+        except RateLimited as error:
+            outstanding.next_poll_at = now + error.retry_after
+            return
+        except AuthRejected:
+            outstanding.next_poll_at = now + AUTH_RETRY_SECONDS
+            return
+        except Exception:
+            outstanding.next_poll_at = now + backoff_delay(
+                min(outstanding.polls, 6), self.rng.random()
+            )
+            return
+        if not status.completed:
+            outstanding.polls += 1
+            if now - outstanding.queued_at > self.settings.import_timeout_seconds:
+                logger.warning(
+                    "import not completed in time; its changes are sent again",
+                    extra={"batch_id": outstanding.batch_id},
+                )
+                del self.imports[outstanding.batch_id]
+                self.metrics.imports.labels("timed_out").inc()
+                for group in outstanding.groups:
+                    self.busy.discard(group.email)
+                    for change in group.changes:
+                        if self._owned(change, outstanding.generations):
+                            self.coalescer.requeue(change, now)
+            else:
+                outstanding.next_poll_at = now + next_poll_delay(
+                    outstanding.polls, self.expected_import_seconds
+                )
+            return
+        del self.imports[outstanding.batch_id]
+        elapsed = now - outstanding.queued_at
+        self.expected_import_seconds = 0.7 * self.expected_import_seconds + 0.3 * elapsed
+        failed = {e.strip().lower() for e in status.failed_emails}
+        self.metrics.imports.labels("completed").inc()
+        for group in outstanding.groups:
+            self.busy.discard(group.email)
+            for change in group.changes:
+                if not self._owned(change, outstanding.generations):
+                    continue
+                if group.email in failed:
+                    # AC gives no reason: the per-contact path learns it (and parks it if permanent).
+                    change.force_single = True
+                    self.coalescer.requeue(change, now)
+                else:
+                    self._settle(ChangeOutcome(change, OutcomeKind.APPLIED, applied_at=now), now)
+        self._gauges()
+
+    def _work_for(self, gone: set[int]) -> bool:
+        """Is anything still in flight for these partitions (requests, imports)?"""
+        for item in self.inflight.values():
+            if item.partition in gone or any(c.partition in gone for c in item.changes):
+                return True
+        return any(
+            c.partition in gone for o in self.imports.values() for g in o.groups for c in g.changes
+        )
+
     def _settle(self, outcome: ChangeOutcome, now: float) -> None:
         change = outcome.change
         if outcome.kind is OutcomeKind.APPLIED:
@@ -273,6 +501,10 @@ class Runner:
             self.metrics.auth_rejected.set(0)
             for source in change.offsets:
                 self.tracker.complete(source.partition, source.offset)
+            if change.event.action is Action.EXITED:
+                self.unsubscribed_by_us.add(self._key_hash(change))
+            else:
+                self.unsubscribed_by_us.discard(self._key_hash(change))
             self.metrics.changes_applied.labels(change.event.action.value.lower()).inc()
             age = self.wall() - change.event.occurred_at_ms / 1000.0
             self.metrics.event_to_applied.observe(max(0.0, age))
@@ -404,6 +636,7 @@ class Runner:
         if self.paused and mine:
             consumer.pause(mine)
         self.metrics.assigned_partitions.set(len(self.assigned))
+        self._update_share()
         logger.info(
             "partitions assigned", extra={"partitions": sorted(tp.partition for tp in mine)}
         )
@@ -417,11 +650,11 @@ class Runner:
                 if item.partition in gone:
                     item.cancel.set()  # finish the request on the wire, send no more
             deadline = self.clock() + self.settings.revoke_deadline_seconds
-            while self.clock() < deadline and any(
-                f.partition in gone for f in self.inflight.values()
-            ):
+            while self.clock() < deadline and self._work_for(gone):
                 time.sleep(0.02)  # bounded by the revoke deadline; workers are finishing
                 self._drain(self.clock())
+                free = self.settings.ac_concurrency - len(self.inflight)
+                self._dispatch_polls(self.clock(), free)  # imports of these partitions
             self.coalescer.discard(gone)  # retries requeued while draining
             self.dlq.flush(max(0.1, deadline - self.clock()))
             self.commit(only=gone)
@@ -447,10 +680,37 @@ class Runner:
                 with contextlib.suppress(KeyError):
                     gauge.remove(*labels)
         self.metrics.assigned_partitions.set(len(self.assigned))
+        self._update_share()
+
+    def _update_share(self) -> None:
+        """Take the share of the account budget proportional to the partitions we own."""
+        if self.settings.ac_rate_share != "partitions":
+            return
+        try:
+            metadata = self.consumer.list_topics(self.topic, timeout=5)
+            total = len(metadata.topics[self.topic].partitions)
+        except (KafkaException, KeyError):
+            logger.warning("partition count unknown; rate share unchanged")
+            return
+        if total <= 0:
+            return
+        owned = frozenset(self.assigned)
+        self.limiter.share(owned, total)
+        self.import_budget.share(len(owned) / total)
+        logger.info(
+            "rate share updated",
+            extra={
+                "owned_partitions": len(owned),
+                "total_partitions": total,
+                "requests_per_second": round(self.limiter.rate, 3),
+                "imports_per_minute": self.import_budget.capacity,
+            },
+        )
 
     # ---- observation ---------------------------------------------------------------------
 
     def _gauges(self) -> None:
+        self.metrics.imports_outstanding.set(len(self.imports))
         self.metrics.changes_pending.set(len(self.coalescer))
         self.metrics.changes_inflight.set(sum(len(f.changes) for f in self.inflight.values()))
 

@@ -90,6 +90,11 @@ class Settings:
     shutdown_grace_seconds: float = 20.0
     revoke_deadline_seconds: float = 10.0
     retry_max_backoff_seconds: float = 60.0
+    ac_bulk_import: bool = True
+    bulk_min_contacts: int = 10
+    ac_imports_per_minute: int = 100
+    import_timeout_seconds: float = 600.0
+    ac_rate_share: str = "partitions"
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9108
     log_level: str = "INFO"
@@ -216,6 +221,13 @@ def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ConfigError(name, f"must be true or false, got {raw!r}")
+
+
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
+    raw = (_get(env, name) or default).lower()
+    if raw not in allowed:
+        raise ConfigError(name, f"must be one of {', '.join(allowed)}")
+    return raw
 
 
 def _url(name: str, raw: str) -> str:
@@ -381,6 +393,13 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         retry_max_backoff_seconds=_number(
             env, "RETRY_MAX_BACKOFF_SECONDS", 60.0, minimum=0.1, maximum=3600.0
         ),
+        ac_bulk_import=_boolean(env, "AC_BULK_IMPORT", True),
+        bulk_min_contacts=_integer(env, "BULK_MIN_CONTACTS", 10, minimum=2, maximum=250),
+        ac_imports_per_minute=_integer(env, "AC_IMPORTS_PER_MINUTE", 100, minimum=1, maximum=100),
+        import_timeout_seconds=_number(
+            env, "IMPORT_TIMEOUT_SECONDS", 600.0, minimum=5.0, maximum=86400.0
+        ),
+        ac_rate_share=_choice(env, "AC_RATE_SHARE", ("partitions", "none"), "partitions"),
         metrics_host=_get(env, "METRICS_HOST") or "0.0.0.0",
         metrics_port=_integer(env, "METRICS_PORT", 9108, minimum=0, maximum=65535),
         log_level=log_level,

@@ -64,6 +64,13 @@ def request_errors(method: str, path: str, body: bytes) -> list[str]:
     return [f"request {method} {path}: {m}" for m in _schema_errors(json.loads(body), schema)]
 
 
+def _documented_deviation(path: str, instance: object) -> bool:
+    """AC's own notes (shared/activecampaign/api-notes.md) document answers the generated
+    description does not model. Only these exact shapes are exempt:
+    ``import/info`` asked within about a second of queuing answers ``{"status": false}``."""
+    return path.endswith("/import/info") and instance == {"status": False}
+
+
 def response_errors(method: str, path: str, status: int, body: bytes) -> list[str]:
     op = find_operation(method, path)
     if op is None:
@@ -78,6 +85,8 @@ def response_errors(method: str, path: str, status: int, body: bytes) -> list[st
         instance = json.loads(body)
     except ValueError:
         return [f"response {status} to {method} {path} is not JSON"]
+    if _documented_deviation(path, instance):
+        return []
     return [f"response {status} to {method} {path}: {m}" for m in _schema_errors(instance, schema)]
 
 

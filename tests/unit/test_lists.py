@@ -83,3 +83,22 @@ def test_creation_turned_off() -> None:
     with pytest.raises(PermanentApiError) as info:
         ListDirectory(SlowApi(), create=False).list_id(ListRef(name="X"))
     assert info.value.code == "list_missing"
+
+
+class RacingApi(SlowApi):
+    """Another replica creates the list between our lookup and our create."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finds = 0
+
+    def find_list(self, name: str) -> str | None:
+        self.finds += 1
+        return None if self.finds == 1 else "77"
+
+    def create_list(self, name: str, stringid: str) -> str:
+        raise PermanentApiError(422, "duplicate", "The stringid is already in use")
+
+
+def test_losing_a_creation_race_uses_the_winners_list() -> None:
+    assert ListDirectory(RacingApi(), create=True).list_id(ListRef(name="X")) == "77"

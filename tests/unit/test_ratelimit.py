@@ -82,3 +82,47 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(None, 5) == 5
     assert parse_retry_after("soon", 5) == 5
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 5) == 0
+
+
+def test_shared_ticks_belong_to_owned_partitions() -> None:
+    b = LeakyBucket(5, guard=0)
+    b.share(frozenset({1}), total=3)
+    starts = [b.reserve(0.0) for _ in range(3)]
+    # ticks of 0.2 s; tick k belongs to partition k % 3: ours are 1, 4, 7
+    assert starts == pytest.approx([0.2, 0.8, 1.4])
+    assert b.share_ratio == pytest.approx(1 / 3)
+
+
+@given(
+    st.lists(st.integers(0, 11), min_size=12, max_size=12),
+    st.lists(st.floats(0, 5), min_size=1, max_size=40),
+)
+def test_replicas_sharing_ticks_never_exceed_the_account_rate(owners, arrivals) -> None:  # type: ignore[no-untyped-def]
+    """Partitions split among up to 3 replicas: every tick has at most one sender, so all the
+    replicas together stay within 5 in any one-second window."""
+    replicas = {o % 3 for o in owners}
+    starts: list[float] = []
+    for replica in replicas:
+        b = LeakyBucket(5, guard=0.01)
+        b.share(frozenset(p for p, o in enumerate(owners) if o % 3 == replica), total=12)
+        starts += [b.reserve(t) for t in sorted(arrivals)]
+    starts.sort()
+    for i, s in enumerate(starts):
+        assert len([x for x in starts[i:] if x < s + 1.0 - 1e-9]) <= 5
+    assert len(set(round(s, 6) for s in starts)) == len(starts)
+
+
+def test_import_budget_window_share_and_pause() -> None:
+    from service.ratelimit import ImportBudget
+
+    budget = ImportBudget(per_minute=100)
+    budget.share(4 / 12)
+    assert budget.capacity == 33
+    for i in range(33):
+        assert budget.available(i * 0.1)
+        budget.take(i * 0.1)
+    assert not budget.available(10.0)
+    assert budget.available(61.1)
+    budget.pause(200.0)
+    assert not budget.available(100.0)
+    assert budget.available(200.0)

@@ -1,0 +1,245 @@
+"""The benchmark: prints figures, asserts nothing. Run with ``make bench`` from a fresh clone.
+
+1. End to end against the emulator enforcing AC's limits (5 requests/s, 100 imports/min) with
+   100-300 ms latency and a 3 s import delay: 100,000 events over 20,000 emails and 5 audiences,
+   the service at its default settings. Contacts applied per second as a ratio to the bulk
+   importer's ceiling (100 imports/min x 250 contacts = 416.7/s), requests per 1,000 events, peak
+   requests in any second, 429s, the service's peak memory.
+2. The same for the per-contact path alone (bulk import off), on a 10,000-event slice for 90 s:
+   the baseline.
+3. CPU only: decode + coalesce against a bare fastavro loop (benchmarks/cpu.py).
+4. Latency from event time to applied in AC for a trickle of 1 event a second.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+from benchmarks import cpu
+from service.demo import peak_per_second
+from service.emulator.server import Emulator
+from service.localbroker import LocalBroker, committed_offsets, create_topics, free_port
+from service.samples import make_samples, produce
+
+TOKEN = "bench-token"
+CEILING = 100 * 250 / 60.0
+
+
+def start_service(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "AC_"))}
+    full.update(env)
+    with open(log, "wb") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service", "run"], env=full, stdout=handle, stderr=handle
+        )
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def lag(bootstrap: str, group: str, topic: str, ends: dict[int, int]) -> int:
+    committed = committed_offsets(bootstrap, group, topic, list(ends))
+    return sum(max(0, end - max(0, committed.get(p, 0))) for p, end in ends.items())
+
+
+def end_to_end(
+    broker: LocalBroker, work: Path, *, events: int, emails: int, bulk: bool, limit: float | None
+) -> dict[str, Any]:
+    emulator = Emulator(tokens={TOKEN}, rate_limit=5, import_delay=3.0, seed=2).start()
+    emulator.account.set_faults({"latency_ms": [100, 300]}, 0.0)
+    topic = f"bench-{'bulk' if bulk else 'single'}-{int(time.time())}"
+    create_topics(broker.bootstrap, {topic: 12, f"{topic}.dlq": 12})
+    samples = make_samples(events=events, emails=emails, audiences=5, seed=5)
+    ends = produce(broker.bootstrap, topic, samples.records)
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+        "KAFKA_TOPIC": topic,
+        "KAFKA_GROUP_ID": topic,
+        "KAFKA_PROPERTY_SESSION_TIMEOUT_MS": "6000",
+        "AC_API_URL": emulator.url,
+        "AC_API_TOKEN": TOKEN,
+        "METRICS_PORT": str(free_port()),
+        "AC_BULK_IMPORT": "true" if bulk else "false",
+    }
+    service = start_service(env, work / f"{topic}.log")
+    began = time.monotonic()
+    try:
+        while True:
+            remaining = lag(broker.bootstrap, topic, topic, ends)
+            elapsed = time.monotonic() - began
+            if remaining == 0 or (limit is not None and elapsed > limit):
+                break
+            time.sleep(1.0)
+        rss = peak_rss_mb(service.pid)
+        metrics = httpx.get(f"http://127.0.0.1:{env['METRICS_PORT']}/metrics").text
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(60)
+    state = httpx.get(emulator.url + "/_emulator/state").json()
+    log = httpx.get(emulator.url + "/_emulator/requests").json()["requests"]
+    emulator.stop()
+    done_events = sum(ends.values()) - remaining
+    applied = {"entered": 0.0, "exited": 0.0}
+    for line in metrics.splitlines():
+        if line.startswith("ac_sync_changes_applied_total{"):
+            applied[line.split('"')[1]] = float(line.split()[-1])
+    contacts = sum(b["contacts"] for b in state["imports"].values() if b["status"] == "completed")
+    contacts += sum(1 for r in log if r["endpoint"] == "/contact/sync" and r["status"] < 300)
+    exact = remaining == 0 and all(
+        state["lists"].get(name, {}).get("members") == members
+        for name, members in samples.expected.items()
+    )
+    return {
+        "events": done_events,
+        "seconds": elapsed,
+        "contacts": contacts,
+        "contacts_per_s": contacts / elapsed,
+        "changes_applied": sum(applied.values()),
+        "requests": len(log),
+        "requests_per_1000": 1000 * len(log) / max(1, done_events),
+        "peak": peak_per_second([r["t"] for r in log]),
+        "429s": sum(1 for r in log if r["status"] == 429),
+        "imports": sum(1 for r in log if r["endpoint"] == "/import/bulk_import"),
+        "rss_mb": rss,
+        "exact": exact,
+        "drained": remaining == 0,
+    }
+
+
+def trickle(broker: LocalBroker, work: Path, seconds: int = 30) -> list[float]:
+    emulator = Emulator(tokens={TOKEN}, rate_limit=5, import_delay=3.0, seed=3).start()
+    emulator.account.set_faults({"latency_ms": [100, 300]}, 0.0)
+    topic = f"bench-trickle-{int(time.time())}"
+    create_topics(broker.bootstrap, {topic: 12, f"{topic}.dlq": 12})
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+        "KAFKA_TOPIC": topic,
+        "KAFKA_GROUP_ID": topic,
+        "KAFKA_PROPERTY_SESSION_TIMEOUT_MS": "6000",
+        "AC_API_URL": emulator.url,
+        "AC_API_TOKEN": TOKEN,
+        "METRICS_PORT": str(free_port()),
+    }
+    service = start_service(env, work / "trickle.log")
+    from service.codec import encode_event, load_reader_schema
+
+    schema = load_reader_schema()
+    latencies: list[float] = []
+    try:
+        time.sleep(6)  # group join
+        sent: dict[str, float] = {}
+        for i in range(seconds):
+            email = f"trickle{i}@example.com"
+            now_ms = int(time.time() * 1000)
+            value = encode_event(
+                {
+                    "event_id": str(i),
+                    "occurred_at": now_ms,
+                    "email": email,
+                    "audience_id": "t",
+                    "audience_name": "Trickle",
+                    "action": "ENTERED",
+                    "campaign_id": None,
+                    "treatment_group": None,
+                    "attributes": {},
+                },
+                schema,
+            )
+            produce(broker.bootstrap, topic, [(email.encode(), value)])
+            sent[email] = now_ms / 1000
+            deadline = time.time() + 1.0
+            while time.time() < deadline:
+                members = (
+                    httpx.get(emulator.url + "/_emulator/state")
+                    .json()["lists"]
+                    .get("Trickle", {})
+                    .get("members", {})
+                )
+                for seen in [e for e in sent if e in members]:
+                    latencies.append(time.time() - sent.pop(seen))
+                time.sleep(0.05)
+        deadline = time.time() + 30
+        while sent and time.time() < deadline:
+            members = (
+                httpx.get(emulator.url + "/_emulator/state")
+                .json()["lists"]
+                .get("Trickle", {})
+                .get("members", {})
+            )
+            for seen in [e for e in sent if e in members]:
+                latencies.append(time.time() - sent.pop(seen))
+            time.sleep(0.05)
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(60)
+        emulator.stop()
+    return latencies
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="ac-sync-bench-"))
+    broker = LocalBroker(log_path=work / "broker.log").start()
+    try:
+        print(
+            f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"{time.strftime('%Y-%m-%d')}"
+        )
+        print("\n1. end to end, bulk path (defaults), 100,000 events / 20,000 emails / 5 audiences")
+        bulk = end_to_end(broker, work, events=100_000, emails=20_000, bulk=True, limit=None)
+        print(f"   drained in {bulk['seconds']:.1f}s, final state exact: {bulk['exact']}")
+        print(
+            f"   contacts applied / s      : {bulk['contacts_per_s']:.1f} "
+            f"({bulk['contacts']} contacts) = {bulk['contacts_per_s'] / CEILING:.2f} of the 416.7/s ceiling"
+        )
+        print(
+            f"   requests per 1000 events  : {bulk['requests_per_1000']:.2f} ({bulk['requests']} requests, "
+            f"{bulk['imports']} imports)"
+        )
+        print(f"   peak requests in a second : {bulk['peak']}   429s: {bulk['429s']}")
+        print(f"   peak memory (RSS)         : {bulk['rss_mb']:.0f} MB")
+        print("\n2. per-contact path alone (baseline), 10,000 events / 2,000 emails, first 90 s")
+        single = end_to_end(broker, work, events=10_000, emails=2_000, bulk=False, limit=90)
+        print(
+            f"   contacts applied / s      : {single['contacts_per_s']:.2f} "
+            f"= {single['contacts_per_s'] / CEILING:.3f} of the ceiling"
+        )
+        print(
+            f"   requests per 1000 events  : {single['requests_per_1000']:.0f} (events done: {single['events']})"
+        )
+        print(f"   peak requests in a second : {single['peak']}   429s: {single['429s']}")
+        print(
+            f"   bulk / per-contact speed-up: {bulk['contacts_per_s'] / max(single['contacts_per_s'], 1e-9):.0f}x"
+        )
+        print("\n3. CPU only, one core")
+        cpu.main(200_000)
+        print("\n4. trickle of 1 event a second for 30 s (default 5 s coalescing window)")
+        latencies = sorted(trickle(broker, work))
+        if latencies:
+            p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+            print(
+                f"   event time -> applied: p50 {statistics.median(latencies):.2f}s, p99 {p99:.2f}s "
+                f"({len(latencies)} events)"
+            )
+    finally:
+        broker.stop()
+
+
+if __name__ == "__main__":
+    main()

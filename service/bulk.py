@@ -1,0 +1,176 @@
+"""The bulk path: many contacts per ``bulk_import`` request, confirmed through ``import/info``.
+
+Pure parts: ``contact_entry`` (one email's due changes -> one import contact), ``pack`` (entries ->
+requests of at most 250 contacts and under 400000 encoded bytes) and ``next_poll_delay``.
+``BulkImporter`` is the I/O: it resolves list ids, sends, and handles AC's documented traps:
+
+- one malformed email rejects the whole request (400, ``failureReasons`` by index): those
+  contacts are set aside (the per-contact path then learns AC's exact error and parks them in the
+  DLQ) and the rest is sent again at once;
+- the per-minute import limit answers 400 "Rate limit exceeded." (``RateLimited``): back-pressure,
+  never a bad record;
+- an import never re-subscribes a contact unsubscribed from a list: the runner keeps ENTERED
+  changes for lists this service unsubscribed on the per-contact path (``contactLists``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.activecampaign import ActiveCampaignClient
+from service.coalesce import PendingChange
+from service.errors import ApiError, PermanentApiError
+from service.lists import ListDirectory
+from service.model import Action
+
+MAX_CONTACTS = 250
+MAX_BYTES = 400_000
+# contact/sync field names -> bulk import field names
+IMPORT_FIELD_NAMES = {"firstName": "first_name", "lastName": "last_name", "phone": "phone"}
+# Room for the request envelope around the contacts: {"contacts": [...]}
+_ENVELOPE = len(json.dumps({"contacts": []}))
+
+
+@dataclass
+class Group:
+    """One email's due changes (all from one partition)."""
+
+    email: str
+    changes: list[PendingChange]
+
+
+def contact_entry(
+    email: str,
+    list_ids: Mapping[str, int],
+    standard: Mapping[str, str],
+    custom: Mapping[str, str],
+) -> dict[str, Any]:
+    """One import contact. ``list_ids`` maps AC list id -> status (1 subscribe, 2 unsubscribe)."""
+    entry: dict[str, Any] = {"email": email}
+    for name, value in standard.items():
+        entry[IMPORT_FIELD_NAMES.get(name, name)] = value
+    if custom:
+        entry["fields"] = [{"id": int(k), "value": v} for k, v in custom.items()]
+    subscribe = [{"listid": lid} for lid, status in list_ids.items() if status == 1]
+    unsubscribe = [{"listid": lid} for lid, status in list_ids.items() if status == 2]
+    if subscribe:
+        entry["subscribe"] = subscribe
+    if unsubscribe:
+        entry["unsubscribe"] = unsubscribe
+    return entry
+
+
+def encoded_size(entry: Mapping[str, Any]) -> int:
+    return len(json.dumps(entry).encode())
+
+
+def pack(
+    sizes: Sequence[int], *, max_contacts: int = MAX_CONTACTS, max_bytes: int = MAX_BYTES
+) -> list[list[int]]:
+    """Indexes of entries per request: at most ``max_contacts`` each, encoded body under
+    ``max_bytes`` (entries joined by ", "), in order. An entry too big on its own is alone."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    size = _ENVELOPE
+    for index, entry_size in enumerate(sizes):
+        extra = entry_size + (2 if current else 0)
+        if current and (len(current) >= max_contacts or size + extra >= max_bytes):
+            batches.append(current)
+            current, size, extra = [], _ENVELOPE, entry_size
+        current.append(index)
+        size += extra
+    if current:
+        batches.append(current)
+    return batches
+
+
+def next_poll_delay(polls: int, expected: float) -> float:
+    """Seconds until the next ``import/info`` poll: first at the expected processing time, then
+    backing off by half each time, capped at 30 s (polls count against the same budget)."""
+    return min(30.0, max(1.0, expected) * (1.5**polls))
+
+
+@dataclass
+class Submitted:
+    """What one submission produced."""
+
+    batch_id: str | None = None
+    sent: list[Group] = field(default_factory=list)  # covered by batch_id
+    rejected: list[Group] = field(default_factory=list)  # AC refused them: per-contact path
+    failed: list[tuple[Group, ApiError]] = field(default_factory=list)  # list errors etc.
+    error: ApiError | None = None  # the request itself failed: all of ``sent`` must be retried
+
+
+class BulkImporter:
+    def __init__(
+        self,
+        client: ActiveCampaignClient,
+        lists: ListDirectory,
+        attribute_map: Mapping[str, str],
+        field_map: Mapping[str, str],
+    ) -> None:
+        self.client = client
+        self.lists = lists
+        self.attribute_map = attribute_map
+        self.field_map = field_map
+
+    def entry_for(self, group: Group) -> dict[str, Any]:
+        from service.apply import split_attributes
+
+        attributes: dict[str, str] = {}
+        for change in sorted(group.changes, key=lambda c: c.offsets[-1].offset):
+            attributes.update(change.event.attributes)
+        standard, custom = split_attributes(attributes, self.attribute_map, self.field_map)
+        statuses = {
+            self.lists.list_id(c.target): (1 if c.event.action is Action.ENTERED else 2)
+            for c in group.changes
+        }
+        return contact_entry(group.email, statuses, standard, custom)
+
+    def submit(self, groups: list[Group]) -> Submitted:
+        """Send one import (<= 250 contacts, < 400000 bytes; the caller packs)."""
+        result = Submitted()
+        entries: list[tuple[Group, dict[str, Any]]] = []
+        for group in groups:
+            try:
+                entries.append((group, self.entry_for(group)))
+            except PermanentApiError as error:
+                result.failed.append((group, error))
+            except ApiError as error:
+                result.error = error
+                result.sent = groups
+                return result
+        while entries:
+            payload = {"contacts": [entry for _, entry in entries]}
+            try:
+                result.batch_id = self.client.bulk_import(payload)
+                result.sent = [group for group, _ in entries]
+                return result
+            except PermanentApiError as error:
+                bad = _failed_indexes(error)
+                if not bad:
+                    result.error = error
+                    result.sent = [group for group, _ in entries]
+                    return result
+                result.rejected += [entries[i][0] for i in sorted(bad) if i < len(entries)]
+                entries = [item for i, item in enumerate(entries) if i not in bad]
+            except ApiError as error:
+                result.error = error
+                result.sent = [group for group, _ in entries]
+                return result
+        return result
+
+
+def _failed_indexes(error: PermanentApiError) -> set[int]:
+    """Contact indexes from a 400 ``failureReasons`` list (kept on the error by the client)."""
+    reasons = getattr(error, "body", None)
+    if not isinstance(reasons, dict):
+        return set()
+    return {
+        int(item["contact"])
+        for item in reasons.get("failureReasons") or []
+        if isinstance(item, dict) and isinstance(item.get("contact"), int)
+    }

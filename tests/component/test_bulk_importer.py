@@ -1,0 +1,139 @@
+"""The bulk importer against the emulator over sockets, every request checked against AC's OpenAPI."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.activecampaign import ActiveCampaignClient
+from service.bulk import BulkImporter, Group
+from service.coalesce import ListRef, PendingChange
+from service.emulator.server import Emulator
+from service.errors import RateLimited
+from service.lists import ListDirectory
+from service.metrics import Metrics
+from service.model import Action, MembershipEvent, SourceOffset
+from service.ratelimit import RateLimitedTransport, RateLimiter
+from tests.conftest import TOKEN
+from tests.support.openapi import ValidatingTransport
+
+
+@pytest.fixture
+def fast() -> Iterator[Emulator]:
+    emu = Emulator(tokens={TOKEN}, rate_limit=1000, import_delay=0.2, seed=4).start()
+    try:
+        yield emu
+    finally:
+        emu.stop()
+
+
+@pytest.fixture
+def importer(fast: Emulator) -> Iterator[tuple[BulkImporter, ValidatingTransport]]:
+    validating = ValidatingTransport(httpx.HTTPTransport())
+    transport = RateLimitedTransport(validating, RateLimiter(1000))
+    with httpx.Client(base_url=fast.url + "/api/3/", transport=transport, timeout=10) as http:
+        client = ActiveCampaignClient(http, lambda: TOKEN, Metrics(CollectorRegistry()))
+        yield (
+            BulkImporter(
+                client, ListDirectory(client, create=True), {"first_name": "firstName"}, {}
+            ),
+            validating,
+        )
+
+
+def group(email: str, action: Action = Action.ENTERED, lists: tuple[str, ...] = ("VIP",)) -> Group:
+    changes = [
+        PendingChange(
+            0,
+            email,
+            ListRef(name=name),
+            MembershipEvent("e", 0, email, "a", name, action, attributes={"first_name": "Pat"}),
+            None,
+            [SourceOffset(0, i)],
+            0.0,
+            0.0,
+        )
+        for i, name in enumerate(lists)
+    ]
+    return Group(email, changes)
+
+
+def completed(importer: BulkImporter, batch_id: str) -> tuple[list[str], list[str]]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status = importer.client.import_info(batch_id)
+        if status.completed:
+            return status.success_ids, status.failed_emails
+        time.sleep(0.1)
+    raise AssertionError("import never completed")
+
+
+def members(emu: Emulator, name: str) -> dict[str, int]:
+    return httpx.get(emu.url + "/_emulator/state").json()["lists"][name]["members"]  # type: ignore[no-any-return]
+
+
+def test_import_applies_lists_and_validates_against_openapi(
+    fast: Emulator, importer: tuple[BulkImporter, ValidatingTransport]
+) -> None:
+    bulk, validating = importer
+    groups = [group(f"p{i}@example.com", lists=("VIP", "News")) for i in range(20)]
+    groups += [group(f"q{i}@example.com", Action.EXITED) for i in range(5)]
+    result = bulk.submit(groups)
+    assert result.error is None and result.batch_id
+    assert len(result.sent) == 25
+    success, failure = completed(bulk, result.batch_id)
+    assert len(success) == 25 and failure == []
+    assert members(fast, "VIP") == {
+        **{f"p{i}@example.com": 1 for i in range(20)},
+        **{f"q{i}@example.com": 2 for i in range(5)},
+    }
+    assert validating.errors == []
+    assert validating.checked >= 4
+
+
+def test_one_malformed_email_is_set_aside_and_the_rest_sent_again(
+    fast: Emulator, importer: tuple[BulkImporter, ValidatingTransport]
+) -> None:
+    """AC's validator may be stricter than ours: its 400 names the contact by index."""
+    bulk, _ = importer
+    groups = [group(f"p{i}@example.com") for i in range(12)]
+    groups.insert(5, group("not-an-email"))
+    result = bulk.submit(groups)
+    assert [g.email for g in result.rejected] == ["not-an-email"]
+    assert result.batch_id and len(result.sent) == 12
+    completed(bulk, result.batch_id)
+    assert len(members(fast, "VIP")) == 12
+    statuses = [
+        r["status"]
+        for r in httpx.get(fast.url + "/_emulator/requests").json()["requests"]
+        if r["endpoint"] == "/import/bulk_import"
+    ]
+    assert statuses == [400, 200]
+
+
+def test_import_rate_limit_is_backpressure(
+    fast: Emulator, importer: tuple[BulkImporter, ValidatingTransport]
+) -> None:
+    bulk, _ = importer
+    for i in range(100):
+        assert bulk.submit([group(f"a{i}@example.com"), group(f"b{i}@example.com")]).batch_id
+    result = bulk.submit([group("late@example.com"), group("later@example.com")])
+    assert isinstance(result.error, RateLimited)
+    assert result.error.status == 400
+    assert result.rejected == [] and result.failed == []
+    assert [g.email for g in result.sent] == ["late@example.com", "later@example.com"]
+
+
+def test_excluded_email_is_reported_as_a_failure(
+    fast: Emulator, importer: tuple[BulkImporter, ValidatingTransport]
+) -> None:
+    bulk, _ = importer
+    httpx.post(fast.url + "/_emulator/exclusions", json={"emails": ["p3@example.com"]})
+    result = bulk.submit([group(f"p{i}@example.com") for i in range(10)])
+    assert result.batch_id
+    _, failure = completed(bulk, result.batch_id)
+    assert failure == ["p3@example.com"]

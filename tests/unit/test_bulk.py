@@ -1,0 +1,48 @@
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.bulk import MAX_BYTES, contact_entry, encoded_size, next_poll_delay, pack
+
+
+def test_contact_entry_carries_lists_and_fields() -> None:
+    entry = contact_entry(
+        "a@b.com", {"1": 1, "2": 2, "3": 1}, {"firstName": "Ann", "phone": "1"}, {"12": "gold"}
+    )
+    assert entry == {
+        "email": "a@b.com",
+        "first_name": "Ann",
+        "phone": "1",
+        "fields": [{"id": 12, "value": "gold"}],
+        "subscribe": [{"listid": "1"}, {"listid": "3"}],
+        "unsubscribe": [{"listid": "2"}],
+    }
+
+
+def test_pack_respects_250_contacts() -> None:
+    batches = pack([50] * 600)
+    assert [len(b) for b in batches] == [250, 250, 100]
+    assert [i for b in batches for i in b] == list(range(600))
+
+
+@given(st.lists(st.integers(20, 60_000), min_size=1, max_size=400))
+def test_pack_keeps_every_request_under_400000_bytes(sizes: list[int]) -> None:
+    batches = pack(sizes)
+    assert [i for b in batches for i in b] == list(range(len(sizes)))
+    for batch in batches:
+        assert len(batch) <= 250
+        body = json.dumps({"contacts": ["x" * (sizes[i] - 2) for i in batch]})
+        assert len(body.encode()) < MAX_BYTES or len(batch) == 1
+
+
+def test_encoded_size_matches_json() -> None:
+    entry = contact_entry("ü@b.com", {"1": 1}, {}, {})
+    assert encoded_size(entry) == len(json.dumps(entry).encode())
+
+
+def test_poll_delay_starts_at_expected_and_backs_off_to_a_cap() -> None:
+    assert next_poll_delay(0, 2.0) == 2.0
+    assert next_poll_delay(0, 0.1) == 1.0
+    assert next_poll_delay(2, 2.0) == 4.5
+    assert next_poll_delay(30, 2.0) == 30.0
