@@ -120,6 +120,10 @@ def end_to_end(
         "rss_mb": rss,
         "exact": exact,
         "drained": remaining == 0,
+        "by_endpoint": {
+            e: sum(1 for r in log if r["endpoint"] == e)
+            for e in sorted({r["endpoint"] for r in log})
+        },
     }
 
 
@@ -214,6 +218,9 @@ def main() -> None:
         )
         print(f"   peak requests in a second : {bulk['peak']}   429s: {bulk['429s']}")
         print(f"   peak memory (RSS)         : {bulk['rss_mb']:.0f} MB")
+        print(f"   requests by endpoint      : {bulk['by_endpoint']}")
+        if "--only-e2e" in sys.argv:
+            return
         print("\n2. per-contact path alone (baseline), 10,000 events / 2,000 emails, first 90 s")
         single = end_to_end(broker, work, events=10_000, emails=2_000, bulk=False, limit=90)
         print(

@@ -18,12 +18,12 @@ import heapq
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from service.model import MembershipEvent, SourceOffset
 
 
-@dataclass(frozen=True, slots=True)
-class ListRef:
+class ListRef(NamedTuple):
     """An AC list: by name (found or created) or by an id given in the mapping file."""
 
     name: str | None = None
@@ -51,10 +51,10 @@ class PendingChange:
     last_error: str = ""
     seq: int = field(default=0)
     force_single: bool = False  # AC refused it in an import: learn the exact error per contact
+    key: ChangeKey = field(init=False)  # computed once: it is hashed on every dict and heap move
 
-    @property
-    def key(self) -> ChangeKey:
-        return (self.partition, self.email, self.target)
+    def __post_init__(self) -> None:
+        self.key = (self.partition, self.email, self.target)
 
 
 class Coalescer:
@@ -75,7 +75,12 @@ class Coalescer:
 
     def _insert(self, change: PendingChange) -> None:
         self._pending[change.key] = change
-        self._by_email.setdefault((change.partition, change.email), set()).add(change.target)
+        email_key = (change.partition, change.email)
+        targets = self._by_email.get(email_key)
+        if targets is None:
+            self._by_email[email_key] = {change.target}
+        else:
+            targets.add(change.target)
         self._push(change)
 
     def add(

@@ -42,6 +42,28 @@ def list_for_event(
     return ListRef(name=name)
 
 
+class ListNamer:
+    """``list_for_event`` with a cache: audiences are few and events many, so the template is
+    formatted once per distinct (audience, campaign, treatment group). Pure; bounded."""
+
+    MAX_CACHED = 100_000
+
+    def __init__(self, template: str, mapping: Mapping[str, ListTarget]) -> None:
+        self.template = template
+        self.mapping = mapping
+        self._cache: dict[tuple[str, str, str | None, str | None], ListRef] = {}
+
+    def __call__(self, event: MembershipEvent) -> ListRef:
+        key = (event.audience_id, event.audience_name, event.campaign_id, event.treatment_group)
+        found = self._cache.get(key)
+        if found is None:
+            found = list_for_event(event, self.template, self.mapping)
+            if len(self._cache) >= self.MAX_CACHED:
+                self._cache.clear()
+            self._cache[key] = found
+        return found
+
+
 def stringid_for(name: str) -> str:
     """A URL-safe stringid, unique per name (a slug plus a short hash of the exact name)."""
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "list"

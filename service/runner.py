@@ -37,7 +37,7 @@ from service.coalesce import Coalescer, PendingChange
 from service.codec import EventDecoder
 from service.dlq import DeadLetter, DeadLetterQueue
 from service.errors import ApiError, AuthRejected, PermanentApiError, PoisonMessage, RateLimited
-from service.lists import list_for_event
+from service.lists import ListNamer
 from service.logs import EmailHasher
 from service.metrics import Metrics
 from service.model import Action
@@ -107,6 +107,12 @@ class Runner:
         self.wall = wall
         self.rng = rng or random.Random()
         self.coalescer = Coalescer(settings.coalesce_window_seconds)
+        self.list_for = ListNamer(settings.list_name_template, settings.list_mapping)
+        # Per-record counters, resolved once (labels() takes a lock and a dict lookup each time).
+        self._consumed = {
+            o: metrics.events_consumed.labels(self.topic, o)
+            for o in ("valid", "invalid", "duplicate")
+        }
         self.tracker = OffsetTracker()
         self.dlq = DeadLetterQueue(producer, settings.kafka_dlq_topic, self._parked)
         self.pool = ThreadPoolExecutor(settings.ac_concurrency, thread_name_prefix="ac")
@@ -210,15 +216,13 @@ class Runner:
         self.broker_ok = True
         partition, offset = message.partition(), message.offset()
         if partition not in self.assigned or not self.tracker.track(partition, offset):
-            self.metrics.events_consumed.labels(self.topic, "duplicate").inc()
+            self._consumed["duplicate"].inc()
             return
         try:
             event = self.decoder.decode(message.value())
-            target = list_for_event(
-                event, self.settings.list_name_template, self.settings.list_mapping
-            )
+            target = self.list_for(event)
         except PoisonMessage as poison:
-            self.metrics.events_consumed.labels(self.topic, "invalid").inc()
+            self._consumed["invalid"].inc()
             logger.info(
                 "record to dead-letter topic",
                 extra={"reason": poison.reason, "partition": partition, "offset": offset},
@@ -236,7 +240,7 @@ class Runner:
                 )
             )
             return
-        self.metrics.events_consumed.labels(self.topic, "valid").inc()
+        self._consumed["valid"].inc()
         if self.coalescer.add(partition, target, event, message.value(), offset, now):
             self.metrics.events_coalesced.inc()
 

@@ -85,7 +85,7 @@ class Settings:
     attribute_map: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ATTRIBUTE_MAP))
     field_map: Mapping[str, str] = field(default_factory=dict)
     coalesce_window_seconds: float = 5.0
-    max_pending_changes: int = 20_000
+    max_pending_changes: int = 100_000
     commit_interval_seconds: float = 5.0
     shutdown_grace_seconds: float = 20.0
     revoke_deadline_seconds: float = 10.0
@@ -379,7 +379,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             env, "COALESCE_WINDOW_SECONDS", 5.0, minimum=0.0, maximum=3600.0
         ),
         max_pending_changes=_integer(
-            env, "MAX_PENDING_CHANGES", 20_000, minimum=10, maximum=10_000_000
+            env, "MAX_PENDING_CHANGES", 100_000, minimum=10, maximum=10_000_000
         ),
         commit_interval_seconds=_number(
             env, "COMMIT_INTERVAL_SECONDS", 5.0, minimum=0.05, maximum=600.0

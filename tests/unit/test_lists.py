@@ -102,3 +102,12 @@ class RacingApi(SlowApi):
 
 def test_losing_a_creation_race_uses_the_winners_list() -> None:
     assert ListDirectory(RacingApi(), create=True).list_id(ListRef(name="X")) == "77"
+
+
+def test_list_namer_caches_and_matches_the_pure_function() -> None:
+    from service.lists import ListNamer
+
+    namer = ListNamer("{audience_name} {treatment_group}", {})
+    assert namer(ev()) == list_for_event(ev(), "{audience_name} {treatment_group}", {})
+    assert namer(ev()) is namer(ev())
+    assert namer(ev(treatment_group="C")).name == "VIP Buyers C"
