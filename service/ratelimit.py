@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 
 import httpx
@@ -66,11 +65,16 @@ class LeakyBucket:
             return 1.0
         return len(self.owned) / self.total
 
-    def reserve(self, now: float) -> float:
-        """Book the next free slot; return when it starts (``>= now``)."""
+    def peek(self, now: float) -> float:
+        """When the next slot would start, without booking it."""
         start = max(now, self.next_free, self.paused_until)
         if self.owned is not None:
             start = self._next_owned_tick(start)
+        return start
+
+    def reserve(self, now: float) -> float:
+        """Book the next free slot; return when it starts (``>= now``)."""
+        start = self.peek(now)
         self.next_free = start + self.interval
         return start
 
@@ -175,38 +179,44 @@ class RateLimiter:
 
 
 class ImportBudget:
-    """Pure: bulk imports allowed in any window (AC: 100 multi-contact imports a minute).
+    """Pure: when the next bulk import may be sent (AC: 100 multi-contact imports a minute).
 
-    Counts at send time over ``window`` seconds (61, one more than AC's minute, because a request
-    sent at t arrives a little later). ``share`` scales the budget down to this replica's part;
-    floors keep the replicas' sum within AC's limit.
+    Imports use the same ownership ticks as requests (see ``LeakyBucket.share``), one tick every
+    ``60/per_minute + guard`` seconds: at most one import starts per tick account-wide, however
+    partitions move between replicas. A per-replica sliding window would not be safe: a replica
+    that just sent a burst alone, followed by new owners with empty windows, overruns AC's minute.
+    The 20 ms guard absorbs the delay between a tick and the import reaching AC (at most ~97 a
+    minute are started).
     """
 
-    def __init__(self, per_minute: int = 100, window: float = 61.0) -> None:
-        self.per_minute = per_minute
-        self.window = window
-        self.ratio = 1.0
+    def __init__(self, per_minute: int = 100, guard: float = 0.02) -> None:
+        self.interval = 60.0 / per_minute + guard
+        self.owned: frozenset[int] | None = None
+        self.total = 0
         self.paused_until = float("-inf")
-        self._sent: deque[float] = deque()
+        self._last_tick: int | None = None
 
-    def share(self, ratio: float) -> None:
-        self.ratio = ratio
+    def share(self, owned: frozenset[int] | None, total: int) -> None:
+        self.owned = owned if owned is not None and total > 0 else None
+        self.total = total
 
     @property
     def capacity(self) -> int:
-        return max(1, math.floor(self.per_minute * self.ratio))
-
-    def _trim(self, now: float) -> None:
-        while self._sent and self._sent[0] <= now - self.window:
-            self._sent.popleft()
+        """Imports this replica may start per minute."""
+        ratio = 1.0 if self.owned is None else len(self.owned) / self.total
+        return int(60.0 / self.interval * ratio)
 
     def available(self, now: float) -> bool:
-        self._trim(now)
-        return now >= self.paused_until and len(self._sent) < self.capacity
+        """True while ``now`` is in an owned tick not used yet (and no pause is on)."""
+        if now < self.paused_until:
+            return False
+        tick = math.floor(now / self.interval)
+        if self._last_tick is not None and tick <= self._last_tick:
+            return False
+        return self.owned is None or tick % self.total in self.owned
 
     def take(self, now: float) -> None:
-        self._trim(now)
-        self._sent.append(now)
+        self._last_tick = math.floor(now / self.interval)
 
     def pause(self, until: float) -> None:
         """AC answered "Rate limit exceeded.": no import until ``until``."""

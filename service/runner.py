@@ -118,7 +118,7 @@ class Runner:
         self.pool = ThreadPoolExecutor(settings.ac_concurrency, thread_name_prefix="ac")
         self.inflight: dict[Future[Any], _InFlight] = {}
         self.bulk = bulk
-        self.import_budget = ImportBudget(settings.ac_imports_per_minute)
+        self.import_budget = ImportBudget(settings.ac_imports_per_minute)  # on the wall clock
         self.imports: dict[str, _Outstanding] = {}
         self.expected_import_seconds = 2.0  # learned from completions (EWMA)
         # (email, list) pairs this process unsubscribed: an import would not re-subscribe them.
@@ -272,7 +272,7 @@ class Runner:
         single = [g for g in groups if self._needs_single(g)]
         multi = [g for g in groups if not self._needs_single(g)]
         if bulk and len(multi) >= self.settings.bulk_min_contacts:
-            if self.import_budget.available(now):
+            if self.import_budget.available(self.wall()):
                 self._submit_import(multi, now)
                 free -= 1
             else:
@@ -311,7 +311,7 @@ class Runner:
 
     def _submit_import(self, groups: list[list[PendingChange]], now: float) -> None:
         assert self.bulk is not None
-        self.import_budget.take(now)
+        self.import_budget.take(self.wall())
         batch = [Group(g[0].email, g) for g in groups]
         changes = [c for g in groups for c in g]
         future = self.pool.submit(self.bulk.submit, batch)
@@ -403,7 +403,7 @@ class Runner:
             error = result.error
             if isinstance(error, RateLimited) and error.status == 400:
                 # AC's per-minute import limit: back-pressure for imports only, not a bad record.
-                self.import_budget.pause(now + IMPORT_RATE_LIMIT_PAUSE)
+                self.import_budget.pause(self.wall() + IMPORT_RATE_LIMIT_PAUSE)
                 self.metrics.imports.labels("rate_limited").inc()
                 for group in result.sent:
                     for change in group.changes:
@@ -700,7 +700,7 @@ class Runner:
             return
         owned = frozenset(self.assigned)
         self.limiter.share(owned, total)
-        self.import_budget.share(len(owned) / total)
+        self.import_budget.share(owned, total)
         logger.info(
             "rate share updated",
             extra={

@@ -112,17 +112,41 @@ def test_replicas_sharing_ticks_never_exceed_the_account_rate(owners, arrivals) 
     assert len(set(round(s, 6) for s in starts)) == len(starts)
 
 
-def test_import_budget_window_share_and_pause() -> None:
+def test_import_budget_ticks_share_and_pause() -> None:
     from service.ratelimit import ImportBudget
 
-    budget = ImportBudget(per_minute=100)
-    budget.share(4 / 12)
-    assert budget.capacity == 33
-    for i in range(33):
-        assert budget.available(i * 0.1)
-        budget.take(i * 0.1)
-    assert not budget.available(10.0)
-    assert budget.available(61.1)
-    budget.pause(200.0)
-    assert not budget.available(100.0)
-    assert budget.available(200.0)
+    budget = ImportBudget(per_minute=100, guard=0.02)  # ticks of 0.62 s
+    budget.share(frozenset({0, 1, 2, 3}), total=12)
+    assert budget.capacity == 32  # a third of ~96.8 a minute
+    started = []
+    t = 1000.0
+    while t < 1060.0:
+        if budget.available(t):
+            budget.take(t)
+            started.append(t)
+        t += 0.01
+    assert 31 <= len(started) <= 33
+    assert all((round(s / 0.62) % 12) in {0, 1, 2, 3} for s in started)
+    budget.pause(2000.0)
+    assert not any(budget.available(1990.0 + i * 0.01) for i in range(1000))
+    assert any(budget.available(2000.0 + i * 0.01) for i in range(800))
+
+
+@given(st.lists(st.integers(0, 11), min_size=12, max_size=12), st.floats(0, 600))
+def test_replicas_never_start_more_than_100_imports_a_minute(owners, offset) -> None:  # type: ignore[no-untyped-def]
+    """Three replicas, any split of 12 partitions, each starting imports whenever allowed."""
+    from service.ratelimit import ImportBudget
+
+    starts: list[float] = []
+    for replica in range(3):
+        budget = ImportBudget()
+        budget.share(frozenset(p for p, o in enumerate(owners) if o % 3 == replica), total=12)
+        t = 5000.0 + offset
+        while t < 5000.0 + offset + 150:
+            if budget.available(t):
+                budget.take(t)
+                starts.append(t)
+            t += 0.05
+    starts.sort()
+    for i, s in enumerate(starts):
+        assert len([x for x in starts[i:] if x < s + 60.0]) <= 100
