@@ -60,6 +60,16 @@ def split_attributes(
     return standard, custom
 
 
+def contact_fields(
+    changes: list[PendingChange], attribute_map: Mapping[str, str], field_map: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The attributes of an email's changes merged in partition order (later wins), mapped."""
+    attributes: dict[str, str] = {}
+    for change in sorted(changes, key=lambda c: c.offsets[-1].offset):
+        attributes.update(change.event.attributes)
+    return split_attributes(attributes, attribute_map, field_map)
+
+
 class ContactApplier:
     """Shared by all workers. The contact-id cache is a plain dict: GIL-atomic get/set, and a
     lost race only costs one extra ``contact/sync``."""
@@ -85,10 +95,7 @@ class ContactApplier:
         """Apply one email's changes. ``cancel`` (set when the partition is revoked) stops the
         work before the next request, so a stale write cannot land after the new owner's."""
         cancel = cancel or threading.Event()
-        attributes: dict[str, str] = {}
-        for change in sorted(changes, key=lambda c: c.offsets[-1].offset):
-            attributes.update(change.event.attributes)
-        standard, custom = split_attributes(attributes, self.attribute_map, self.field_map)
+        standard, custom = contact_fields(changes, self.attribute_map, self.field_map)
         try:
             contact_id = self._contact_id(email, standard, custom)
         except ApiError as error:

@@ -118,12 +118,9 @@ class BulkImporter:
         self.field_map = field_map
 
     def entry_for(self, group: Group) -> dict[str, Any]:
-        from service.apply import split_attributes
+        from service.apply import contact_fields
 
-        attributes: dict[str, str] = {}
-        for change in sorted(group.changes, key=lambda c: c.offsets[-1].offset):
-            attributes.update(change.event.attributes)
-        standard, custom = split_attributes(attributes, self.attribute_map, self.field_map)
+        standard, custom = contact_fields(group.changes, self.attribute_map, self.field_map)
         statuses = {
             self.lists.list_id(c.target): (1 if c.event.action is Action.ENTERED else 2)
             for c in group.changes

@@ -25,12 +25,12 @@ from service.samples import make_samples, produce
 TOKEN = "demo-token-not-a-secret"  # noqa: S105 - the emulator's own token, not a real one
 
 
-def peak_per_second(times: list[float]) -> int:
-    """Most requests inside any one-second window (sliding, half-open)."""
+def peak_per_second(times: list[float], window: float = 1.0) -> int:
+    """Most events inside any ``window``-second span (sliding, half-open)."""
     times = sorted(times)
     best, start = 0, 0
     for end, t in enumerate(times):
-        while times[start] <= t - 1.0:
+        while times[start] <= t - window:
             start += 1
         best = max(best, end - start + 1)
     return best

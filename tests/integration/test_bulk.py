@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from service.codec import encode_event, load_reader_schema
+from service.demo import peak_per_second
 from service.emulator.server import Emulator
 from service.localbroker import create_topics
 from service.samples import make_samples, produce
@@ -150,16 +151,6 @@ def test_three_replicas_share_5_per_second(
         emulator.stop()
 
 
-def max_in_window(times: list[float], window: float) -> int:
-    times = sorted(times)
-    best, start = 0, 0
-    for end, t in enumerate(times):
-        while times[start] <= t - window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
-
-
 def test_three_replicas_in_bulk_mode_respect_both_limits(
     bootstrap: str, services: list[ServiceProcess], tmp_path: Path
 ) -> None:
@@ -181,6 +172,6 @@ def test_three_replicas_in_bulk_mode_respect_both_limits(
         assert contacts / 250 > 100  # the precondition: the import limit has to bind
         assert len(imports) >= contacts / 250
         assert all(r["status"] == 200 for r in imports)  # never AC's "Rate limit exceeded."
-        assert max_in_window([r["t"] for r in imports], 60.0) <= 100
+        assert peak_per_second([r["t"] for r in imports], 60.0) <= 100
     finally:
         emulator.stop()

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from confluent_kafka import Consumer
 
+from service.demo import peak_per_second
 from service.emulator.server import Emulator
 from service.localbroker import committed_offsets, free_port
 from tests.conftest import TOKEN
@@ -123,13 +124,7 @@ def request_log(emulator: Emulator) -> list[dict[str, Any]]:
 
 
 def max_in_any_second(times: list[float]) -> int:
-    times = sorted(times)
-    best, start = 0, 0
-    for end, t in enumerate(times):
-        while times[start] <= t - 1.0:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
+    return peak_per_second(times, 1.0)
 
 
 def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 30) -> list[Any]:
