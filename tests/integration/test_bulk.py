@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from service.codec import encode_event, load_reader_schema
 from service.demo import peak_per_second
@@ -23,14 +20,6 @@ from tests.support.harness import (
     service_env,
     wait_for_lag_zero,
 )
-
-
-@pytest.fixture
-def services() -> Iterator[list[ServiceProcess]]:
-    started: list[ServiceProcess] = []
-    yield started
-    for service in started:
-        service.stop()
 
 
 def events(

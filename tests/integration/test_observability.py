@@ -8,11 +8,9 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 
 from service.emulator.server import Emulator
@@ -23,15 +21,6 @@ from tests.support.harness import ServiceProcess, service_env, wait_for_lag_zero
 
 ROOT = Path(__file__).parents[2]
 METRIC = re.compile(r"\b(ac_sync_[a-z_]+)\b")
-
-
-@pytest.fixture
-def fast_emulator() -> Iterator[Emulator]:
-    emu = Emulator(tokens={TOKEN}, rate_limit=200, import_delay=0.3, seed=9).start()
-    try:
-        yield emu
-    finally:
-        emu.stop()
 
 
 def start_prometheus(tmp_path: Path, target_port: int) -> tuple[subprocess.Popen[bytes], str]:

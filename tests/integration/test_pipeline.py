@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from service.emulator.server import Emulator
 from service.samples import make_samples, produce
-from tests.conftest import TOKEN
+from tests.integration.conftest import FAST
 from tests.support.harness import (
     ServiceProcess,
     emulator_lists,
@@ -22,25 +20,6 @@ from tests.support.harness import (
     service_env,
     wait_for_lag_zero,
 )
-
-FAST = "200"  # functional tests run AC and the service at a raised limit; limit tests use 5
-
-
-@pytest.fixture
-def fast_emulator() -> Iterator[Emulator]:
-    emu = Emulator(tokens={TOKEN}, rate_limit=float(FAST), import_delay=0.3, seed=5).start()
-    try:
-        yield emu
-    finally:
-        emu.stop()
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[list[ServiceProcess]]:
-    started: list[ServiceProcess] = []
-    yield started
-    for service in started:
-        service.stop()
 
 
 def test_thousands_of_events_final_state_and_dlq(
