@@ -124,7 +124,7 @@ class ActiveCampaignClient:
         path: str,
         *,
         body: Mapping[str, Any] | None = None,
-        params: Mapping[str, str] | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """One attempt. Returns the JSON object or raises an ``ApiError`` subclass."""
         started = self._clock()
@@ -225,6 +225,31 @@ class ActiveCampaignClient:
             for row in answer.get("contactLists") or []
             if isinstance(row, dict)
         }
+
+    def list_members(
+        self, list_id: str, status: int, ids: list[str] | None = None
+    ) -> dict[str, str]:
+        """Email (normalised) -> contact id of the contacts with ``status`` on a list, all pages;
+        ``ids`` narrows the query to those contacts (at most 250 per call)."""
+        result: dict[str, str] = {}
+        offset = 0
+        while True:
+            params: dict[str, Any] = {
+                "listid": list_id,
+                "status": str(status),
+                "limit": "100",
+                "offset": str(offset),
+            }
+            if ids is not None:
+                params["ids[]"] = ids
+            page = self.request("GET", "/contacts", "contacts", params=params)
+            contacts = page.get("contacts") or []
+            for item in contacts:
+                if isinstance(item, dict) and item.get("email"):
+                    result[str(item["email"]).strip().lower()] = str(item["id"])
+            if len(contacts) < 100:
+                return result
+            offset += 100
 
     def set_list_status(self, contact_id: str, list_id: str, status: int) -> None:
         body = {"contactList": {"list": list_id, "contact": contact_id, "status": str(status)}}

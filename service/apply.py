@@ -1,9 +1,11 @@
 """Apply one email's due changes to ActiveCampaign (runs on a worker thread).
 
-For one email: upsert the contact (``contact/sync``, mapped attributes) unless its id is cached
-and nothing but membership changes; then one ``contactLists`` call per list: status 1 for ENTERED,
-2 for EXITED. Each change gets its own outcome; an error that concerns the contact (invalid or
-excluded email) fails them all, one that concerns a list fails only that change.
+For one email: upsert the contact (``contact/sync``, mapped attributes) unless its id is known
+(ledger or cache) and nothing but membership changes; then one ``contactLists`` call per list as
+the change's ledger ``plan`` says: status 1 for ENTERED, 2 for EXITED; for a first entry (no
+record of ours) the contact's list statuses are read first and a status 2 is left alone (consent
+kept). Each change gets its own outcome; an error that concerns the contact (invalid or excluded
+email) fails them all, one that concerns a list fails only that change.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from service.errors import (
     RateLimited,
     TransientApiError,
 )
+from service.ledger import Plan
 from service.lists import ListDirectory
+
+CONTACT_CACHE_SIZE = 10_000
 
 
 class OutcomeKind(enum.Enum):
@@ -39,6 +44,8 @@ class ChangeOutcome:
     error: ApiError | None = None
     retry_after: float = 0.0
     applied_at: float = 0.0
+    contact_id: str | None = None
+    consent_kept: bool = False  # the person's own opt-out was found and left alone
 
 
 def outcome_for_error(change: PendingChange, error: ApiError) -> ChangeOutcome:
@@ -90,32 +97,54 @@ class ContactApplier:
         self.contact_ids: dict[str, str] = {}
 
     def apply(
-        self, email: str, changes: list[PendingChange], cancel: threading.Event | None = None
+        self,
+        email: str,
+        changes: list[PendingChange],
+        cancel: threading.Event | None = None,
+        known_contact_id: str | None = None,
+        send_fields: bool = True,
     ) -> list[ChangeOutcome]:
-        """Apply one email's changes. ``cancel`` (set when the partition is revoked) stops the
-        work before the next request, so a stale write cannot land after the new owner's."""
+        """Apply one email's changes, each as its ``plan`` says. ``cancel`` (set when the
+        partition is revoked) stops the work before the next request, so a stale write cannot
+        land after the new owner's. ``known_contact_id`` (from the ledger) saves the
+        ``contact/sync`` when ``send_fields`` is false."""
         cancel = cancel or threading.Event()
         standard, custom = contact_fields(changes, self.attribute_map, self.field_map)
+        if not send_fields:
+            standard, custom = {}, {}
+        if known_contact_id is not None and not standard and not custom:
+            self.contact_ids[email] = known_contact_id
         try:
             contact_id = self._contact_id(email, standard, custom)
         except ApiError as error:
             return [outcome_for_error(c, error) for c in changes]
         outcomes: list[ChangeOutcome] = []
+        statuses: dict[str, int] | None = None  # the contact's lists, read once if needed
         for index, change in enumerate(changes):
             try:
+                if change.plan in (Plan.SKIP, Plan.CONSENT_KEPT):
+                    # Riding along for the contact's fields: no list request.
+                    outcomes.append(
+                        self._done(change, contact_id, change.plan is Plan.CONSENT_KEPT)
+                    )
+                    continue
                 if cancel.is_set():
                     raise TransientApiError(None, "partition revoked")
                 list_id = self.lists.list_id(change.target)
-                try:
-                    self.client.set_list_status(contact_id, list_id, change.event.action.status)
-                except PermanentApiError as error:
-                    if error.code != "related_missing":
-                        raise
-                    # The cached contact was deleted in AC: upsert it again and retry once.
-                    self.contact_ids.pop(email, None)
-                    contact_id = self._contact_id(email, standard, custom)
-                    self.client.set_list_status(contact_id, list_id, change.event.action.status)
-                outcomes.append(ChangeOutcome(change, OutcomeKind.APPLIED, applied_at=self.clock()))
+                if change.plan is Plan.FIRST_ENTRY:
+                    # No record of ours for this list: never override the person's own opt-out.
+                    if statuses is None:
+                        statuses = self._contact_lists(email, contact_id, standard, custom)
+                        contact_id = self.contact_ids.get(email, contact_id)
+                    current = statuses.get(list_id)
+                    if current == 2:
+                        outcomes.append(self._done(change, contact_id, True))
+                        continue
+                    if current == 1:
+                        outcomes.append(self._done(change, contact_id, False))
+                        continue
+                contact_id = self._set_status(email, contact_id, list_id, change, standard, custom)
+                outcomes.append(self._done(change, contact_id, False))
             except ApiError as error:
                 outcomes.append(outcome_for_error(change, error))
                 if isinstance(error, AuthRejected | RateLimited | TransientApiError):
@@ -124,10 +153,54 @@ class ContactApplier:
                     break
         return outcomes
 
+    def _done(self, change: PendingChange, contact_id: str, consent_kept: bool) -> ChangeOutcome:
+        return ChangeOutcome(
+            change,
+            OutcomeKind.APPLIED,
+            applied_at=self.clock(),
+            contact_id=contact_id,
+            consent_kept=consent_kept,
+        )
+
+    def _contact_lists(
+        self, email: str, contact_id: str, standard: dict[str, str], custom: dict[str, str]
+    ) -> dict[str, int]:
+        try:
+            return self.client.contact_lists(contact_id)
+        except PermanentApiError as error:
+            if error.status != 404:
+                raise
+            # The known contact was deleted in AC: upsert it again (a new contact has no lists).
+            self.contact_ids.pop(email, None)
+            self._contact_id(email, standard, custom)
+            return {}
+
+    def _set_status(
+        self,
+        email: str,
+        contact_id: str,
+        list_id: str,
+        change: PendingChange,
+        standard: dict[str, str],
+        custom: dict[str, str],
+    ) -> str:
+        try:
+            self.client.set_list_status(contact_id, list_id, change.event.action.status)
+        except PermanentApiError as error:
+            if error.code != "related_missing":
+                raise
+            # The cached contact was deleted in AC: upsert it again and retry once.
+            self.contact_ids.pop(email, None)
+            contact_id = self._contact_id(email, standard, custom)
+            self.client.set_list_status(contact_id, list_id, change.event.action.status)
+        return contact_id
+
     def _contact_id(self, email: str, standard: dict[str, str], custom: dict[str, str]) -> str:
         cached = self.contact_ids.get(email)
         if cached is not None and not standard and not custom:
             return cached
         contact_id = self.client.sync_contact(email, standard, custom)
+        if len(self.contact_ids) >= CONTACT_CACHE_SIZE:
+            self.contact_ids.clear()  # bounded: the ledger is the lasting memory of contact ids
         self.contact_ids[email] = contact_id
         return contact_id

@@ -9,8 +9,10 @@ requests of at most 250 contacts and under 400000 encoded bytes) and ``next_poll
   DLQ) and the rest is sent again at once;
 - the per-minute import limit answers 400 "Rate limit exceeded." (``RateLimited``): back-pressure,
   never a bad record;
-- an import never re-subscribes a contact unsubscribed from a list: the runner keeps ENTERED
-  changes for lists this service unsubscribed on the per-contact path (``contactLists``).
+- an import never re-subscribes a contact unsubscribed from a list: the runner sends ENTERED
+  changes for lists this service unsubscribed (the ledger says so) per contact (``contactLists``);
+  a first entry (no record of ours) may go in an import, and once it completed ``confirm`` asks AC
+  which of those contacts stayed unsubscribed: their own opt-out, kept and recorded as such.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.activecampaign import ActiveCampaignClient
-from service.coalesce import PendingChange
+from service.activecampaign import ActiveCampaignClient, ImportStatus
+from service.coalesce import ListRef, PendingChange
 from service.errors import ApiError, PermanentApiError
+from service.ledger import Plan
 from service.lists import ListDirectory
 from service.model import Action
 
@@ -94,6 +97,15 @@ def next_poll_delay(polls: int, expected: float) -> float:
 
 
 @dataclass
+class Confirmed:
+    """An ``import/info`` answer, and for a completed import the first entries AC did not
+    subscribe because the person had opted out (an import never re-subscribes)."""
+
+    status: ImportStatus
+    kept: set[tuple[str, ListRef]] = field(default_factory=set)  # (email, list)
+
+
+@dataclass
 class Submitted:
     """What one submission produced."""
 
@@ -124,6 +136,7 @@ class BulkImporter:
         statuses = {
             self.lists.list_id(c.target): (1 if c.event.action is Action.ENTERED else 2)
             for c in group.changes
+            if c.plan in (Plan.SET, Plan.FIRST_ENTRY)  # others ride along for the fields only
         }
         return contact_entry(group.email, statuses, standard, custom)
 
@@ -159,6 +172,26 @@ class BulkImporter:
                 result.sent = [group for group, _ in entries]
                 return result
         return result
+
+    def confirm(self, batch_id: str, groups: list[Group]) -> Confirmed:
+        """Poll one import; once completed, learn which first entries stayed unsubscribed:
+        one ``GET /contacts?listid=&status=2&ids[]=`` per list that had first entries."""
+        status = self.client.import_info(batch_id)
+        confirmed = Confirmed(status)
+        if not status.completed or not status.success_ids:
+            return confirmed
+        first: dict[ListRef, set[str]] = {}  # list -> emails entering it with no record of ours
+        for group in groups:
+            for change in group.changes:
+                if change.plan is Plan.FIRST_ENTRY:
+                    first.setdefault(change.target, set()).add(group.email)
+        ids = status.success_ids
+        for target, emails in first.items():
+            list_id = self.lists.list_id(target)
+            for start in range(0, len(ids), MAX_CONTACTS):
+                opted_out = self.client.list_members(list_id, 2, ids[start : start + MAX_CONTACTS])
+                confirmed.kept |= {(e, target) for e in opted_out if e in emails}
+        return confirmed
 
 
 def _failed_indexes(error: PermanentApiError) -> set[int]:

@@ -1,13 +1,16 @@
 """``ac-audience-sync``: the composition root. The only place that builds real clients.
 
-Subcommands: ``run`` (the service), ``check`` (config, broker, topic, token), ``emulator`` (the
-ActiveCampaign emulator), ``demo`` (everything end to end on this machine).
+Subcommands: ``run`` (the service), ``check`` (config, broker, topic, token), ``explain`` and
+``reconcile`` (the ledger, for support), ``emulator`` (the ActiveCampaign emulator), ``demo``
+(everything end to end on this machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
+import json
 import logging
 import os
 import random
@@ -43,6 +46,7 @@ def build_runner(settings: Settings, registry: Any) -> Any:
     from service.apply import ContactApplier
     from service.bulk import BulkImporter
     from service.codec import EventDecoder, SchemaRegistryClient, load_reader_schema
+    from service.ledger_store import LedgerStore
     from service.lists import ListDirectory
     from service.logs import EmailHasher
     from service.metrics import Metrics
@@ -104,6 +108,7 @@ def build_runner(settings: Settings, registry: Any) -> Any:
     consumer_cfg["error_cb"] = on_error
     consumer = Consumer(consumer_cfg)
     producer = Producer(settings.producer_config())
+    ledger = LedgerStore(settings.kafka_ledger_topic, producer, settings.consumer_config())
     runner = Runner(
         settings,
         consumer,
@@ -115,13 +120,16 @@ def build_runner(settings: Settings, registry: Any) -> Any:
         hasher,
         rng=random.Random(),
         bulk=bulk,
+        ledger=ledger,
     )
     holder["runner"] = runner
     return runner
 
 
-def ensure_dlq_topic(settings: Settings) -> None:
-    """Create the dead-letter topic when it is missing (best effort; ``check`` reports it)."""
+def ensure_topics(settings: Settings) -> None:
+    """Create the dead-letter topic and the compacted ledger topic when missing, with the source
+    topic's partition count. A ledger with another partition count would break the rule that a
+    replica owns the ledger of the partitions it consumes: that is a configuration error."""
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
     admin = AdminClient(dict(settings.producer_config()))
@@ -130,19 +138,35 @@ def ensure_dlq_topic(settings: Settings) -> None:
     except Exception as exc:
         logger.warning("cannot list topics", extra={"error": str(exc)})
         return
-    if settings.kafka_dlq_topic in metadata.topics:
-        return
     source = metadata.topics.get(settings.kafka_topic)
-    partitions = len(source.partitions) if source is not None and source.partitions else 1
-    futures = admin.create_topics([NewTopic(settings.kafka_dlq_topic, partitions)])
-    for topic, future in futures.items():
+    partitions = len(source.partitions) if source is not None and source.partitions else 0
+    ledger = metadata.topics.get(settings.kafka_ledger_topic)
+    if ledger is not None and partitions and len(ledger.partitions) != partitions:
+        raise ConfigError(
+            "KAFKA_LEDGER_TOPIC",
+            f"{settings.kafka_ledger_topic} has {len(ledger.partitions)} partitions, "
+            f"the source topic {partitions}: they must be equal",
+        )
+    wanted = []
+    if settings.kafka_dlq_topic not in metadata.topics:
+        wanted.append(NewTopic(settings.kafka_dlq_topic, partitions or 1))
+    if ledger is None:
+        if not partitions:
+            raise ConfigError(
+                "KAFKA_TOPIC", f"{settings.kafka_topic} does not exist (the ledger copies its size)"
+            )
+        wanted.append(
+            NewTopic(settings.kafka_ledger_topic, partitions, config={"cleanup.policy": "compact"})
+        )
+    if not wanted:
+        return
+    for topic, future in admin.create_topics(wanted).items():
         try:
             future.result(timeout=10)
-            logger.info("created dead-letter topic", extra={"topic": topic})
+            logger.info("created topic", extra={"topic": topic})
         except Exception as exc:
-            logger.warning(
-                "could not create dead-letter topic", extra={"topic": topic, "error": str(exc)}
-            )
+            # Another replica may have created it a moment ago; ``check`` reports the rest.
+            logger.warning("could not create topic", extra={"topic": topic, "error": str(exc)})
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -154,7 +178,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     configure_logging(settings.log_level)
     registry = CollectorRegistry()
-    ensure_dlq_topic(settings)
+    try:
+        ensure_topics(settings)
+    except ConfigError as exc:
+        print(f"ac-audience-sync: configuration error: {exc.field}: {exc.why}", file=sys.stderr)
+        return EXIT_CONFIG
     runner = build_runner(settings, registry)
     health = HealthServer(
         (settings.metrics_host, settings.metrics_port), registry, runner.liveness, runner.readiness
@@ -174,6 +202,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    faulthandler.enable()  # a crash in native code still prints the Python stacks
+    faulthandler.register(signal.SIGUSR1)  # stack dump of every thread, for a stuck process
     code = int(runner.run())
     health.stop()
     return code
@@ -215,6 +245,112 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         emulator.serve_forever()
     return 0
+
+
+def _ledger_partitions(settings: Settings) -> list[int]:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(dict(settings.producer_config()))
+    metadata = admin.list_topics(settings.kafka_ledger_topic, timeout=10)
+    topic = metadata.topics.get(settings.kafka_ledger_topic)
+    if topic is None or topic.error is not None or not topic.partitions:
+        raise ConfigError(
+            "KAFKA_LEDGER_TOPIC", f"{settings.kafka_ledger_topic} does not exist (has `run` run?)"
+        )
+    return sorted(topic.partitions)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Print the ledger's record for one email. Needs only the Kafka settings."""
+    from service.audit import explain_json, explain_lines
+    from service.ledger_store import read_entries
+    from service.model import is_valid_email, normalise_email
+
+    settings = _settings_or_exit(kafka_only_env(os.environ))
+    email = normalise_email(args.email)
+    if not is_valid_email(email):
+        print("ac-audience-sync explain: not a valid email address", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        partitions = _ledger_partitions(settings)
+    except ConfigError as exc:
+        print(f"ac-audience-sync: {exc.field}: {exc.why}", file=sys.stderr)
+        return EXIT_CONFIG
+    entries = read_entries(
+        settings.consumer_config(), settings.kafka_ledger_topic, partitions, email
+    )
+    entry = entries.get(email)
+    if args.json:
+        print(json.dumps(explain_json(email, entry, args.list), indent=2))
+    else:
+        print("\n".join(explain_lines(email, entry, args.list)))
+    return 0 if entry is not None else 1
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Compare AC's membership of one list with the ledger; change nothing."""
+    import httpx
+    from prometheus_client import CollectorRegistry
+
+    from service.activecampaign import ActiveCampaignClient
+    from service.audit import differences, differences_json
+    from service.errors import ApiError
+    from service.ledger_store import read_entries
+    from service.metrics import Metrics
+    from service.ratelimit import RateLimitedTransport, RateLimiter
+
+    settings = _settings_or_exit(os.environ)
+    label = args.list
+    try:
+        partitions = _ledger_partitions(settings)
+    except ConfigError as exc:
+        print(f"ac-audience-sync: {exc.field}: {exc.why}", file=sys.stderr)
+        return EXIT_CONFIG
+    # The same limiter as the service: reconcile shares the account's budget with it.
+    limiter = RateLimiter(settings.ac_rate_limit_per_second, clock=time.time)
+    http = httpx.Client(
+        base_url=settings.ac_base_url + "/",
+        transport=RateLimitedTransport(httpx.HTTPTransport(retries=0), limiter),
+        timeout=httpx.Timeout(settings.ac_request_timeout_seconds),
+    )
+    client = ActiveCampaignClient(
+        http, lambda: settings.current_token().reveal(), Metrics(CollectorRegistry())
+    )
+    try:
+        list_id = label[1:] if label.startswith("#") else client.find_list(label)
+        if list_id is None:
+            print(f"ac-audience-sync reconcile: no list named {label!r} in AC", file=sys.stderr)
+            return EXIT_CONFIG
+        ac_status = {e: 2 for e in client.list_members(list_id, 2)}
+        ac_status.update({e: 1 for e in client.list_members(list_id, 1)})
+    except ApiError as exc:
+        print(f"ac-audience-sync reconcile: ActiveCampaign: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        limiter.close()
+        http.close()
+    entries = read_entries(settings.consumer_config(), settings.kafka_ledger_topic, partitions)
+    found = differences(label, entries, ac_status)
+    in_ledger = sum(1 for e in entries.values() if e.state(label) is not None)
+    if args.json:
+        print(differences_json(label, found, in_ledger, len(ac_status)))
+    else:
+        print(
+            f"list {label!r}: {in_ledger} email(s) in the ledger, {len(ac_status)} member(s) in AC, "
+            f"{len(found)} difference(s)"
+        )
+        for item in found:
+            print(f"  {item.email}: ledger {item.ledger}, AC {item.ac}: {item.meaning}")
+    return 1 if found else 0
+
+
+def kafka_only_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``explain`` reads only Kafka: stand-ins for the AC settings it never uses."""
+    merged = dict(env)
+    merged.setdefault("AC_API_URL", "http://unused.invalid")
+    if not merged.get("AC_API_TOKEN") and not merged.get("AC_API_TOKEN_FILE"):
+        merged["AC_API_TOKEN"] = "unused"  # noqa: S105 - a stand-in, never sent
+    return merged
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -265,6 +401,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     emulator.add_argument("--latency-ms", default="0", help="added latency, e.g. 100-300")
     emulator.set_defaults(func=cmd_emulator)
+
+    explain = sub.add_parser(
+        "explain",
+        help="why an email is (not) in a list, from the ledger",
+        description="Print what the service last applied for one email, per list: status, "
+        "who set it, the event that set it (id, time, audience, campaign, treatment group) and "
+        "when it was applied. Reads the ledger topic only. Exit 1 when there is no entry.",
+    )
+    explain.add_argument("email", help="the email (matched in its normalised form)")
+    explain.add_argument("--list", help="only this list (its name, or #id)")
+    explain.add_argument("--json", action="store_true", help="print JSON")
+    explain.set_defaults(func=cmd_explain)
+
+    reconcile = sub.add_parser(
+        "reconcile",
+        help="compare a list in AC with the ledger (read-only)",
+        description="Read the list's members from ActiveCampaign (through the rate limiter) and "
+        "print where they differ from the ledger: manual edits, people who unsubscribed "
+        "themselves. Changes nothing. Exit 0 when they agree, 1 when they differ.",
+    )
+    reconcile.add_argument("--list", required=True, help="the list (its name, or #id)")
+    reconcile.add_argument("--json", action="store_true", help="print JSON")
+    reconcile.set_defaults(func=cmd_reconcile)
 
     demo = sub.add_parser(
         "demo",

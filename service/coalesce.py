@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from service.ledger import ListState, Plan
 from service.model import MembershipEvent, SourceOffset
 
 
@@ -51,6 +52,8 @@ class PendingChange:
     last_error: str = ""
     seq: int = field(default=0)
     force_single: bool = False  # AC refused it in an import: learn the exact error per contact
+    plan: Plan = Plan.SET  # decided from the ledger when the change is handed out
+    previous: ListState | None = None  # the ledger's state for the key at that moment
     key: ChangeKey = field(init=False)  # computed once: it is hashed on every dict and heap move
 
     def __post_init__(self) -> None:

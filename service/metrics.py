@@ -93,6 +93,42 @@ class Metrics:
             "Bulk imports queued at AC, not yet completed.",
             registry=r,
         )
+        self.changes_skipped = Counter(
+            "ac_sync_changes_skipped",
+            "Changes whose state the ledger already held (replays, duplicates): no AC request.",
+            registry=r,
+        )
+        self.consent_kept = Counter(
+            "ac_sync_consent_kept",
+            "ENTERED changes left unsubscribed because the person had opted out themselves.",
+            registry=r,
+        )
+        self.ledger_writes = Counter(
+            "ac_sync_ledger_writes",
+            "Ledger records produced (one per email per applied batch of its changes).",
+            registry=r,
+        )
+        self.ledger_write_failures = Counter(
+            "ac_sync_ledger_write_failures",
+            "Ledger deliveries the broker did not acknowledge (each is retried).",
+            registry=r,
+        )
+        self.ledger_emails = Gauge(
+            "ac_sync_ledger_emails",
+            "Emails held in the in-memory ledger of the assigned partitions.",
+            registry=r,
+        )
+        self.ledger_restore_seconds = Histogram(
+            "ac_sync_ledger_restore_seconds",
+            "Time to load the ledger of newly assigned partitions.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.ledger_restored_records = Counter(
+            "ac_sync_ledger_restored_records",
+            "Ledger records read while restoring assigned partitions.",
+            registry=r,
+        )
         self.ratelimit_wait = Histogram(
             "ac_sync_ratelimit_wait_seconds",
             "Time a request waited for a limiter slot.",

@@ -29,18 +29,26 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from service.activecampaign import ImportStatus
-from service.apply import ChangeOutcome, ContactApplier, OutcomeKind
+from service.apply import ChangeOutcome, ContactApplier, OutcomeKind, contact_fields
 from service.backoff import backoff_delay
-from service.bulk import MAX_CONTACTS, BulkImporter, Group, Submitted, next_poll_delay
+from service.bulk import MAX_CONTACTS, BulkImporter, Confirmed, Group, Submitted, next_poll_delay
 from service.coalesce import Coalescer, PendingChange
 from service.codec import EventDecoder
 from service.dlq import DeadLetter, DeadLetterQueue
 from service.errors import ApiError, AuthRejected, PermanentApiError, PoisonMessage, RateLimited
+from service.ledger import (
+    LedgerEntry,
+    ListState,
+    Plan,
+    fields_hash,
+    merged,
+    plan_change,
+    set_by_after,
+)
+from service.ledger_store import LedgerStore
 from service.lists import ListNamer
 from service.logs import EmailHasher
 from service.metrics import Metrics
-from service.model import Action
 from service.offsets import OffsetTracker
 from service.ratelimit import ImportBudget, RateLimiter
 from service.settings import Settings
@@ -63,6 +71,7 @@ class _InFlight:
     groups: list[Group] | None = None
     batch_id: str = ""
     generations: dict[int, int] = field(default_factory=dict)
+    contact_id: str | None = None
 
 
 @dataclass
@@ -94,6 +103,7 @@ class Runner:
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         bulk: BulkImporter | None = None,
+        ledger: LedgerStore | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.kafka_topic
@@ -121,9 +131,15 @@ class Runner:
         self.import_budget = ImportBudget(settings.ac_imports_per_minute)  # on the wall clock
         self.imports: dict[str, _Outstanding] = {}
         self.expected_import_seconds = 2.0  # learned from completions (EWMA)
-        # (email, list) pairs this process unsubscribed: an import would not re-subscribe them.
-        self.unsubscribed_by_us: set[int] = set()
+        if ledger is None:
+            raise ValueError("the runner needs a ledger")
+        self.ledger = ledger
+        ledger.progress = self._touch  # a long restore must not look like a stuck loop
+        ledger.on_failure = metrics.ledger_write_failures.inc
         self.busy: set[str] = set()
+        self.restoring: set[int] = set()  # assigned, ledger not loaded yet
+        self.share_stale = False  # the assignment changed: take the new share after consume()
+        self.total_partitions = 0  # of the source topic, learned outside rebalance callbacks
         self.assigned: set[int] = set()
         self.generation: dict[int, int] = {}
         self.last_committed: dict[int, int] = {}
@@ -167,12 +183,15 @@ class Runner:
         """One loop iteration. Never blocks for more than a fraction of a second."""
         busy = bool(self.inflight) or len(self.coalescer) > 0
         messages = self.consumer.consume(CONSUME_BATCH, 0.05 if busy else 0.25)
+        if self.restoring or self.share_stale:
+            self._settle_assignment()
         now = self.clock()
         for message in messages:
             self._ingest(message, now)
         self._drain(now)
         self._dispatch(now)
         self.dlq.poll()
+        self.ledger.poll()
         self._apply_backpressure()
         if now >= self._next_commit:
             self.commit()
@@ -193,8 +212,9 @@ class Runner:
             self._drain(now)
             self._dispatch(now, flush_all=True)
             self.dlq.poll()
+            self.ledger.poll()
             self._heartbeat(now)
-        self.dlq.flush(max(0.5, deadline - self.clock()))
+        self._flush_writes(max(0.5, deadline - self.clock()))
         self.limiter.close()
         self._drain(self.clock())
         self.commit()
@@ -268,7 +288,8 @@ class Runner:
             return
         bulk = self.bulk is not None and not self.auth_blocked
         limit = MAX_CONTACTS if bulk else free
-        groups = self.coalescer.take_due(now, limit=limit, busy=self.busy, flush_all=flush_all)
+        taken = self.coalescer.take_due(now, limit=limit, busy=self.busy, flush_all=flush_all)
+        groups = [g for g in (self._plan(g, now) for g in taken) if g]
         single = [g for g in groups if self._needs_single(g)]
         multi = [g for g in groups if not self._needs_single(g)]
         if bulk and len(multi) >= self.settings.bulk_min_contacts:
@@ -283,7 +304,12 @@ class Runner:
         for group in single[:free]:
             email, partition = group[0].email, group[0].partition
             cancel = threading.Event()
-            future = self.pool.submit(self.applier.apply, email, group, cancel)
+            entry = self.ledger.get(partition, email)
+            known_id = entry.contact_id if entry else None
+            send_fields = self._fields_changed(group, entry)
+            future = self.pool.submit(
+                self.applier.apply, email, group, cancel, known_id, send_fields
+            )
             self.inflight[future] = _InFlight(
                 email, partition, self.generation.get(partition, 0), group, cancel
             )
@@ -291,18 +317,52 @@ class Runner:
         self._restore(single[free:])
         self._gauges()
 
-    def _needs_single(self, changes: list[PendingChange]) -> bool:
+    @staticmethod
+    def _needs_single(changes: list[PendingChange]) -> bool:
         """Per-contact calls for changes an import cannot express: a re-entry to a list this
         service unsubscribed (imports never re-subscribe), or one AC refused in an import."""
-        return any(
-            c.force_single
-            or (c.event.action is Action.ENTERED and self._key_hash(c) in self.unsubscribed_by_us)
-            for c in changes
-        )
+        return any(c.force_single or c.plan is Plan.RESUBSCRIBE for c in changes)
 
-    @staticmethod
-    def _key_hash(change: PendingChange) -> int:
-        return hash((change.email, change.target))
+    def _fields_changed(self, changes: list[PendingChange], entry: LedgerEntry | None) -> bool:
+        standard, custom = contact_fields(
+            changes, self.settings.attribute_map, self.settings.field_map
+        )
+        value = fields_hash(standard, custom)
+        return value != 0 and (entry is None or entry.fields_hash != value)
+
+    def _plan(self, group: list[PendingChange], now: float) -> list[PendingChange]:
+        """Decide each change from the ledger; settle here what needs no request (a state the
+        ledger already holds, a kept opt-out). Returns what must go to AC."""
+        email, partition = group[0].email, group[0].partition
+        entry = self.ledger.get(partition, email)
+        for change in group:
+            last = change.offsets[-1]
+            change.previous = entry.state(change.target.label()) if entry else None
+            change.plan = plan_change(
+                change.previous,
+                change.event.action,
+                last.partition,
+                last.offset,
+                change.event.occurred_at_ms,
+            )
+        if all(c.plan in (Plan.SKIP, Plan.CONSENT_KEPT) for c in group) and not (
+            self._fields_changed(group, entry)
+        ):
+            applied_at = self.clock()
+            self._record(
+                [
+                    ChangeOutcome(
+                        c,
+                        OutcomeKind.APPLIED,
+                        applied_at=applied_at,
+                        consent_kept=c.plan is Plan.CONSENT_KEPT,
+                    )
+                    for c in group
+                ],
+                now,
+            )
+            return []
+        return group
 
     def _restore(self, groups: list[list[PendingChange]]) -> None:
         for group in groups:
@@ -340,7 +400,7 @@ class Runner:
                 continue
             assert self.bulk is not None
             outstanding.polling = True
-            future = self.pool.submit(self.bulk.client.import_info, outstanding.batch_id)
+            future = self.pool.submit(self.bulk.confirm, outstanding.batch_id, outstanding.groups)
             self.inflight[future] = _InFlight(
                 "", -1, 0, [], threading.Event(), kind="poll", batch_id=outstanding.batch_id
             )
@@ -370,8 +430,10 @@ class Runner:
                 or self.generation.get(item.partition) != item.generation
             ):
                 continue  # the partition moved on: its offsets were dropped or re-tracked
+            self._record([o for o in outcomes if o.kind is OutcomeKind.APPLIED], now)
             for outcome in outcomes:
-                self._settle(outcome, now)
+                if outcome.kind is not OutcomeKind.APPLIED:
+                    self._settle(outcome, now)
         if done:
             self._gauges()
 
@@ -438,7 +500,7 @@ class Runner:
             return
         outstanding.polling = False
         try:
-            status: ImportStatus = future.result()
+            confirmed: Confirmed = future.result()
         except RateLimited as error:
             outstanding.next_poll_at = now + error.retry_after
             return
@@ -450,6 +512,7 @@ class Runner:
                 min(outstanding.polls, 6), self.rng.random()
             )
             return
+        status = confirmed.status
         if not status.completed:
             outstanding.polls += 1
             if now - outstanding.queued_at > self.settings.import_timeout_seconds:
@@ -476,6 +539,7 @@ class Runner:
         self.metrics.imports.labels("completed").inc()
         for group in outstanding.groups:
             self.busy.discard(group.email)
+            applied = []
             for change in group.changes:
                 if not self._owned(change, outstanding.generations):
                     continue
@@ -484,7 +548,13 @@ class Runner:
                     change.force_single = True
                     self.coalescer.requeue(change, now)
                 else:
-                    self._settle(ChangeOutcome(change, OutcomeKind.APPLIED, applied_at=now), now)
+                    kept = (group.email, change.target) in confirmed.kept
+                    applied.append(
+                        ChangeOutcome(
+                            change, OutcomeKind.APPLIED, applied_at=now, consent_kept=kept
+                        )
+                    )
+            self._record(applied, now)
         self._gauges()
 
     def _work_for(self, gone: set[int]) -> bool:
@@ -496,22 +566,80 @@ class Runner:
             c.partition in gone for o in self.imports.values() for g in o.groups for c in g.changes
         )
 
+    def _record(self, outcomes: list[ChangeOutcome], now: float) -> None:
+        """Applied (or kept) changes of one email: update the ledger, then complete their
+        offsets once the broker acknowledged the ledger write."""
+        if not outcomes:
+            return
+        if self.auth_blocked:
+            logger.info("ActiveCampaign accepts the token again")
+            self.auth_blocked = False
+            self.metrics.auth_rejected.set(0)
+        first = outcomes[0].change
+        email, partition = first.email, first.partition
+        entry = self.ledger.get(partition, email)
+        applied_ms = int(self.wall() * 1000)
+        states: list[ListState] = []
+        for outcome in outcomes:
+            change = outcome.change
+            if change.plan is Plan.SKIP:
+                self.metrics.changes_skipped.inc()
+                continue  # riding along for the fields; the list state is unchanged
+            label = change.target.label()
+            previous = entry.state(label) if entry else None
+            event = change.event
+            last = change.offsets[-1]
+            if outcome.consent_kept:
+                self.metrics.consent_kept.inc()
+                logger.info(
+                    "the person's own unsubscribe is kept",
+                    extra={"email_hash": self.hash(email), "partition": partition},
+                )
+            states.append(
+                ListState(
+                    label,
+                    2 if outcome.consent_kept else event.action.status,
+                    set_by_after(change.plan, event.action, previous, outcome.consent_kept),
+                    event.event_id,
+                    event.occurred_at_ms,
+                    applied_ms,
+                    last.partition,
+                    last.offset,
+                    event.audience_id,
+                    event.audience_name,
+                    event.campaign_id,
+                    event.treatment_group,
+                )
+            )
+        changes = [o.change for o in outcomes]
+        standard, custom = contact_fields(
+            changes, self.settings.attribute_map, self.settings.field_map
+        )
+        contact_id = next((o.contact_id for o in outcomes if o.contact_id), None)
+        new_entry = merged(entry, states, contact_id, fields_hash(standard, custom) or None)
+        generation = self.generation.get(partition, 0)
+
+        def written() -> None:
+            if partition not in self.assigned or self.generation.get(partition) != generation:
+                return  # the partition moved on; the new owner restores this write
+            for change in changes:
+                for source in change.offsets:
+                    self.tracker.complete(source.partition, source.offset)
+                if change.plan is not Plan.SKIP:
+                    self.metrics.changes_applied.labels(change.event.action.value.lower()).inc()
+                age = self.wall() - change.event.occurred_at_ms / 1000.0
+                self.metrics.event_to_applied.observe(max(0.0, age))
+
+        if new_entry == entry or (entry is None and new_entry == LedgerEntry(None, 0, ())):
+            written()  # nothing new to record: a replay, or an exit of a contact never ours
+            return
+        self.metrics.ledger_writes.inc()
+        self.ledger.write(partition, email, new_entry, written)
+
     def _settle(self, outcome: ChangeOutcome, now: float) -> None:
         change = outcome.change
         if outcome.kind is OutcomeKind.APPLIED:
-            if self.auth_blocked:
-                logger.info("ActiveCampaign accepts the token again")
-            self.auth_blocked = False
-            self.metrics.auth_rejected.set(0)
-            for source in change.offsets:
-                self.tracker.complete(source.partition, source.offset)
-            if change.event.action is Action.EXITED:
-                self.unsubscribed_by_us.add(self._key_hash(change))
-            else:
-                self.unsubscribed_by_us.discard(self._key_hash(change))
-            self.metrics.changes_applied.labels(change.event.action.value.lower()).inc()
-            age = self.wall() - change.event.occurred_at_ms / 1000.0
-            self.metrics.event_to_applied.observe(max(0.0, age))
+            self._record([outcome], now)
         elif outcome.kind is OutcomeKind.PERMANENT:
             error = outcome.error
             assert isinstance(error, PermanentApiError)
@@ -631,18 +759,54 @@ class Runner:
             self.assigned.add(tp.partition)
             self.generation[tp.partition] = self.generation.get(tp.partition, 0) + 1
             self.tracker.drop([tp.partition])
-        try:
-            committed = consumer.committed(mine, timeout=10)
-            for tp in committed:
-                self.last_committed[tp.partition] = tp.offset if tp.offset >= 0 else -1
-        except KafkaException as exc:
-            logger.warning("could not read committed offsets", extra={"error": str(exc)})
+        # Committed offsets, the ledger and the rate share are settled by the loop right after
+        # this ``consume()`` returns, before any of its records is ingested. Not here: a blocking
+        # client call (committed, list_topics) inside a rebalance callback clears
+        # confluent-kafka's per-call state, and the next callback of the same ``consume()``
+        # aborts the process (CallState_get assertion; seen when partitions move).
+        self.restoring.update(tp.partition for tp in mine)
+        self.share_stale = True
         if self.paused and mine:
             consumer.pause(mine)
         self.metrics.assigned_partitions.set(len(self.assigned))
-        self._update_share()
         logger.info(
             "partitions assigned", extra={"partitions": sorted(tp.partition for tp in mine)}
+        )
+
+    def _settle_assignment(self) -> None:
+        """After a rebalance (outside its callbacks): read the committed offsets of new
+        partitions, load their ledger, take the new share of the account budget."""
+        new = sorted(self.restoring & self.assigned)
+        self.restoring.clear()
+        if new:
+            tps = [TopicPartition(self.topic, p) for p in new]
+            try:
+                for tp in self.consumer.committed(tps, timeout=10):
+                    self.last_committed[tp.partition] = tp.offset if tp.offset >= 0 else -1
+            except KafkaException as exc:
+                logger.warning("could not read committed offsets", extra={"error": str(exc)})
+            self._restore_ledger(new)
+        if self.share_stale:
+            self.share_stale = False
+            self._update_share()
+
+    def _restore_ledger(self, partitions: list[int]) -> None:
+        """Load the ledger of newly assigned partitions before any of their changes is applied
+        (the loop runs it before ingesting the records of the ``consume()`` that assigned them)."""
+        if not partitions:
+            return
+        stats = self.ledger.restore(partitions)
+        self.metrics.ledger_restore_seconds.observe(stats.seconds)
+        self.metrics.ledger_restored_records.inc(stats.records)
+        self.metrics.ledger_emails.set(len(self.ledger.index))
+        logger.info(
+            "ledger restored",
+            extra={
+                "partitions": stats.partitions,
+                "records": stats.records,
+                "emails": stats.emails,
+                "seconds": round(stats.seconds, 3),
+            },
         )
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -660,7 +824,7 @@ class Runner:
                 free = self.settings.ac_concurrency - len(self.inflight)
                 self._dispatch_polls(self.clock(), free)  # imports of these partitions
             self.coalescer.discard(gone)  # retries requeued while draining
-            self.dlq.flush(max(0.1, deadline - self.clock()))
+            self._flush_writes(max(0.1, deadline - self.clock()))
             self.commit(only=gone)
         self._forget(gone)
         logger.info("partitions revoked", extra={"partitions": sorted(gone)})
@@ -674,7 +838,16 @@ class Runner:
             "partitions lost; their work is dropped uncommitted", extra={"partitions": sorted(gone)}
         )
 
+    def _flush_writes(self, timeout: float) -> None:
+        """Wait for dead letters and ledger writes to be acknowledged (their offsets complete)."""
+        deadline = self.clock() + timeout
+        self.dlq.flush(timeout)
+        self.ledger.flush(max(0.0, deadline - self.clock()))
+
     def _forget(self, gone: set[int]) -> None:
+        self.restoring -= gone
+        self.ledger.forget(gone)
+        self.metrics.ledger_emails.set(len(self.ledger.index))
         self.tracker.drop(gone)
         self.assigned -= gone
         for partition in gone:
@@ -684,18 +857,27 @@ class Runner:
                 with contextlib.suppress(KeyError):
                     gauge.remove(*labels)
         self.metrics.assigned_partitions.set(len(self.assigned))
-        self._update_share()
+        # Give up the revoked share at once (before another replica takes it), from the known
+        # partition count: no blocking client call may run inside a rebalance callback.
+        if self.total_partitions > 0:
+            self._update_share(refresh=False)
+        else:
+            self.share_stale = True
 
-    def _update_share(self) -> None:
-        """Take the share of the account budget proportional to the partitions we own."""
+    def _update_share(self, *, refresh: bool = True) -> None:
+        """Take the share of the account budget proportional to the partitions we own.
+        ``refresh=False`` (inside a rebalance callback, where no blocking client call may run)
+        uses the partition count learned last time."""
         if self.settings.ac_rate_share != "partitions":
             return
-        try:
-            metadata = self.consumer.list_topics(self.topic, timeout=5)
-            total = len(metadata.topics[self.topic].partitions)
-        except (KafkaException, KeyError):
-            logger.warning("partition count unknown; rate share unchanged")
-            return
+        if refresh or self.total_partitions <= 0:
+            try:
+                metadata = self.consumer.list_topics(self.topic, timeout=5)
+                self.total_partitions = len(metadata.topics[self.topic].partitions)
+            except (KafkaException, KeyError):
+                logger.warning("partition count unknown; rate share unchanged")
+                return
+        total = self.total_partitions
         if total <= 0:
             return
         owned = frozenset(self.assigned)
@@ -717,6 +899,9 @@ class Runner:
         self.metrics.imports_outstanding.set(len(self.imports))
         self.metrics.changes_pending.set(len(self.coalescer))
         self.metrics.changes_inflight.set(sum(len(f.changes) for f in self.inflight.values()))
+
+    def _touch(self) -> None:
+        self.last_heartbeat = self.clock()
 
     def _heartbeat(self, now: float) -> None:
         self.last_heartbeat = now

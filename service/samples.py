@@ -27,6 +27,18 @@ class SampleSet:
     event_ids: list[str] = field(default_factory=list)
 
 
+def subscribed(lists: dict[str, dict[str, int]]) -> dict[str, set[str]]:
+    """List name -> subscribed emails, lists without any left out: the state the sync promises.
+    "Unsubscribed" and "not on the list" are the same promise: the service never writes an
+    unsubscribe for a contact it had not subscribed (nothing of its own to undo; see the ledger),
+    so whether an exit-only contact shows as status 2 or not at all depends on timing."""
+    result = {
+        name: {email for email, status in members.items() if status == 1}
+        for name, members in lists.items()
+    }
+    return {name: emails for name, emails in result.items() if emails}
+
+
 def _spell(email: str, rng: random.Random) -> str:
     choice = rng.random()
     if choice < 0.15:

@@ -69,6 +69,7 @@ class Settings:
     kafka_topic: str
     kafka_group_id: str = "ac-audience-sync"
     kafka_dlq_topic: str = ""
+    kafka_ledger_topic: str = ""
     kafka_properties: Mapping[str, str] = field(default_factory=dict)
     schema_registry_url: str | None = None
     ac_api_url: str = ""
@@ -353,6 +354,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         kafka_topic=topic,
         kafka_group_id=_get(env, "KAFKA_GROUP_ID") or "ac-audience-sync",
         kafka_dlq_topic=_get(env, "KAFKA_DLQ_TOPIC") or f"{topic}.dlq",
+        kafka_ledger_topic=_get(env, "KAFKA_LEDGER_TOPIC") or f"{topic}.ledger",
         kafka_properties=_kafka_properties(env),
         schema_registry_url=_url("SCHEMA_REGISTRY_URL", registry) if registry else None,
         ac_api_url=api_url,

@@ -206,7 +206,10 @@ class Account:
         handler = getattr(
             self, "_" + method.lower() + endpoint.replace("/", "_").replace("{id}", "id")
         )
-        response: Response = handler(match, params, payload, len(body), now)
+        if endpoint == "/contacts" and method == "GET":
+            response: Response = self._get_contacts(match, params, payload, len(body), now, query)
+        else:
+            response = handler(match, params, payload, len(body), now)
         response.delay += latency
         if self.rng.random() < faults.timeout_ratio:
             # The work is done but the answer never arrives in time: the hardest case for clients.
@@ -338,17 +341,39 @@ class Account:
         )
 
     def _get_contacts(
-        self, _m: Any, params: dict[str, str], _p: Any, _n: int, _now: float
+        self, _m: Any, params: dict[str, str], _p: Any, _n: int, _now: float, query: str = ""
     ) -> Response:
+        """``email=`` finds one; ``listid=`` with ``status=`` filters by list membership,
+        ``ids[]=`` (repeated) by id; ``limit`` (default 20, at most 100) and ``offset`` page."""
         email = params.get("email")
-        if email is None:
-            ids = list(self.contacts)
-        else:
+        if email is not None:
             found = self.email_index.get(normalise_email(email))
             ids = [found] if found else []
+        else:
+            ids = list(self.contacts)
+        wanted = parse_qs(query).get("ids[]")
+        if wanted is not None:
+            allowed = set(wanted)
+            ids = [i for i in ids if i in allowed]
+        list_id = params.get("listid")
+        if list_id is not None:
+            status = int(params.get("status", "-1"))
+            ids = [
+                i
+                for i in ids
+                if (i, list_id) in self.memberships
+                and (status == -1 or self.memberships[(i, list_id)]["status"] == status)
+            ]
+        total = len(ids)
+        try:
+            limit = min(max(int(params.get("limit", "20")), 1), 100)
+            offset = max(int(params.get("offset", "0")), 0)
+        except ValueError:
+            return _error(400, "invalid", "limit and offset must be integers")
+        page = ids[offset : offset + limit]
         return Response(
             200,
-            {"contacts": [self._contact_view(i) for i in ids], "meta": {"total": str(len(ids))}},
+            {"contacts": [self._contact_view(i) for i in page], "meta": {"total": str(total)}},
         )
 
     def _get_contacts_id_contactLists(

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 
 from service.emulator.server import Emulator
-from service.samples import make_samples, produce
+from service.samples import make_samples, produce, subscribed
 from tests.integration.conftest import FAST
 from tests.support.harness import (
     ServiceProcess,
@@ -37,7 +37,7 @@ def test_thousands_of_events_final_state_and_dlq(
     ).start()
     services.append(service)
     wait_for_lag_zero(bootstrap, "g-final", topic, ends, timeout=240, services=services)
-    assert emulator_lists(fast_emulator) == samples.expected
+    assert subscribed(emulator_lists(fast_emulator)) == subscribed(samples.expected)
     dlq = read_topic(bootstrap, f"{topic}.dlq", samples.invalid)
     assert len(dlq) == samples.invalid
     for record in dlq:
@@ -81,7 +81,7 @@ def test_sigkill_at_random_moments_loses_nothing(
         service.kill()
     service.start()
     wait_for_lag_zero(bootstrap, "g-kill", topic, ends, timeout=300, services=services)
-    assert emulator_lists(fast_emulator) == samples.expected
+    assert subscribed(emulator_lists(fast_emulator)) == subscribed(samples.expected)
     assert len(service.logs) == 5
 
 
@@ -109,7 +109,7 @@ def test_ac_faults_keep_state_exact_and_never_exceed_5_per_second(
     ).start()
     services.append(service)
     wait_for_lag_zero(bootstrap, "g-faults", topic, ends, timeout=400, services=services)
-    assert emulator_lists(emulator) == samples.expected
+    assert subscribed(emulator_lists(emulator)) == subscribed(samples.expected)
     log = request_log(emulator)
     statuses = {r["status"] for r in log}
     assert 429 in statuses and statuses & {500, 502, 503}, statuses
@@ -139,7 +139,7 @@ def test_consumers_in_one_group_with_partitions_moving(
     time.sleep(6)
     assert b.terminate() == 0  # b's partitions move back
     wait_for_lag_zero(bootstrap, "g-group", topic, ends, timeout=300, services=[a, c])
-    assert emulator_lists(fast_emulator) == samples.expected
+    assert subscribed(emulator_lists(fast_emulator)) == subscribed(samples.expected)
     logs = a.log_text() + c.log_text()
     assert "partitions revoked" in logs or "partitions assigned" in logs
 
@@ -177,10 +177,12 @@ def test_sigterm_with_pending_work_exits_0_and_loses_nothing(
     began = time.monotonic()
     assert service.terminate(timeout=30) == 0
     assert time.monotonic() - began < 15
-    assert emulator_lists(fast_emulator) == samples.expected  # flushed during the grace period
+    assert subscribed(emulator_lists(fast_emulator)) == subscribed(
+        samples.expected
+    )  # flushed during the grace period
     service.start()
     wait_for_lag_zero(bootstrap, "g-term", topic, ends, timeout=60, services=services)
-    assert emulator_lists(fast_emulator) == samples.expected
+    assert subscribed(emulator_lists(fast_emulator)) == subscribed(samples.expected)
 
 
 def _pending(service: ServiceProcess) -> float:
@@ -232,7 +234,7 @@ def test_refused_token_stops_sending_keeps_offsets_and_recovers(
     assert 'ac_sync_dlq_records_total{reason="ac_rejected"} 0.0' in service.metrics()
     fast_emulator.account.set_faults({}, 0.0)  # the token is accepted again
     wait_for_lag_zero(bootstrap, "g-auth", topic, ends, timeout=90, services=services)
-    assert emulator_lists(fast_emulator) == samples.expected
+    assert subscribed(emulator_lists(fast_emulator)) == subscribed(samples.expected)
     assert httpx.get(f"http://127.0.0.1:{service.metrics_port}/readyz").status_code == 200
 
 
@@ -257,7 +259,7 @@ def test_permanent_ac_refusal_goes_to_dlq_with_acs_code(
         name: {e: s for e, s in members.items() if e != excluded}
         for name, members in samples.expected.items()
     }
-    assert emulator_lists(fast_emulator) == expected
+    assert subscribed(emulator_lists(fast_emulator)) == subscribed(expected)
     [letter] = read_topic(bootstrap, f"{topic}.dlq", 1)
     headers = {k: v.decode() for k, v in letter.headers()}
     assert headers["dlq.reason"] == "ac_rejected"

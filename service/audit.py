@@ -1,0 +1,140 @@
+"""``explain`` and ``reconcile``: answers for support, read from the ledger (and, for reconcile,
+from AC through the rate limiter). Neither changes anything.
+
+Pure parts: ``explain_lines``/``explain_json`` (an entry -> text or JSON) and ``differences``
+(ledger states of one list vs AC's membership -> what differs and why).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+from service.ledger import LedgerEntry, ListState, SetBy
+
+STATUS_WORDS = {1: "subscribed", 2: "unsubscribed"}
+
+
+def _time(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def _why(state: ListState) -> str:
+    if state.status == 1:
+        return "subscribed by this service"
+    if state.set_by is SetBy.SERVICE:
+        return "unsubscribed by this service on an audience exit (reversible on re-entry)"
+    if state.set_by is SetBy.PERSON:
+        return (
+            "unsubscribed by the person (or not by this service): kept, never re-subscribed "
+            "(consent kept)"
+        )
+    return "unsubscribed on an exit before this service had subscribed them: treated as theirs"
+
+
+def state_json(state: ListState) -> dict[str, Any]:
+    return {
+        "list": state.list,
+        "status": state.status,
+        "status_name": STATUS_WORDS.get(state.status, str(state.status)),
+        "set_by": state.set_by.name.lower(),
+        "consent_kept": state.set_by is SetBy.PERSON,
+        "why": _why(state),
+        "event": {
+            "event_id": state.event_id,
+            "event_time": _time(state.event_time_ms),
+            "audience_id": state.audience_id,
+            "audience_name": state.audience_name,
+            "campaign_id": state.campaign_id,
+            "treatment_group": state.treatment_group,
+            "source_partition": state.source_partition,
+            "source_offset": state.source_offset,
+        },
+        "applied_at": _time(state.applied_at_ms),
+    }
+
+
+def explain_json(email: str, entry: LedgerEntry | None, list_label: str | None) -> dict[str, Any]:
+    states = [] if entry is None else [s for s in entry.lists if list_label in (None, s.list)]
+    return {
+        "email": email,
+        "found": entry is not None,
+        "contact_id": entry.contact_id if entry else None,
+        "lists": [state_json(s) for s in sorted(states, key=lambda s: s.list)],
+    }
+
+
+def explain_lines(email: str, entry: LedgerEntry | None, list_label: str | None) -> list[str]:
+    data = explain_json(email, entry, list_label)
+    if entry is None:
+        return [f"{email}: no ledger entry (this service has applied nothing for this email)"]
+    lines = [f"{email}: AC contact id {data['contact_id'] or 'unknown (imported)'}"]
+    if not data["lists"]:
+        lines.append(f"  no state recorded for list {list_label!r}")
+    for item in data["lists"]:
+        event = item["event"]
+        context = f"audience {event['audience_name']!r} ({event['audience_id']})"
+        if event["campaign_id"]:
+            context += f", campaign {event['campaign_id']}"
+        if event["treatment_group"]:
+            context += f", treatment group {event['treatment_group']}"
+        lines += [
+            f"  list {item['list']!r}: {item['status_name']} - {item['why']}",
+            f"    event {event['event_id']} at {event['event_time']}: {context}",
+            f"    applied at {item['applied_at']} "
+            f"(source partition {event['source_partition']}, offset {event['source_offset']})",
+        ]
+    return lines
+
+
+class Difference(NamedTuple):
+    email: str
+    ledger: str  # subscribed / unsubscribed / none
+    ac: str  # subscribed / unsubscribed / absent
+    meaning: str
+
+
+def differences(
+    label: str, entries: Mapping[str, LedgerEntry], ac_status: Mapping[str, int]
+) -> list[Difference]:
+    """Where AC's membership of one list disagrees with what the ledger says we set."""
+    found: list[Difference] = []
+    ledger: dict[str, ListState] = {}
+    for email, entry in entries.items():
+        state = entry.state(label)
+        if state is not None:
+            ledger[email] = state
+    for email in sorted(set(ledger) | set(ac_status)):
+        state = ledger.get(email)
+        actual = ac_status.get(email)
+        want = state.status if state else None
+        if want == actual or (want == 2 and actual is None):
+            continue
+        ac_word = STATUS_WORDS.get(actual, "absent") if actual is not None else "absent"
+        ledger_word = STATUS_WORDS[want] if want else "none"
+        if want == 1 and actual == 2:
+            meaning = (
+                "unsubscribed in AC, not by this service (their own unsubscribe or a manual edit)"
+            )
+        elif want == 1:
+            meaning = "not on the list in AC (removed, or the contact was deleted)"
+        elif want == 2:
+            meaning = "subscribed in AC, though the ledger says unsubscribed (a manual edit or their own re-subscribe)"
+        else:
+            meaning = f"{ac_word} in AC, never set by this service"
+        found.append(Difference(email, ledger_word, ac_word, meaning))
+    return found
+
+
+def differences_json(label: str, found: list[Difference], ledger_count: int, ac_count: int) -> str:
+    return json.dumps(
+        {
+            "list": label,
+            "ledger_emails": ledger_count,
+            "ac_members": ac_count,
+            "differences": [d._asdict() for d in found],
+        },
+        indent=2,
+    )
