@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint typecheck unit component integration bench clean
+.PHONY: help install demo test lint typecheck unit component integration bench bench-ledger clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ integration: $(STAMP) ## integration tests (real broker, emulator, CLI processes
 
 bench: $(STAMP) ## the benchmark: prints throughput, requests, latency, CPU (not a pass/fail test)
 	$(BIN)/python benchmarks/run.py
+
+bench-ledger: $(STAMP) ## ledger restore time and memory for 1,000,000 emails (prints figures)
+	$(BIN)/python benchmarks/ledger.py
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -39,6 +39,21 @@ def check_kafka(settings: Settings, timeout: float) -> list[bool]:
         _line(True, "dead-letter topic", f"{settings.kafka_dlq_topic} missing; `run` creates it")
     else:
         _line(True, "dead-letter topic", f"{settings.kafka_dlq_topic} exists")
+    ledger = metadata.topics.get(settings.kafka_ledger_topic)
+    name = settings.kafka_ledger_topic
+    if ledger is None:
+        _line(True, "ledger topic", f"{name} missing; `run` creates it (compacted)")
+    elif topic is not None and len(ledger.partitions) != len(topic.partitions):
+        results.append(
+            _line(
+                False,
+                "ledger topic",
+                f"{name} has {len(ledger.partitions)} partition(s), the source topic "
+                f"{len(topic.partitions)}: they must be equal",
+            )
+        )
+    else:
+        _line(True, "ledger topic", f"{name} exists")
     return results
 
 

@@ -251,7 +251,8 @@ def _ledger_partitions(settings: Settings) -> list[int]:
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient(dict(settings.producer_config()))
-    metadata = admin.list_topics(settings.kafka_ledger_topic, timeout=10)
+    # All topics, not the one: asking for one by name lets a broker auto-create it.
+    metadata = admin.list_topics(timeout=10)
     topic = metadata.topics.get(settings.kafka_ledger_topic)
     if topic is None or topic.error is not None or not topic.partitions:
         raise ConfigError(

@@ -225,10 +225,11 @@ _UUID_MARK = 0xFFFF
 
 
 class CompactIndex:
-    """email -> packed bytes, per partition. About 100 bytes per email with one list instead of
-    the ~1 KB of Python objects: list labels and (audience, campaign, treatment group) tuples are
-    interned in tables shared by all partitions, a UUID event id is kept as its 16 bytes, a
-    numeric contact id as an integer."""
+    """email -> packed bytes, per partition. Measured (``make bench-ledger``): about 220 bytes
+    per email with 1.3 lists, key and dict slot included, instead of ~1 KB of Python objects:
+    list labels and (audience, campaign, treatment group) tuples are interned in tables shared
+    by all partitions, a UUID event id is kept as its 16 bytes, a numeric contact id as an
+    integer."""
 
     def __init__(self) -> None:
         self.partitions: dict[int, dict[str, bytes]] = {}

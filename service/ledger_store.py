@@ -164,6 +164,10 @@ def _read_to_end(
             "enable.auto.offset.store": False,
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
+            # A bounded prefetch: the restore's memory is the index, not librdkafka's queue.
+            "queued.max.messages.kbytes": min(
+                16384, int(config.get("queued.max.messages.kbytes", 16384))
+            ),
         }
     )
     consumer = Consumer(config)
@@ -172,7 +176,7 @@ def _read_to_end(
         open_partitions = set(partitions)
         last_note = time.monotonic()
         while open_partitions:
-            for message in consumer.consume(RESTORE_BATCH, 1.0):
+            for message in consumer.consume(RESTORE_BATCH, 0.1):
                 error = message.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:

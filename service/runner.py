@@ -777,7 +777,6 @@ class Runner:
         """After a rebalance (outside its callbacks): read the committed offsets of new
         partitions, load their ledger, take the new share of the account budget."""
         new = sorted(self.restoring & self.assigned)
-        self.restoring.clear()
         if new:
             tps = [TopicPartition(self.topic, p) for p in new]
             try:
@@ -785,7 +784,8 @@ class Runner:
                     self.last_committed[tp.partition] = tp.offset if tp.offset >= 0 else -1
             except KafkaException as exc:
                 logger.warning("could not read committed offsets", extra={"error": str(exc)})
-            self._restore_ledger(new)
+            self._restore_ledger(new)  # readiness says "restoring" meanwhile
+        self.restoring.clear()
         if self.share_stale:
             self.share_stale = False
             self._update_share()
@@ -922,5 +922,7 @@ class Runner:
             "assigned_partitions": len(self.assigned),
             "broker_connected": self.broker_ok,
             "token_accepted": not self.auth_blocked,
+            "ledger_restoring_partitions": len(self.restoring),
         }
-        return bool(self.assigned) and self.broker_ok and not self.auth_blocked, detail
+        ready = bool(self.assigned) and self.broker_ok and not self.auth_blocked
+        return ready and not self.restoring, detail

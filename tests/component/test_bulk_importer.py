@@ -14,6 +14,7 @@ from service.bulk import BulkImporter, Group
 from service.coalesce import ListRef, PendingChange
 from service.emulator.server import Emulator
 from service.errors import RateLimited
+from service.ledger import Plan
 from service.lists import ListDirectory
 from service.metrics import Metrics
 from service.model import Action, MembershipEvent, SourceOffset
@@ -137,3 +138,54 @@ def test_excluded_email_is_reported_as_a_failure(
     assert result.batch_id
     _, failure = completed(bulk, result.batch_id)
     assert failure == ["p3@example.com"]
+
+
+def first_entry(email: str) -> Group:
+    g = group(email)
+    for change in g.changes:
+        change.plan = Plan.FIRST_ENTRY
+    return g
+
+
+def test_confirm_finds_first_entries_that_stayed_unsubscribed(
+    importer: tuple[BulkImporter, ValidatingTransport], fast: Emulator
+) -> None:
+    bulk, validating = importer
+    client = bulk.client
+    list_id = bulk.lists.list_id(ListRef(name="VIP"))
+    opted_out = client.sync_contact("optout@example.com", {}, {})
+    client.set_list_status(opted_out, list_id, 1)
+    with fast.account.lock:
+        assert fast.account.self_unsubscribe("optout@example.com", "VIP")
+    groups = [first_entry("optout@example.com")] + [
+        first_entry(f"new{i}@example.com") for i in range(11)
+    ]
+    submitted = bulk.submit(groups)
+    assert submitted.batch_id is not None
+    deadline = time.monotonic() + 10
+    confirmed = bulk.confirm(submitted.batch_id, submitted.sent)
+    while not confirmed.status.completed:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+        confirmed = bulk.confirm(submitted.batch_id, submitted.sent)
+    assert confirmed.kept == {("optout@example.com", ListRef(name="VIP"))}
+    assert validating.errors == []
+
+
+def test_list_members_pages_and_narrows_by_id(
+    importer: tuple[BulkImporter, ValidatingTransport], fast: Emulator
+) -> None:
+    bulk, validating = importer
+    client = bulk.client
+    list_id = bulk.lists.list_id(ListRef(name="Big"))
+    ids = {}
+    for i in range(230):
+        email = f"m{i}@example.com"
+        ids[email] = client.sync_contact(email, {}, {})
+        client.set_list_status(ids[email], list_id, 1 if i % 3 else 2)
+    subscribed = client.list_members(list_id, 1)
+    assert set(subscribed) == {e for i, e in enumerate(ids) if i % 3}  # three pages of 100
+    assert subscribed == {e: ids[e] for e in subscribed}
+    some = [ids["m0@example.com"], ids["m1@example.com"], ids["m3@example.com"]]
+    assert set(client.list_members(list_id, 2, some)) == {"m0@example.com", "m3@example.com"}
+    assert validating.errors == []

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from service.emulator.server import Emulator
+from service.localbroker import create_topics
 from tests.conftest import TOKEN
 
 
@@ -27,7 +28,9 @@ def cli(
     )
 
 
-@pytest.mark.parametrize("sub", [[], ["run"], ["check"], ["emulator"], ["demo"]])
+@pytest.mark.parametrize(
+    "sub", [[], ["run"], ["check"], ["explain"], ["reconcile"], ["emulator"], ["demo"]]
+)
 def test_help_on_every_subcommand(sub: list[str]) -> None:
     result = cli(*sub, "--help")
     assert result.returncode == 0
@@ -146,3 +149,26 @@ def test_emulator_subcommand_serves(tmp_path) -> None:  # type: ignore[no-untype
     finally:
         proc.terminate()
         proc.communicate(timeout=10)
+
+
+def test_a_ledger_with_another_partition_count_is_refused(
+    bootstrap: str, topic: str, emulator: Emulator
+) -> None:
+    create_topics(bootstrap, {f"{topic}.ledger": 3}, {"cleanup.policy": "compact"})
+    env = check_env(bootstrap, topic, emulator.url, TOKEN)
+    checked = cli("check", env=env)
+    assert checked.returncode != 0
+    assert f"FAIL  ledger topic: {topic}.ledger has 3 partition(s), the source topic 6" in (
+        checked.stdout
+    )
+    ran = cli("run", env=env)
+    assert ran.returncode == 2
+    assert "KAFKA_LEDGER_TOPIC" in ran.stderr and "must be equal" in ran.stderr
+
+
+def test_explain_rejects_a_malformed_email_and_a_missing_ledger(bootstrap: str) -> None:
+    env = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_TOPIC": "never-created"}
+    bad = cli("explain", "not-an-email", env=env)
+    assert bad.returncode == 2 and "not a valid email" in bad.stderr
+    missing = cli("explain", "a@example.com", env=env)
+    assert missing.returncode == 2 and "never-created.ledger does not exist" in missing.stderr
