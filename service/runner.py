@@ -580,6 +580,9 @@ class Runner:
         entry = self.ledger.get(partition, email)
         applied_ms = int(self.wall() * 1000)
         states: list[ListState] = []
+        applied: list[
+            PendingChange
+        ] = []  # changes AC now holds because of us (not kept, not skipped)
         for outcome in outcomes:
             change = outcome.change
             if change.plan is Plan.SKIP:
@@ -589,7 +592,11 @@ class Runner:
             previous = entry.state(label) if entry else None
             event = change.event
             last = change.offsets[-1]
-            if outcome.consent_kept:
+            # A kept opt-out riding along in an import (for the contact's fields) is still kept.
+            kept = outcome.consent_kept or change.plan is Plan.CONSENT_KEPT
+            if not kept:
+                applied.append(change)
+            if kept:
                 self.metrics.consent_kept.inc()
                 logger.info(
                     "the person's own unsubscribe is kept",
@@ -598,8 +605,8 @@ class Runner:
             states.append(
                 ListState(
                     label,
-                    2 if outcome.consent_kept else event.action.status,
-                    set_by_after(change.plan, event.action, previous, outcome.consent_kept),
+                    2 if kept else event.action.status,
+                    set_by_after(change.plan, event.action, previous, kept),
                     event.event_id,
                     event.occurred_at_ms,
                     applied_ms,
@@ -625,8 +632,8 @@ class Runner:
             for change in changes:
                 for source in change.offsets:
                     self.tracker.complete(source.partition, source.offset)
-                if change.plan is not Plan.SKIP:
-                    self.metrics.changes_applied.labels(change.event.action.value.lower()).inc()
+            for change in applied:
+                self.metrics.changes_applied.labels(change.event.action.value.lower()).inc()
                 age = self.wall() - change.event.occurred_at_ms / 1000.0
                 self.metrics.event_to_applied.observe(max(0.0, age))
 
