@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -11,21 +10,13 @@ import pytest
 from service.emulator.server import Emulator
 from service.localbroker import create_topics
 from tests.conftest import TOKEN
+from tests.support.harness import run_cli
 
 
 def cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "AC_"))}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        env=full_env,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +22,7 @@ from tests.support.harness import (
     ServiceProcess,
     emulator_lists,
     request_log,
+    run_cli,
     service_env,
     wait_for_lag_zero,
 )
@@ -51,19 +49,6 @@ def event(
         load_reader_schema(),
     )
     return email.encode(), value
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "AC_"))}
-    full.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def metric(service: ServiceProcess, name: str) -> float:
@@ -211,7 +196,7 @@ def test_own_unsubscribe_is_kept_counted_and_explained(
     assert metric(service, "ac_sync_consent_kept_total") == 1.0
     assert "kept@example.com" not in service.log_text()
 
-    shown = cli(env, "explain", "  KEPT@example.com ", "--json")
+    shown = run_cli("explain", "  KEPT@example.com ", "--json", env=env)
     assert shown.returncode == 0, shown.stderr
     data = json.loads(shown.stdout)
     [vip] = data["lists"]
@@ -220,10 +205,10 @@ def test_own_unsubscribe_is_kept_counted_and_explained(
     assert vip["event"]["event_id"] == entered_id
     assert vip["event"]["audience_id"] == "aud-vip"
     assert vip["event"]["campaign_id"] == "spring" and vip["event"]["treatment_group"] == "B"
-    text = cli(env, "explain", "kept@example.com", "--list", "VIP")
+    text = run_cli("explain", "kept@example.com", "--list", "VIP", env=env)
     assert text.returncode == 0
     assert "consent kept" in text.stdout and "unsubscribed" in text.stdout
-    missing = cli(env, "explain", "nobody@example.com")
+    missing = run_cli("explain", "nobody@example.com", env=env)
     assert missing.returncode == 1 and "no ledger entry" in missing.stdout
 
 
@@ -353,7 +338,7 @@ def test_reconcile_reports_changes_made_behind_the_services_back(
     wait_for_lag_zero(bootstrap, "g-rec", topic, ends, timeout=60, services=services)
     assert service.terminate() == 0
 
-    agree = cli(env, "reconcile", "--list", "VIP")
+    agree = run_cli("reconcile", "--list", "VIP", env=env)
     assert agree.returncode == 0, agree.stdout + agree.stderr
     assert "0 difference(s)" in agree.stdout
 
@@ -370,7 +355,7 @@ def test_reconcile_reports_changes_made_behind_the_services_back(
     )
     mark = len(request_log(fast_emulator))
 
-    found = cli(env, "reconcile", "--list", "VIP", "--json")
+    found = run_cli("reconcile", "--list", "VIP", "--json", env=env)
     assert found.returncode == 1, found.stdout + found.stderr
     report = json.loads(found.stdout)
     by_email = {d["email"]: d for d in report["differences"]}

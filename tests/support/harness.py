@@ -67,6 +67,22 @@ class ServiceProcess:
         return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
 
 
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -m service ARGS`` as a user runs it, with only the given KAFKA_/AC_ settings."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "AC_"))}
+    full.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        env=full,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def service_env(
     bootstrap: str, topic: str, group: str, emulator: Emulator, **extra: str
 ) -> dict[str, str]:
