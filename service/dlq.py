@@ -18,6 +18,17 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+def produce_when_room(producer: Any, topic: str, **kwargs: Any) -> None:
+    """Produce, waiting (and serving delivery callbacks) while librdkafka's queue is full:
+    a record whose ack completes offsets is never dropped for want of room."""
+    while True:
+        try:
+            producer.produce(topic, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.1)
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     key: bytes | None
@@ -86,19 +97,15 @@ class DeadLetterQueue:
                 return
             self._on_parked(letter)
 
-        while True:
-            try:
-                self._producer.produce(
-                    self._topic,
-                    key=letter.key,
-                    value=letter.value,
-                    headers=letter.headers(int(time.time() * 1000)),
-                    on_delivery=delivered,
-                )
-                self.in_flight += 1
-                return
-            except BufferError:
-                self._producer.poll(0.1)
+        produce_when_room(
+            self._producer,
+            self._topic,
+            key=letter.key,
+            value=letter.value,
+            headers=letter.headers(int(time.time() * 1000)),
+            on_delivery=delivered,
+        )
+        self.in_flight += 1
 
     def poll(self) -> None:
         """Serve delivery callbacks; resend what failed."""

@@ -18,6 +18,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from service.dlq import produce_when_room
 from service.ledger import CompactIndex, LedgerCodec, LedgerEntry
 
 logger = logging.getLogger(__name__)
@@ -113,20 +114,15 @@ class LedgerStore:
                 return
             on_written()
 
-        value = self.codec.encode(entry)
-        while True:
-            try:
-                self._producer.produce(
-                    self.topic,
-                    key=email.encode(),
-                    value=value,
-                    partition=partition,
-                    on_delivery=delivered,
-                )
-                self.in_flight += 1
-                return
-            except BufferError:
-                self._producer.poll(0.1)
+        produce_when_room(
+            self._producer,
+            self.topic,
+            key=email.encode(),
+            value=self.codec.encode(entry),
+            partition=partition,
+            on_delivery=delivered,
+        )
+        self.in_flight += 1
 
     def poll(self) -> None:
         """Serve delivery callbacks (the producer is shared with the DLQ); resend failures."""
