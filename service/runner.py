@@ -85,6 +85,7 @@ class _Outstanding:
     next_poll_at: float
     polls: int = 0
     polling: bool = False
+    poll_started: float = 0.0
 
 
 class Runner:
@@ -283,7 +284,11 @@ class Runner:
                 return
             free = 1  # one probe at a time while the token is refused
             self.auth_retry_at = now + AUTH_RETRY_SECONDS
-        free -= self._dispatch_polls(now, free)
+        # Polls (confirmations, with their consent checks) never hold every worker: one is
+        # always left for new imports and per-contact changes, or a backlog would stall.
+        polling = sum(1 for item in self.inflight.values() if item.kind == "poll")
+        poll_room = min(free, self.settings.ac_concurrency - 1 - polling)
+        free -= self._dispatch_polls(now, max(0, poll_room))
         if free <= 0:
             return
         bulk = self.bulk is not None and not self.auth_blocked
@@ -400,6 +405,7 @@ class Runner:
                 continue
             assert self.bulk is not None
             outstanding.polling = True
+            outstanding.poll_started = now
             future = self.pool.submit(self.bulk.confirm, outstanding.batch_id, outstanding.groups)
             self.inflight[future] = _InFlight(
                 "", -1, 0, [], threading.Event(), kind="poll", batch_id=outstanding.batch_id
@@ -533,7 +539,9 @@ class Runner:
                 )
             return
         del self.imports[outstanding.batch_id]
-        elapsed = now - outstanding.queued_at
+        # Up to the poll that saw it completed: not the consent check after it, nor the wait
+        # for its answer to be drained (they would inflate the estimate and delay later polls).
+        elapsed = outstanding.poll_started - outstanding.queued_at
         self.expected_import_seconds = 0.7 * self.expected_import_seconds + 0.3 * elapsed
         failed = {e.strip().lower() for e in status.failed_emails}
         self.metrics.imports.labels("completed").inc()
