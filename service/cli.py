@@ -296,7 +296,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from service.activecampaign import ActiveCampaignClient
     from service.audit import differences, differences_json
     from service.errors import ApiError
-    from service.ledger_store import read_entries
+    from service.ledger_store import read_list
     from service.metrics import Metrics
     from service.ratelimit import RateLimitedTransport, RateLimiter
 
@@ -330,7 +330,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     finally:
         limiter.close()
         http.close()
-    entries = read_entries(settings.consumer_config(), settings.kafka_ledger_topic, partitions)
+    entries = read_list(settings.consumer_config(), settings.kafka_ledger_topic, partitions, label)
     found = differences(label, entries, ac_status)
     in_ledger = sum(1 for e in entries.values() if e.state(label) is not None)
     if args.json:

@@ -211,3 +211,19 @@ def read_entries(
     ):
         latest[found] = value
     return {k: codec.decode(v) for k, v in latest.items() if v is not None}
+
+
+def read_list(
+    consumer_config: Mapping[str, Any], topic: str, partitions: list[int], label: str
+) -> dict[str, LedgerEntry]:
+    """Every email's latest entry, cut down to one list (for ``reconcile``): memory grows with
+    that list's members, not with the whole ledger's decoded records."""
+    codec = LedgerCodec()
+    found: dict[str, LedgerEntry] = {}
+    for _partition, email, value in _read_to_end(consumer_config, topic, partitions):
+        state = codec.decode(value).state(label) if value is not None else None
+        if state is None:
+            found.pop(email, None)  # a later record without the list (or a tombstone) wins
+        else:
+            found[email] = LedgerEntry(None, 0, (state,))
+    return found
