@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,9 @@ from service.errors import (
     TransientApiError,
 )
 from service.metrics import Metrics
-from service.ratelimit import LimiterClosed, parse_retry_after
+from service.ratelimit import URGENT, LimiterClosed, parse_retry_after
+
+PAGE_SIZE = 100  # AC's largest page for list endpoints
 
 IMPORT_RATE_LIMIT_PAUSE = 60.0
 
@@ -125,12 +127,21 @@ class ActiveCampaignClient:
         *,
         body: Mapping[str, Any] | None = None,
         params: Mapping[str, Any] | None = None,
+        urgent: bool = False,
     ) -> dict[str, Any]:
-        """One attempt. Returns the JSON object or raises an ``ApiError`` subclass."""
+        """One attempt. Returns the JSON object or raises an ``ApiError`` subclass. ``urgent``
+        requests take the rate limiter's next slot before normal ones."""
         started = self._clock()
         headers = {"Api-Token": self._token(), "Accept": "application/json"}
         try:
-            response = self._http.request(method, path, json=body, params=params, headers=headers)
+            response = self._http.request(
+                method,
+                path,
+                json=body,
+                params=params,
+                headers=headers,
+                extensions={URGENT: True} if urgent else None,
+            )
         except httpx.TimeoutException:
             self._count(endpoint, method, "timeout", started)
             raise TransientApiError(None, "timeout") from None
@@ -226,30 +237,47 @@ class ActiveCampaignClient:
             if isinstance(row, dict)
         }
 
+    def list_page(
+        self, list_id: str, status: int, ids: Sequence[str] | None = None, offset: int = 0
+    ) -> tuple[dict[str, str], int]:
+        """One page (at most 100) of the contacts with ``status`` on a list: email (normalised)
+        -> contact id, and AC's total of such contacts. ``ids`` narrows the query to those."""
+        params: dict[str, Any] = {
+            "listid": list_id,
+            "status": str(status),
+            "limit": str(PAGE_SIZE),
+            "offset": str(offset),
+        }
+        if ids is not None:
+            params["ids[]"] = list(ids)
+        page = self.request("GET", "/contacts", "contacts", params=params)
+        found: dict[str, str] = {}
+        contacts = page.get("contacts") or []
+        for item in contacts:
+            if isinstance(item, dict) and item.get("email"):
+                found[str(item["email"]).strip().lower()] = str(item["id"])
+        meta = page.get("meta")
+        try:
+            total = int(meta["total"]) if isinstance(meta, dict) else -1
+        except (KeyError, TypeError, ValueError):
+            total = -1
+        if total < 0:  # no usable total: a short page is the last one
+            total = offset + len(contacts) + (1 if len(contacts) >= PAGE_SIZE else 0)
+        return found, total
+
     def list_members(
-        self, list_id: str, status: int, ids: list[str] | None = None
+        self, list_id: str, status: int, ids: Sequence[str] | None = None
     ) -> dict[str, str]:
         """Email (normalised) -> contact id of the contacts with ``status`` on a list, all pages;
         ``ids`` narrows the query to those contacts (at most 250 per call)."""
         result: dict[str, str] = {}
         offset = 0
         while True:
-            params: dict[str, Any] = {
-                "listid": list_id,
-                "status": str(status),
-                "limit": "100",
-                "offset": str(offset),
-            }
-            if ids is not None:
-                params["ids[]"] = ids
-            page = self.request("GET", "/contacts", "contacts", params=params)
-            contacts = page.get("contacts") or []
-            for item in contacts:
-                if isinstance(item, dict) and item.get("email"):
-                    result[str(item["email"]).strip().lower()] = str(item["id"])
-            if len(contacts) < 100:
+            found, total = self.list_page(list_id, status, ids, offset)
+            result.update(found)
+            offset += PAGE_SIZE
+            if not found or offset >= total:
                 return result
-            offset += 100
 
     def set_list_status(self, contact_id: str, list_id: str, status: int) -> None:
         body = {"contactList": {"list": list_id, "contact": contact_id, "status": str(status)}}
@@ -258,7 +286,10 @@ class ActiveCampaignClient:
     # ---- bulk import --------------------------------------------------------------------
 
     def bulk_import(self, payload: Mapping[str, Any]) -> str:
-        answer = self.request("POST", "/import/bulk_import", "import/bulk_import", body=payload)
+        # Urgent: imports are the scarce resource (100 a minute); reads can wait a slot.
+        answer = self.request(
+            "POST", "/import/bulk_import", "import/bulk_import", body=payload, urgent=True
+        )
         return str(answer["batchId"])
 
     def import_info(self, batch_id: str) -> ImportStatus:

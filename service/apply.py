@@ -72,7 +72,7 @@ def contact_fields(
 ) -> tuple[dict[str, str], dict[str, str]]:
     """The attributes of an email's changes merged in partition order (later wins), mapped."""
     attributes: dict[str, str] = {}
-    for change in sorted(changes, key=lambda c: c.offsets[-1].offset):
+    for change in sorted(changes, key=lambda c: c.offsets[-1]):
         attributes.update(change.event.attributes)
     return split_attributes(attributes, attribute_map, field_map)
 

@@ -11,18 +11,19 @@ requests of at most 250 contacts and under 400000 encoded bytes) and ``next_poll
   never a bad record;
 - an import never re-subscribes a contact unsubscribed from a list: the runner sends ENTERED
   changes for lists this service unsubscribed (the ledger says so) per contact (``contactLists``);
-  a first entry (no record of ours) may go in an import, and once it completed ``confirm`` asks AC
-  which of those contacts stayed unsubscribed: their own opt-out, kept and recorded as such.
+  a first entry (no record of ours) may go in an import, and once it completed ``opted_out``
+  asks AC which of those contacts stayed unsubscribed: their own opt-out, kept and recorded as
+  such. The runner batches that question per list across imports.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.activecampaign import ActiveCampaignClient, ImportStatus
+from service.activecampaign import PAGE_SIZE, ActiveCampaignClient, ImportStatus
 from service.coalesce import ListRef, PendingChange
 from service.errors import ApiError, PermanentApiError
 from service.ledger import Plan
@@ -97,15 +98,6 @@ def next_poll_delay(polls: int, expected: float) -> float:
 
 
 @dataclass
-class Confirmed:
-    """An ``import/info`` answer, and for a completed import the first entries AC did not
-    subscribe because the person had opted out (an import never re-subscribes)."""
-
-    status: ImportStatus
-    kept: set[tuple[str, ListRef]] = field(default_factory=set)  # (email, list)
-
-
-@dataclass
 class Submitted:
     """What one submission produced."""
 
@@ -128,6 +120,8 @@ class BulkImporter:
         self.lists = lists
         self.attribute_map = attribute_map
         self.field_map = field_map
+        # list id -> AC's last count of its unsubscribed members (chooses how to check consent)
+        self.unsubscribed: dict[str, int] = {}
 
     def entry_for(self, group: Group) -> dict[str, Any]:
         from service.apply import contact_fields
@@ -173,25 +167,38 @@ class BulkImporter:
                 return result
         return result
 
-    def confirm(self, batch_id: str, groups: list[Group]) -> Confirmed:
-        """Poll one import; once completed, learn which first entries stayed unsubscribed:
-        one ``GET /contacts?listid=&status=2&ids[]=`` per list that had first entries."""
-        status = self.client.import_info(batch_id)
-        confirmed = Confirmed(status)
-        if not status.completed or not status.success_ids:
-            return confirmed
-        first: dict[ListRef, set[str]] = {}  # list -> emails entering it with no record of ours
-        for group in groups:
-            for change in group.changes:
-                if change.plan is Plan.FIRST_ENTRY:
-                    first.setdefault(change.target, set()).add(group.email)
-        ids = status.success_ids
-        for target, emails in first.items():
-            list_id = self.lists.list_id(target)
-            for start in range(0, len(ids), MAX_CONTACTS):
-                opted_out = self.client.list_members(list_id, 2, ids[start : start + MAX_CONTACTS])
-                confirmed.kept |= {(e, target) for e in opted_out if e in emails}
-        return confirmed
+    def confirm(self, batch_id: str) -> ImportStatus:
+        """Poll one import (``import/info``)."""
+        return self.client.import_info(batch_id)
+
+    def opted_out(self, target: ListRef, emails: Set[str], ids: Sequence[str]) -> set[str]:
+        """Which of ``emails`` are unsubscribed from the list now. Asked once completed imports
+        subscribed them as first entries: an import never re-subscribes, so these are people
+        who had opted out themselves. ``ids`` are the contact ids of those imports.
+
+        One request when the list's unsubscribed members fit in one page (a fresh list, the
+        common case on a first load): the whole set, whatever the number of imports checked.
+        Otherwise ``ids[]`` queries, 250 ids each (only the unsubscribed among them come back).
+        Whole-list reads stop at one page on purpose: paging a set that changes between pages
+        could skip a member, and a missed opt-out would be recorded as our subscription.
+        """
+        list_id = self.lists.list_id(target)
+        if consent_read_mode(self.unsubscribed.get(list_id)) == "list":
+            members, total = self.client.list_page(list_id, 2)
+            self.unsubscribed[list_id] = total
+            if total <= len(members):
+                return set(emails & members.keys())
+        found: set[str] = set()
+        for start in range(0, len(ids), MAX_CONTACTS):
+            chunk = ids[start : start + MAX_CONTACTS]
+            found |= self.client.list_members(list_id, 2, chunk).keys()
+        return set(emails & found)
+
+
+def consent_read_mode(unsubscribed: int | None) -> str:
+    """How to learn who stayed unsubscribed: ``list`` (one page of the list's unsubscribed
+    members, while we know of no more than a page; unknown counts as small) or ``ids``."""
+    return "list" if unsubscribed is None or unsubscribed <= PAGE_SIZE else "ids"
 
 
 def _failed_indexes(error: PermanentApiError) -> set[int]:

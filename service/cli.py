@@ -175,6 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from service.health import HealthServer
     from service.logs import configure_logging
+    from service.runtime import tune_gc
 
     configure_logging(settings.log_level)
     registry = CollectorRegistry()
@@ -204,6 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     faulthandler.enable()  # a crash in native code still prints the Python stacks
     faulthandler.register(signal.SIGUSR1)  # stack dump of every thread, for a stuck process
+    tune_gc()  # after start-up, so that what start-up made is frozen
     code = int(runner.run())
     health.stop()
     return code

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from service.ledger import ListState, Plan
-from service.model import MembershipEvent, SourceOffset
+from service.model import MembershipEvent
 
 
 class ListRef(NamedTuple):
@@ -45,7 +46,7 @@ class PendingChange:
     target: ListRef
     event: MembershipEvent
     raw: bytes | None
-    offsets: list[SourceOffset]
+    offsets: list[int]  # of ``partition``: every record this change covers, in order
     first_seen: float
     due_at: float
     attempts: int = 0
@@ -65,6 +66,10 @@ class Coalescer:
         self.window = window
         self._pending: dict[ChangeKey, PendingChange] = {}
         self._by_email: dict[EmailKey, set[ListRef]] = {}
+        # Due order lives in two queues: new keys arrive with ``now + window`` and ``now`` only
+        # grows, so they are already sorted (a deque, O(1)); retries come back at any time (a
+        # heap). Entries whose change was taken or superseded are skipped lazily.
+        self._fresh: deque[tuple[float, int, ChangeKey]] = deque()
         self._heap: list[tuple[float, int, ChangeKey]] = []
         self._seq = itertools.count()
         self.superseded_total = 0
@@ -74,7 +79,29 @@ class Coalescer:
 
     def _push(self, change: PendingChange) -> None:
         change.seq = next(self._seq)
-        heapq.heappush(self._heap, (change.due_at, change.seq, change.key))
+        item = (change.due_at, change.seq, change.key)
+        fresh = self._fresh
+        if not fresh or fresh[-1][0] <= change.due_at:
+            fresh.append(item)
+        else:
+            heapq.heappush(self._heap, item)
+
+    def _live(self, item: tuple[float, int, ChangeKey]) -> bool:
+        change = self._pending.get(item[2])
+        return change is not None and change.seq == item[1]
+
+    def _head(
+        self,
+    ) -> deque[tuple[float, int, ChangeKey]] | list[tuple[float, int, ChangeKey]] | None:
+        """The queue whose first live entry is due first (stale entries dropped on the way)."""
+        fresh, heap = self._fresh, self._heap
+        while fresh and not self._live(fresh[0]):
+            fresh.popleft()
+        while heap and not self._live(heap[0]):
+            heapq.heappop(heap)
+        if fresh and (not heap or fresh[0] <= heap[0]):
+            return fresh
+        return heap if heap else None
 
     def _insert(self, change: PendingChange) -> None:
         self._pending[change.key] = change
@@ -95,37 +122,42 @@ class Coalescer:
         offset: int,
         now: float,
     ) -> bool:
-        """Add one event. True when it superseded a pending change for the same key."""
-        key = (partition, event.email, target)
+        """Add one event. True when it superseded a pending change for the same key.
+
+        Runs once per consumed record: ``_insert`` and ``_push`` are written out here, since a
+        Python call costs about as much as each of their steps.
+        """
+        email = event.email
+        key = (partition, email, target)
         current = self._pending.get(key)
-        source = SourceOffset(partition, offset)
         if current is not None:
             current.event = event
             current.raw = raw
-            current.offsets.append(source)
-            current.attempts = 0
-            current.force_single = False
+            current.offsets.append(offset)
+            if current.attempts or current.force_single:  # a new event: a fresh start
+                current.attempts = 0
+                current.force_single = False
             self.superseded_total += 1
             return True
-        self._insert(
-            PendingChange(
-                partition, event.email, target, event, raw, [source], now, now + self.window
-            )
-        )
+        due_at = now + self.window
+        change = PendingChange(partition, email, target, event, raw, [offset], now, due_at)
+        self._pending[key] = change
+        targets = self._by_email.get((partition, email))
+        if targets is None:
+            self._by_email[(partition, email)] = {target}
+        else:
+            targets.add(target)
+        seq = change.seq = next(self._seq)
+        fresh = self._fresh
+        if not fresh or fresh[-1][0] <= due_at:
+            fresh.append((due_at, seq, key))
+        else:
+            heapq.heappush(self._heap, (due_at, seq, key))
         return False
 
     def next_due_at(self) -> float | None:
-        self._drop_stale()
-        return self._heap[0][0] if self._heap else None
-
-    def _drop_stale(self) -> None:
-        heap = self._heap
-        while heap:
-            _, seq, key = heap[0]
-            change = self._pending.get(key)
-            if change is not None and change.seq == seq:
-                return
-            heapq.heappop(heap)
+        head = self._head()
+        return head[0][0] if head else None
 
     def take_due(
         self, now: float, *, limit: int, busy: set[str], flush_all: bool = False
@@ -133,23 +165,26 @@ class Coalescer:
         """Remove and return up to ``limit`` groups of due changes, one group per email."""
         groups: list[list[PendingChange]] = []
         deferred: list[tuple[float, int, ChangeKey]] = []
-        heap = self._heap
-        while heap and len(groups) < limit:
-            due_at, seq, key = heap[0]
-            change = self._pending.get(key)
-            if change is None or change.seq != seq:
-                heapq.heappop(heap)
-                continue
+        taken: set[str] = set()
+        while len(groups) < limit:
+            head = self._head()
+            if head is None:
+                break
+            due_at, seq, key = head[0]
             if due_at > now and not flush_all:
                 break
-            heapq.heappop(heap)
-            if change.email in busy:
+            if head is self._heap:
+                heapq.heappop(self._heap)
+            else:
+                self._fresh.popleft()
+            change = self._pending[key]
+            if change.email in busy or change.email in taken:
                 deferred.append((due_at, seq, key))
                 continue
             groups.append(self._take_email(change.partition, change.email))
-            busy = busy | {change.email}
+            taken.add(change.email)
         for item in deferred:
-            heapq.heappush(heap, item)
+            heapq.heappush(self._heap, item)
         return groups
 
     def _take_email(self, partition: int, email: str) -> list[PendingChange]:

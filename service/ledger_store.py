@@ -160,6 +160,9 @@ def _read_to_end(
             "enable.auto.offset.store": False,
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
+            # Answer as soon as a partition's end is reached: the default 500 ms wait per fetch
+            # is most of the time taken to restore a small or empty ledger.
+            "fetch.wait.max.ms": 10,
             # A bounded prefetch: the restore's memory is the index, not librdkafka's queue.
             "queued.max.messages.kbytes": min(
                 16384, int(config.get("queued.max.messages.kbytes", 16384))

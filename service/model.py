@@ -1,8 +1,6 @@
 """Plain values that flow through the pipeline. All frozen; no I/O.
 
-Invariants:
-- ``MembershipEvent.email`` is normalised (trimmed, lower-cased) and syntactically valid;
-- a ``SourceOffset`` names exactly one Kafka record; a change carries every offset it covers.
+Invariant: ``MembershipEvent.email`` is normalised (trimmed, lower-cased) and syntactically valid.
 """
 
 from __future__ import annotations
@@ -26,16 +24,11 @@ class Action(enum.Enum):
         return 1 if self is Action.ENTERED else 2
 
 
-# NamedTuples, not frozen dataclasses: as immutable, but built and hashed in C. These are made
-# once per consumed record, so their cost shows in the decode-and-coalesce benchmark.
-class SourceOffset(NamedTuple):
-    partition: int
-    offset: int
-
-
 NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 
 
+# A NamedTuple, not a frozen dataclass: as immutable, but built and hashed in C. One is made per
+# consumed record, so its cost shows in the decode-and-coalesce benchmark.
 class MembershipEvent(NamedTuple):
     event_id: str
     occurred_at_ms: int

@@ -16,13 +16,16 @@ one-second window holds more than ``rate``), and each replica's share is proport
 partitions it owns, re-balanced with the partitions. The cost: replicas need clocks within tens
 of milliseconds of each other (NTP), and a replica's unused ticks are not lent to the others.
 
-``RateLimiter`` is the thread-safe shell: workers call ``acquire()`` and sleep outside the lock.
+``RateLimiter`` is the thread-safe shell: workers call ``acquire()`` and wait their turn (bulk
+imports first, see ``RateLimiter``).
 ``RateLimitedTransport`` wraps any httpx transport so that no request, retries and lookups
 included, can bypass the budget.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import threading
 import time
@@ -105,7 +108,13 @@ class LimiterClosed(Exception):
 
 
 class RateLimiter:
-    """Thread-safe shell around ``LeakyBucket`` with an injectable clock and sleeper."""
+    """Thread-safe shell around ``LeakyBucket`` with an injectable clock.
+
+    Waiters queue for the next slot; one at a time books it and sleeps until it starts (so a
+    slot is never lost to a late wake-up). ``urgent`` waiters go ahead of every normal one that
+    has not booked yet: bulk imports, because AC allows only 100 a minute and an import that
+    waits behind reads for its request slot holds a worker past the next import tick.
+    """
 
     def __init__(
         self,
@@ -117,7 +126,11 @@ class RateLimiter:
     ) -> None:
         self._bucket = LeakyBucket(rate, guard)
         self._lock = threading.Lock()
-        self._closed = threading.Event()
+        self._turn = threading.Condition(self._lock)
+        self._queue: list[tuple[int, int]] = []  # (0 urgent / 1 normal, arrival): not booked yet
+        self._tickets = itertools.count()
+        self._booked = False  # a waiter holds the next slot and sleeps until it starts
+        self._closed = False
         self._clock = clock
         self._on_wait = on_wait
         self.waiting = 0
@@ -136,8 +149,9 @@ class RateLimiter:
             self._bucket.set_rate(rate)
 
     def pause_for(self, seconds: float) -> None:
-        with self._lock:
+        with self._turn:
             self._bucket.pause(self._clock() + seconds)
+            self._turn.notify_all()  # the booked slot is void: its holder books again
 
     def paused(self) -> bool:
         with self._lock:
@@ -148,34 +162,52 @@ class RateLimiter:
             return max(0.0, self._bucket.paused_until - self._clock())
 
     def close(self) -> None:
-        self._closed.set()
+        with self._turn:
+            self._closed = True
+            self._turn.notify_all()
 
-    def acquire(self) -> float:
+    def acquire(self, *, urgent: bool = False) -> float:
         """Block until this caller may send one request; return the seconds waited."""
         began = self._clock()
-        with self._lock:
+        with self._turn:
+            ticket = (0 if urgent else 1, next(self._tickets))
+            heapq.heappush(self._queue, ticket)
             self.waiting += 1
-        try:
-            while True:
-                with self._lock:
-                    now = self._clock()
-                    start = self._bucket.reserve(now)
-                    epoch = self._bucket.pause_epoch
-                if start > now and self._closed.wait(start - now):
-                    raise LimiterClosed()
-                if self._closed.is_set():
-                    raise LimiterClosed()
-                with self._lock:
-                    # A 429 that arrived while we slept voids our slot: book a new one after it.
-                    if self._bucket.pause_epoch == epoch:
-                        break
-        finally:
-            with self._lock:
+            try:
+                while self._booked or self._queue[0] != ticket:
+                    if self._closed:
+                        raise LimiterClosed()
+                    self._turn.wait()
+                heapq.heappop(self._queue)
+                self._booked = True
+                try:
+                    self._sleep_until_slot()
+                finally:
+                    self._booked = False
+                    self._turn.notify_all()
+            finally:
+                if ticket in self._queue:  # closed while queued
+                    self._queue.remove(ticket)
+                    heapq.heapify(self._queue)
                 self.waiting -= 1
         waited = self._clock() - began
         if self._on_wait is not None:
             self._on_wait(waited)
         return waited
+
+    def _sleep_until_slot(self) -> None:
+        """Book the next slot and sleep until it starts (lock held, released while waiting).
+        A 429 that arrives meanwhile voids the slot: book a new one after its pause."""
+        while True:
+            start = self._bucket.reserve(self._clock())
+            epoch = self._bucket.pause_epoch
+            while not self._closed and self._bucket.pause_epoch == epoch:
+                left = start - self._clock()
+                if left <= 0:
+                    return
+                self._turn.wait(left)
+            if self._closed:
+                raise LimiterClosed()
 
 
 class ImportBudget:
@@ -240,8 +272,12 @@ def parse_retry_after(value: str | None, default: float) -> float:
     return max(0.0, when.timestamp() - time.time())
 
 
+URGENT = "ac_sync_urgent"  # request extension: this request goes ahead of normal waiters
+
+
 class RateLimitedTransport(httpx.BaseTransport):
-    """Every request waits for a slot; a 429 pauses every other request for its Retry-After."""
+    """Every request waits for a slot; a 429 pauses every other request for its Retry-After.
+    A request sent with ``extensions={URGENT: True}`` is served before normal waiters."""
 
     def __init__(
         self, inner: httpx.BaseTransport, limiter: RateLimiter, default_retry_after: float = 5.0
@@ -251,7 +287,7 @@ class RateLimitedTransport(httpx.BaseTransport):
         self._default_retry_after = default_retry_after
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        self._limiter.acquire()
+        self._limiter.acquire(urgent=bool(request.extensions.get(URGENT)))
         response = self._inner.handle_request(request)
         if response.status_code == 429:
             retry_after = parse_retry_after(

@@ -17,7 +17,7 @@ from service.errors import RateLimited
 from service.ledger import Plan
 from service.lists import ListDirectory
 from service.metrics import Metrics
-from service.model import Action, MembershipEvent, SourceOffset
+from service.model import Action, MembershipEvent
 from service.ratelimit import RateLimitedTransport, RateLimiter
 from tests.conftest import TOKEN
 from tests.support.openapi import ValidatingTransport
@@ -54,7 +54,7 @@ def group(email: str, action: Action = Action.ENTERED, lists: tuple[str, ...] = 
             ListRef(name=name),
             MembershipEvent("e", 0, email, "a", name, action, attributes={"first_name": "Pat"}),
             None,
-            [SourceOffset(0, i)],
+            [i],
             0.0,
             0.0,
         )
@@ -147,28 +147,59 @@ def first_entry(email: str) -> Group:
     return g
 
 
-def test_confirm_finds_first_entries_that_stayed_unsubscribed(
+def opted_out_after_import(
+    bulk: BulkImporter, fast: Emulator, list_name: str, others: int
+) -> tuple[set[str], int]:
+    """A person who opted out of ``list_name`` enters it again, with ``others`` new contacts,
+    in one import. Returns what ``opted_out`` finds and the GET /contacts calls it made."""
+    client = bulk.client
+    target = ListRef(name=list_name)
+    list_id = bulk.lists.list_id(target)
+    opted_out = client.sync_contact("optout@example.com", {}, {})
+    client.set_list_status(opted_out, list_id, 1)
+    with fast.account.lock:
+        assert fast.account.self_unsubscribe("optout@example.com", list_name)
+    groups = [first_entry("optout@example.com")] + [
+        first_entry(f"new{i}@example.com") for i in range(others)
+    ]
+    for g in groups:
+        for change in g.changes:
+            change.target = target
+    submitted = bulk.submit(groups)
+    assert submitted.batch_id is not None
+    success, failure = completed(bulk, submitted.batch_id)
+    assert failure == [] and len(success) == others + 1
+    before = len(httpx.get(fast.url + "/_emulator/requests").json()["requests"])
+    kept = bulk.opted_out(target, {g.email for g in groups}, success)
+    log = httpx.get(fast.url + "/_emulator/requests").json()["requests"][before:]
+    return kept, sum(1 for r in log if r["endpoint"] == "/contacts")
+
+
+def test_opted_out_reads_one_page_of_a_fresh_list(
+    importer: tuple[BulkImporter, ValidatingTransport], fast: Emulator
+) -> None:
+    bulk, validating = importer
+    kept, reads = opted_out_after_import(bulk, fast, "VIP", 11)
+    assert kept == {"optout@example.com"}
+    assert reads == 1  # the list's whole unsubscribed set, whatever the number of contacts
+    assert validating.errors == []
+
+
+def test_opted_out_asks_by_id_when_the_list_has_many_unsubscribed(
     importer: tuple[BulkImporter, ValidatingTransport], fast: Emulator
 ) -> None:
     bulk, validating = importer
     client = bulk.client
-    list_id = bulk.lists.list_id(ListRef(name="VIP"))
-    opted_out = client.sync_contact("optout@example.com", {}, {})
-    client.set_list_status(opted_out, list_id, 1)
-    with fast.account.lock:
-        assert fast.account.self_unsubscribe("optout@example.com", "VIP")
-    groups = [first_entry("optout@example.com")] + [
-        first_entry(f"new{i}@example.com") for i in range(11)
-    ]
-    submitted = bulk.submit(groups)
-    assert submitted.batch_id is not None
-    deadline = time.monotonic() + 10
-    confirmed = bulk.confirm(submitted.batch_id, submitted.sent)
-    while not confirmed.status.completed:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-        confirmed = bulk.confirm(submitted.batch_id, submitted.sent)
-    assert confirmed.kept == {("optout@example.com", ListRef(name="VIP"))}
+    list_id = bulk.lists.list_id(ListRef(name="Old"))
+    for i in range(120):  # more unsubscribed members than one page holds
+        contact = client.sync_contact(f"gone{i}@example.com", {}, {})
+        client.set_list_status(contact, list_id, 2)
+    kept, reads = opted_out_after_import(bulk, fast, "Old", 240)
+    assert kept == {"optout@example.com"}
+    assert reads == 1 + 1  # the page that showed 121 unsubscribed, then one query by 241 ids
+    assert bulk.unsubscribed[list_id] == 121
+    kept, reads = opted_out_after_import(bulk, fast, "Old", 10)
+    assert kept == {"optout@example.com"} and reads == 1  # known to be large: ids at once
     assert validating.errors == []
 
 

@@ -3,7 +3,14 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.bulk import MAX_BYTES, contact_entry, encoded_size, next_poll_delay, pack
+from service.bulk import (
+    MAX_BYTES,
+    consent_read_mode,
+    contact_entry,
+    encoded_size,
+    next_poll_delay,
+    pack,
+)
 
 
 def test_contact_entry_carries_lists_and_fields() -> None:
@@ -46,3 +53,10 @@ def test_poll_delay_starts_at_expected_and_backs_off_to_a_cap() -> None:
     assert next_poll_delay(0, 0.1) == 1.0
     assert next_poll_delay(2, 2.0) == 4.5
     assert next_poll_delay(30, 2.0) == 30.0
+
+
+def test_consent_read_mode_reads_the_list_while_one_page_holds_its_unsubscribed() -> None:
+    assert consent_read_mode(None) == "list"  # unknown: one page says how many there are
+    assert consent_read_mode(0) == "list"
+    assert consent_read_mode(100) == "list"
+    assert consent_read_mode(101) == "ids"

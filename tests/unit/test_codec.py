@@ -4,13 +4,17 @@ from typing import Any
 
 import fastavro
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from service.codec import (
+    EmailCache,
     EventDecoder,
     SchemaRegistryClient,
     confluent_frame,
     encode_event,
     load_reader_schema,
+    to_event,
 )
 from service.errors import PoisonMessage
 from service.model import Action
@@ -141,3 +145,82 @@ def test_plain_long_reader_with_a_confluent_writer_schema() -> None:
     fastavro.schemaless_writer(buffer, writer, {**event(), "score": 0.7})
     decoder = EventDecoder(load_reader_schema(logical_types=False), registry({7: NEWER}))
     assert decoder.decode(confluent_frame(7, buffer.getvalue())).occurred_at_ms == 1_700_000_000_000
+
+
+GOOD = encode_event(event(), SCHEMA)
+BATCH_PARTS = [
+    GOOD,
+    encode_event(event(email="second@example.com", action="EXITED"), SCHEMA),
+    encode_event(event(email="not-an-email"), SCHEMA),
+    encode_event(event(audience_id=" "), SCHEMA),
+    GOOD + b"\x02xx",  # trailing bytes: would shift every later record if read back to back
+    GOOD[:-3],  # cut short: would swallow the start of the next record
+    b"\xff\xfe garbage \x00",
+    b"",
+    None,
+]
+
+
+def outcome(item: Any) -> Any:
+    return ("poison", item.reason) if isinstance(item, PoisonMessage) else item
+
+
+@given(st.lists(st.sampled_from(range(len(BATCH_PARTS))), max_size=12))
+def test_decode_batch_answers_what_decode_answers(picks: list[int]) -> None:
+    """Read back to back or record by record, every value gets the same event or reason."""
+    values = [BATCH_PARTS[i] for i in picks]
+    decoder = EventDecoder(load_reader_schema(logical_types=False))
+    one_by_one = []
+    for value in values:
+        try:
+            one_by_one.append(outcome(decoder.decode(value)))
+        except PoisonMessage as poison:
+            one_by_one.append(outcome(poison))
+    assert [outcome(item) for item in decoder.decode_batch(values)] == one_by_one
+
+
+def test_decode_batch_of_good_records_reads_them_back_to_back() -> None:
+    values = [encode_event(event(email=f"p{i}@example.com"), SCHEMA) for i in range(50)]
+    events = EventDecoder(SCHEMA).decode_batch(values)
+    assert [e.email for e in events if not isinstance(e, PoisonMessage)] == [
+        f"p{i}@example.com" for i in range(50)
+    ]
+
+
+def test_email_cache_normalises_remembers_and_stays_bounded() -> None:
+    cache = EmailCache(max_entries=2)
+    assert cache(" A@Example.com") == "a@example.com"
+    assert cache(" A@Example.com") is cache(" A@Example.com")
+    cache("b@example.com")
+    cache("c@example.com")  # full: forgets, then remembers this one
+    assert len(cache._known) == 1
+    with pytest.raises(PoisonMessage) as info:
+        cache("not-an-email")
+    assert info.value.reason == "invalid_email"
+    assert "not-an-email" not in cache._known
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"event_id": 7}, "missing_field"),
+        ({"email": None}, "missing_field"),
+        ({"occurred_at": "yesterday"}, "missing_field"),
+        ({"occurred_at": True}, "missing_field"),
+        ({"action": "MAYBE"}, "missing_field"),
+        ({"action": ["ENTERED"]}, "missing_field"),
+    ],
+)
+def test_records_off_the_common_path_get_a_reason(changes: dict[str, Any], reason: str) -> None:
+    """Records from another writer schema (through a registry) may hold other types."""
+    with pytest.raises(PoisonMessage) as info:
+        to_event(event(**changes))
+    assert info.value.reason == reason
+
+
+def test_a_record_missing_a_field_gets_a_reason() -> None:
+    record = event()
+    del record["audience_name"]
+    with pytest.raises(PoisonMessage) as info:
+        to_event(record)
+    assert info.value.reason == "missing_field"

@@ -1,11 +1,20 @@
 import math
+import threading
+import time
+from collections.abc import Callable
 
 import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.ratelimit import LeakyBucket, RateLimitedTransport, RateLimiter, parse_retry_after
+from service.ratelimit import (
+    LeakyBucket,
+    LimiterClosed,
+    RateLimitedTransport,
+    RateLimiter,
+    parse_retry_after,
+)
 
 
 def test_no_burst_one_slot_per_interval() -> None:
@@ -150,3 +159,53 @@ def test_replicas_never_start_more_than_100_imports_a_minute(owners, offset) -> 
     starts.sort()
     for i, s in enumerate(starts):
         assert len([x for x in starts[i:] if x < s + 60.0]) <= 100
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_urgent_waiters_go_ahead_of_normal_ones() -> None:
+    limiter = RateLimiter(10, guard=0)  # a slot every 0.1 s
+    granted: list[str] = []
+
+    def take(name: str, urgent: bool) -> None:
+        limiter.acquire(urgent=urgent)
+        granted.append(name)
+
+    limiter.acquire()  # the next slot is 0.1 s away from here on
+    threads = [threading.Thread(target=take, args=(f"n{i}", False)) for i in range(4)]
+    for n, thread in enumerate(threads, 1):
+        thread.start()
+        wait_for(lambda n=n: limiter.waiting == n)  # type: ignore[misc]
+    urgent = threading.Thread(target=take, args=("urgent", True))
+    urgent.start()
+    for thread in [*threads, urgent]:
+        thread.join(5)
+    # One normal waiter may already hold the next slot; the urgent one takes the slot after it.
+    assert granted.index("urgent") <= 1
+    assert sorted(granted) == ["n0", "n1", "n2", "n3", "urgent"]
+
+
+def test_close_releases_every_waiter() -> None:
+    limiter = RateLimiter(0.5, guard=0)  # a slot every 2 s
+    limiter.acquire()
+    errors: list[BaseException] = []
+
+    def take() -> None:
+        try:
+            limiter.acquire()
+        except LimiterClosed as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=take) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: limiter.waiting == 3)
+    limiter.close()
+    for thread in threads:
+        thread.join(5)
+    assert len(errors) == 3 and limiter.waiting == 0
