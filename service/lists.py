@@ -104,6 +104,10 @@ class ListDirectory:
     def cached(self) -> dict[str, str]:
         return dict(self._ids)
 
+    def known(self, ref: ListRef) -> bool:
+        """Is the list's id known without asking AC?"""
+        return ref.list_id is not None or ref.name in self._ids
+
     def list_id(self, ref: ListRef) -> str:
         if ref.list_id is not None:
             return ref.list_id

@@ -76,7 +76,8 @@ class _InFlight:
     changes: list[PendingChange]
     cancel: threading.Event
     kind: str = "apply"  # "apply" (per contact), "import" (submit), "poll" (import/info),
-    # "consent" (who stayed unsubscribed among first entries of completed imports, per list)
+    # "consent" (who stayed unsubscribed among first entries of completed imports, per list),
+    # "lists" (find or create the lists of the next import)
     groups: list[Group] | None = None
     batch_id: str = ""
     generations: dict[int, int] = field(default_factory=dict)
@@ -158,6 +159,8 @@ class Runner:
         self.imports: dict[str, _Outstanding] = {}
         self.consent_due: dict[ListRef, _ConsentBatch] = {}  # waiting for a check
         self.consent_checking: set[ListRef] = set()  # a check is in flight
+        self.resolving_lists = False  # a lookup of lists for the next import is in flight
+        self.lists_looked_up: set[ListRef] = set()
         self.expected_import_seconds = 2.0  # learned from completions (EWMA)
         if ledger is None:
             raise ValueError("the runner needs a ledger")
@@ -355,7 +358,16 @@ class Runner:
         single = [g for g in groups if self._needs_single(g)]
         multi = [g for g in groups if not self._needs_single(g)]
         if bulk and len(multi) >= self.settings.bulk_min_contacts:
-            if self.import_budget.available(self.wall()):
+            unresolved = self._unresolved_lists(multi)
+            if unresolved or self.resolving_lists:
+                # Find or create the lists first, then import: an import that waited for list
+                # lookups after taking its tick would reach AC late, bunched with the next ones,
+                # and a minute later AC's 100-a-minute window would hold too many.
+                if not self.resolving_lists:
+                    self._resolve_lists(unresolved)
+                    free -= 1
+                self._restore(multi)
+            elif self.import_budget.available(self.wall()):
                 self._submit_import(multi, now)
                 free -= 1
             else:
@@ -378,6 +390,32 @@ class Runner:
             self.busy.add(email)
         self._restore(single[free:])
         self._gauges()
+
+    def _unresolved_lists(self, groups: list[list[PendingChange]]) -> set[ListRef]:
+        """Lists of these changes whose AC id is not known yet (and not looked up already: a
+        lookup that failed is left to the import, which reports the error per contact)."""
+        assert self.bulk is not None
+        lists = self.bulk.lists
+        return {
+            c.target
+            for g in groups
+            for c in g
+            if c.target not in self.lists_looked_up and not lists.known(c.target)
+        }
+
+    def _resolve_lists(self, targets: set[ListRef]) -> None:
+        assert self.bulk is not None
+        lists = self.bulk.lists
+
+        def resolve() -> None:
+            for target in targets:
+                with contextlib.suppress(ApiError):
+                    lists.list_id(target)
+
+        self.resolving_lists = True
+        self.lists_looked_up |= targets  # once: a failed lookup is retried inside the import
+        future = self.pool.submit(resolve)
+        self.inflight[future] = _InFlight("", -1, 0, [], threading.Event(), kind="lists")
 
     @staticmethod
     def _needs_single(changes: list[PendingChange]) -> bool:
@@ -508,6 +546,11 @@ class Runner:
                 continue
             if item.kind == "consent":
                 self._consent_checked(item, future, now)
+                continue
+            if item.kind == "lists":
+                self.resolving_lists = False
+                if future.exception() is not None:
+                    logger.error("list lookup crashed", exc_info=future.exception())
                 continue
             self.busy.discard(item.email)
             try:
