@@ -161,6 +161,7 @@ class Runner:
         self.consent_checking: set[ListRef] = set()  # a check is in flight
         self.resolving_lists = False  # a lookup of lists for the next import is in flight
         self.lists_looked_up: set[ListRef] = set()
+        self.lists_wanted: set[ListRef] = set()  # seen in events, not looked up yet
         self.expected_import_seconds = 2.0  # learned from completions (EWMA)
         if ledger is None:
             raise ValueError("the runner needs a ledger")
@@ -297,6 +298,8 @@ class Runner:
                 self._dead_letter(message, poison)
                 continue
             valid += 1
+            if target not in self.lists_looked_up:
+                self.lists_wanted.add(target)
             coalesced += self.coalescer.add(
                 message.partition(), target, event, message.value(), message.offset(), now
             )
@@ -348,6 +351,18 @@ class Runner:
         poll_room = max(0, min(free, self.settings.ac_concurrency - 1 - polling))
         used = self._dispatch_polls(now, poll_room)
         used += self._dispatch_consent(now, poll_room - used, flush=flush_all)
+        if (
+            self.lists_wanted
+            and self.bulk is not None
+            and not (self.resolving_lists or self.auth_blocked)
+        ):
+            # Look up (or create) the lists of new audiences while their first changes wait for
+            # the coalescing window, so the first import need not wait for them.
+            wanted = {t for t in self.lists_wanted if not self.bulk.lists.known(t)}
+            self.lists_wanted.clear()
+            if wanted:
+                self._resolve_lists(wanted)
+                used += 1
         free -= used
         if free <= 0:
             return
@@ -702,7 +717,7 @@ class Runner:
             # Try again later, merged with whatever joined meanwhile (the imports stay open).
             delay = error.retry_after if isinstance(error, RateLimited) else 0.0
             delay = max(delay, backoff_delay(1, self.rng.random()))
-            if not isinstance(error, (ApiError, AuthRejected)):
+            if not isinstance(error, ApiError):
                 logger.exception("consent check crashed; retrying")
             waiting = self.consent_due.get(batch.target)
             if waiting is not None:
