@@ -195,6 +195,28 @@ class BulkImporter:
         return set(emails & found)
 
 
+def consent_ids(
+    first_entries: Mapping[ListRef, Set[str]],
+    known_ids: Mapping[str, str],
+    success_ids: Sequence[str],
+) -> dict[ListRef, list[str]]:
+    """Per list, the contact ids to ask about (``ids[]``) after one import completed.
+
+    ``known_ids`` maps the import's emails to the contact id the ledger holds for them. A known
+    contact is asked about only on the lists it first entered; every id AC reported that is not
+    a known one (a contact new to us, or one whose id changed) is asked about on every list with
+    first entries. So no first entry is missed, and an import of contacts we know costs reads in
+    proportion to its first entries rather than to its size.
+    """
+    known = set(known_ids.values())
+    unknown = [i for i in success_ids if i not in known]
+    result: dict[ListRef, list[str]] = {}
+    for target, emails in first_entries.items():
+        ids = [known_ids[e] for e in emails if e in known_ids]
+        result[target] = sorted(set(ids)) + unknown
+    return result
+
+
 def consent_read_mode(unsubscribed: int | None) -> str:
     """How to learn who stayed unsubscribed: ``list`` (one page of the list's unsubscribed
     members, while we know of no more than a page; unknown counts as small) or ``ids``."""

@@ -32,7 +32,14 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from service.activecampaign import ImportStatus
 from service.apply import ChangeOutcome, ContactApplier, OutcomeKind, contact_fields
 from service.backoff import backoff_delay
-from service.bulk import MAX_CONTACTS, BulkImporter, Group, Submitted, next_poll_delay
+from service.bulk import (
+    MAX_CONTACTS,
+    BulkImporter,
+    Group,
+    Submitted,
+    consent_ids,
+    next_poll_delay,
+)
 from service.coalesce import Coalescer, ListRef, PendingChange
 from service.codec import EventDecoder
 from service.dlq import DeadLetter, DeadLetterQueue
@@ -699,12 +706,18 @@ class Runner:
             return
         # AC may have left some of them unsubscribed (their own opt-out): ask per list, batched
         # with the first entries of other imports (``_dispatch_consent``).
+        known_ids: dict[str, str] = {}
+        for group in outstanding.groups:
+            entry = self.ledger.get(group.changes[0].partition, group.email)
+            if entry is not None and entry.contact_id:
+                known_ids[group.email] = entry.contact_id
+        ids = consent_ids(outstanding.first_entries, known_ids, status.success_ids)
         for target, emails in outstanding.first_entries.items():
             batch = self.consent_due.get(target)
             if batch is None:
                 batch = self.consent_due[target] = _ConsentBatch(target, now)
             batch.emails |= emails
-            batch.ids += status.success_ids
+            batch.ids += ids[target]
             batch.batch_ids.add(outstanding.batch_id)
 
     def _consent_checked(self, item: _InFlight, future: Future[Any], now: float) -> None:

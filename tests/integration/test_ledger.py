@@ -145,7 +145,11 @@ def test_exit_then_entry_in_different_windows_ends_subscribed(
     assert "/contact/sync" not in endpoints  # the contact id came from the ledger
 
 
-@pytest.mark.parametrize("others", [0, 14], ids=["per-contact", "bulk-import"])
+@pytest.mark.parametrize(
+    ("others", "unsubscribed"),
+    [(0, 0), (14, 0), (14, 120)],
+    ids=["per-contact", "bulk-import", "bulk-import-list-with-many-unsubscribed"],
+)
 def test_own_unsubscribe_is_kept_counted_and_explained(
     bootstrap: str,
     topic: str,
@@ -153,8 +157,11 @@ def test_own_unsubscribe_is_kept_counted_and_explained(
     services: list[ServiceProcess],
     tmp_path: Path,
     others: int,
+    unsubscribed: int,
 ) -> None:
     # Someone else subscribed the person to the list; then the person unsubscribed themselves.
+    # With ``unsubscribed`` more people unsubscribed from it than one page holds, the service
+    # asks about the imported contacts by id instead of reading the list's unsubscribed page.
     created = api(
         fast_emulator,
         "POST",
@@ -177,6 +184,14 @@ def test_own_unsubscribe_is_kept_counted_and_explained(
         {"contactList": {"list": list_id, "contact": contact["contact"]["id"], "status": 1}},
     )
     self_unsubscribe(fast_emulator, "kept@example.com", "VIP")
+    for i in range(unsubscribed):
+        gone = api(fast_emulator, "POST", "contact/sync", {"contact": {"email": f"gone{i}@x.com"}})
+        api(
+            fast_emulator,
+            "POST",
+            "contactLists",
+            {"contactList": {"list": list_id, "contact": gone["contact"]["id"], "status": 2}},
+        )
 
     env = service_env(bootstrap, topic, "g-kept", fast_emulator, AC_RATE_LIMIT_PER_SECOND=FAST)
     service = ServiceProcess(env, tmp_path / "svc").start()
@@ -192,7 +207,11 @@ def test_own_unsubscribe_is_kept_counted_and_explained(
     assert members["kept@example.com"] == 2
     assert all(members[p] == 1 for p in crowd)
     if others:
-        assert any(r["endpoint"] == "/import/bulk_import" for r in request_log(fast_emulator))
+        log = request_log(fast_emulator)
+        assert any(r["endpoint"] == "/import/bulk_import" for r in log)
+        reads = [r for r in log if r["endpoint"] == "/contacts"]
+        # the list's unsubscribed page, then (when it held more than a page) one query by id
+        assert len(reads) == (2 if unsubscribed > 100 else 1)
     assert metric(service, "ac_sync_consent_kept_total") == 1.0
     assert "kept@example.com" not in service.log_text()
 

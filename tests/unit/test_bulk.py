@@ -5,12 +5,14 @@ from hypothesis import strategies as st
 
 from service.bulk import (
     MAX_BYTES,
+    consent_ids,
     consent_read_mode,
     contact_entry,
     encoded_size,
     next_poll_delay,
     pack,
 )
+from service.coalesce import ListRef
 
 
 def test_contact_entry_carries_lists_and_fields() -> None:
@@ -60,3 +62,28 @@ def test_consent_read_mode_reads_the_list_while_one_page_holds_its_unsubscribed(
     assert consent_read_mode(0) == "list"
     assert consent_read_mode(100) == "list"
     assert consent_read_mode(101) == "ids"
+
+
+def test_consent_ids_ask_known_contacts_only_about_lists_they_first_entered() -> None:
+    vip, news = ListRef(name="VIP"), ListRef(name="News")
+    first = {vip: {"known@x.com", "new@x.com"}, news: {"other@x.com"}}
+    known = {"known@x.com": "11", "other@x.com": "12", "unchanged@x.com": "13"}
+    success = ["11", "12", "13", "99"]  # 99: the contact the import created for new@x.com
+    ids = consent_ids(first, known, success)
+    assert ids[vip] == ["11", "99"]
+    assert ids[news] == ["12", "99"]  # an unknown id is asked about on every list
+
+
+@given(
+    st.dictionaries(st.sampled_from("abcdef"), st.sampled_from(["1", "2", "3", "4"])),
+    st.lists(st.sampled_from(["1", "2", "3", "4", "5", "6"]), unique=True),
+    st.sets(st.sampled_from("abcdef")),
+)
+def test_consent_ids_never_leave_out_a_first_entry(known, success, entered) -> None:  # type: ignore[no-untyped-def]
+    """Whatever the ledger knows: a first entry's contact is asked about, by its known id or
+    because AC reported an id the ledger does not hold."""
+    target = ListRef(name="L")
+    ids = set(consent_ids({target: entered}, known, success)[target])
+    known_values = set(known.values())
+    assert {i for i in success if i not in known_values} <= ids
+    assert {known[e] for e in entered if e in known} <= ids
