@@ -5,7 +5,9 @@ Invariants:
   covers, so completing it completes the events it superseded;
 - a key becomes due ``window`` seconds after its *first* pending event (a hot key cannot starve);
 - changes of one email are handed out together, and never while that email is busy elsewhere
-  (the caller passes the busy set), so AC never sees two requests for one email at once;
+  (the caller passes the busy set), so AC never sees two requests for one email at once; a due
+  change of a busy email waits aside until the caller ``release``s the email (not re-examined on
+  every call: a large import keeps thousands of emails busy);
 - ``discard`` forgets partitions wholesale (revoke/lost); their offsets are not completed.
 
 The partition is part of the key because ordering is only defined within a partition; producers
@@ -71,6 +73,7 @@ class Coalescer:
         # heap). Entries whose change was taken or superseded are skipped lazily.
         self._fresh: deque[tuple[float, int, ChangeKey]] = deque()
         self._heap: list[tuple[float, int, ChangeKey]] = []
+        self._blocked: dict[str, list[tuple[float, int, ChangeKey]]] = {}  # due, email busy
         self._seq = itertools.count()
         self.superseded_total = 0
 
@@ -178,7 +181,10 @@ class Coalescer:
             else:
                 self._fresh.popleft()
             change = self._pending[key]
-            if change.email in busy or change.email in taken:
+            if change.email in busy:
+                self._blocked.setdefault(change.email, []).append((due_at, seq, key))
+                continue
+            if change.email in taken:  # the same email in another partition: next call
                 deferred.append((due_at, seq, key))
                 continue
             groups.append(self._take_email(change.partition, change.email))
@@ -186,6 +192,12 @@ class Coalescer:
         for item in deferred:
             heapq.heappush(self._heap, item)
         return groups
+
+    def release(self, email: str) -> None:
+        """The email is no longer busy: its due changes set aside by ``take_due`` queue again."""
+        for item in self._blocked.pop(email, ()):
+            if self._live(item):
+                heapq.heappush(self._heap, item)
 
     def _take_email(self, partition: int, email: str) -> list[PendingChange]:
         targets = self._by_email.pop((partition, email), set())

@@ -81,6 +81,12 @@ class LeakyBucket:
         self.next_free = start + self.interval
         return start
 
+    def sent(self, now: float) -> None:
+        """The booked slot was used at ``now``, possibly later than it started (a thread woken
+        late): the next slot starts a full interval after the actual send, so late wake-ups can
+        never bunch two requests closer than ``interval``."""
+        self.next_free = max(self.next_free, now + self.interval)
+
     def _next_owned_tick(self, earliest: float) -> float:
         assert self.owned is not None
         if not self.owned:
@@ -202,8 +208,10 @@ class RateLimiter:
             start = self._bucket.reserve(self._clock())
             epoch = self._bucket.pause_epoch
             while not self._closed and self._bucket.pause_epoch == epoch:
-                left = start - self._clock()
+                now = self._clock()
+                left = start - now
                 if left <= 0:
+                    self._bucket.sent(now)
                     return
                 self._turn.wait(left)
             if self._closed:

@@ -413,6 +413,11 @@ class Runner:
         self._restore(single[free:])
         self._gauges()
 
+    def _release(self, email: str) -> None:
+        """The email's request or import is over: it may be handed out again."""
+        self.busy.discard(email)
+        self.coalescer.release(email)
+
     def _unresolved_lists(self, groups: list[list[PendingChange]]) -> set[ListRef]:
         """Lists of these changes whose AC id is not known yet (and not looked up already: a
         lookup that failed is left to the import, which reports the error per contact)."""
@@ -574,7 +579,7 @@ class Runner:
                 if future.exception() is not None:
                     logger.error("list lookup crashed", exc_info=future.exception())
                 continue
-            self.busy.discard(item.email)
+            self._release(item.email)
             try:
                 outcomes = future.result()
             except Exception:
@@ -608,7 +613,7 @@ class Runner:
             logger.exception("import submission crashed; retrying its changes")
             result = Submitted(sent=groups, error=ApiError(None, "crash"))
         for group in groups:
-            self.busy.discard(group.email)
+            self._release(group.email)
         for group in result.rejected:
             for change in group.changes:
                 if self._owned(change, item.generations):
@@ -679,7 +684,7 @@ class Runner:
                 del self.imports[outstanding.batch_id]
                 self.metrics.imports.labels("timed_out").inc()
                 for group in outstanding.groups:
-                    self.busy.discard(group.email)
+                    self._release(group.email)
                     for change in group.changes:
                         if self._owned(change, outstanding.generations):
                             self.coalescer.requeue(change, now)
@@ -755,7 +760,7 @@ class Runner:
         del self.imports[outstanding.batch_id]
         failed = {e.strip().lower() for e in outstanding.status.failed_emails}
         for group in outstanding.groups:
-            self.busy.discard(group.email)
+            self._release(group.email)
             applied = []
             for change in group.changes:
                 if not self._owned(change, outstanding.generations):

@@ -44,8 +44,30 @@ def test_one_group_per_email_with_all_its_lists() -> None:
 def test_busy_email_is_deferred_not_lost() -> None:
     c = Coalescer(window=0)
     c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=0)
+    c.add(0, A, ev("free@y.com", Action.ENTERED), None, 2, now=0)
+    [[free]] = c.take_due(1, limit=10, busy={"x@y.com"})
+    assert free.email == "free@y.com"
+    assert len(c) == 1
+    # Set aside until released: not re-examined on every call while the email is busy.
+    assert c.take_due(2, limit=10, busy=set()) == []
+    c.release("x@y.com")
+    [[change]] = c.take_due(2, limit=10, busy=set())
+    assert change.email == "x@y.com" and change.offsets == [1]
+
+
+def test_a_change_added_while_its_email_is_set_aside_comes_out_after_release() -> None:
+    c = Coalescer(window=0)
+    c.add(0, A, ev("x@y.com", Action.ENTERED, 1), None, 1, now=0)
     assert c.take_due(1, limit=10, busy={"x@y.com"}) == []
-    assert len(c.take_due(1, limit=10, busy=set())) == 1
+    c.add(0, A, ev("x@y.com", Action.EXITED, 2), None, 2, now=1)  # supersedes the one aside
+    c.add(0, B, ev("x@y.com", Action.ENTERED, 3), None, 3, now=1)  # a new list, queued anew
+    c.release("x@y.com")
+    [group] = c.take_due(5, limit=10, busy=set())
+    assert {(ch.target, ch.event.action) for ch in group} == {
+        (A, Action.EXITED),
+        (B, Action.ENTERED),
+    }
+    assert c.take_due(5, limit=10, busy=set()) == [] and len(c) == 0
 
 
 def test_limit_and_flush_all() -> None:
@@ -156,3 +178,37 @@ def test_due_order_holds_across_new_and_retried_changes(steps) -> None:  # type:
     assert dues == sorted(dues)
     assert len(c) == 0
     assert taken == len({(email, target) for email, target, _, _ in steps})
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a@x.com", "b@x.com", "c@x.com"]),
+            st.sampled_from([A, B]),
+            st.booleans(),  # take due work now, keeping what it hands out busy
+            st.booleans(),  # release every busy email afterwards
+        ),
+        max_size=60,
+    )
+)
+def test_busy_emails_hold_their_changes_until_released_and_nothing_is_lost(steps) -> None:  # type: ignore[no-untyped-def]
+    c = Coalescer(window=0.0)
+    busy: set[str] = set()
+    covered: list[int] = []
+    for n, (email, target, take, release) in enumerate(steps):
+        c.add(0, target, ev(email, Action.ENTERED, n), None, n, float(n))
+        if take:
+            for group in c.take_due(float(n), limit=2, busy=busy):
+                assert group[0].email not in busy
+                busy.add(group[0].email)
+                covered.extend(o for change in group for o in change.offsets)
+        if release:
+            for done in list(busy):
+                busy.discard(done)
+                c.release(done)
+    for done in list(busy):
+        c.release(done)
+    for group in c.take_due(float("inf"), limit=10**6, busy=set(), flush_all=True):
+        covered.extend(o for change in group for o in change.offsets)
+    assert sorted(covered) == list(range(len(steps)))
+    assert len(c) == 0

@@ -209,3 +209,12 @@ def test_close_releases_every_waiter() -> None:
     for thread in threads:
         thread.join(5)
     assert len(errors) == 3 and limiter.waiting == 0
+
+
+def test_a_late_send_pushes_the_next_slot_a_full_interval_after_it() -> None:
+    b = LeakyBucket(5, guard=0)
+    assert b.reserve(0.0) == 0.0
+    b.sent(0.15)  # the thread holding the slot woke 150 ms late
+    assert b.reserve(0.2) == pytest.approx(0.35)
+    b.sent(0.35)  # on time: nothing changes
+    assert b.reserve(0.36) == pytest.approx(0.55)
