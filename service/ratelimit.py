@@ -83,9 +83,11 @@ class LeakyBucket:
 
     def sent(self, now: float) -> None:
         """The booked slot was used at ``now``, possibly later than it started (a thread woken
-        late): the next slot starts a full interval after the actual send, so late wake-ups can
-        never bunch two requests closer than ``interval``."""
-        self.next_free = max(self.next_free, now + self.interval)
+        late). Up to ``guard`` late changes nothing (the guard is there for that); later, the
+        next slot starts no sooner than ``1/rate`` after the actual send, so late wake-ups never
+        bunch two requests closer than AC's limit allows. (Not a full ``interval``: with
+        wall-clock ticks every wake-up a millisecond late would then skip a whole tick.)"""
+        self.next_free = max(self.next_free, now + self.interval - self.guard)
 
     def _next_owned_tick(self, earliest: float) -> float:
         assert self.owned is not None

@@ -218,3 +218,13 @@ def test_a_late_send_pushes_the_next_slot_a_full_interval_after_it() -> None:
     assert b.reserve(0.2) == pytest.approx(0.35)
     b.sent(0.35)  # on time: nothing changes
     assert b.reserve(0.36) == pytest.approx(0.55)
+
+
+def test_a_send_late_within_the_guard_keeps_the_next_tick() -> None:
+    b = LeakyBucket(5, guard=0.01)  # ticks every 0.21 s
+    b.share(frozenset(range(4)), 4)  # every tick is ours
+    assert b.reserve(0.0) == 0.0
+    b.sent(0.004)  # a usual wake-up, a few milliseconds late
+    assert b.reserve(0.01) == pytest.approx(0.21)  # the next tick, not the one after
+    b.sent(0.21 + 0.05)  # 50 ms late: the next request waits 1/rate after it
+    assert b.reserve(0.3) >= 0.26 + 0.2 - 1e-9
