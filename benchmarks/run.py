@@ -100,13 +100,20 @@ def end_to_end(
     for line in metrics.splitlines():
         if line.startswith("ac_sync_changes_applied_total{"):
             applied[line.split('"')[1]] = float(line.split()[-1])
+    sizes = sorted(b["contacts"] for b in state["imports"].values())
     contacts = sum(b["contacts"] for b in state["imports"].values() if b["status"] == "completed")
     import_times = [r["t"] for r in log if r["endpoint"] == "/import/bulk_import"]
-    # The import phase: from the first import to one import interval after the last (the tick it
-    # used), the contacts its imports carried. What the pipeline sustains once running, without
-    # the fixed costs around it (group join, the first coalescing window, the last import's
-    # processing and confirmation).
-    phase = (import_times[-1] - import_times[0] + 60.0 / 96.8) if import_times else 0.0
+    # The import phase: from the first import to the last, the contacts its imports carried.
+    # What the pipeline sustains once running, without the fixed costs around it (group join,
+    # the first coalescing window, the last import's processing and confirmation). After a
+    # quiet minute AC's sliding window allows a burst, so a phase shorter than a minute can run
+    # above the long-run ceiling; "after the first minute" is the sustained rate.
+    phase = (import_times[-1] - import_times[0]) if len(import_times) > 1 else 0.0
+    batches = sorted((b["queued_at"], b["contacts"]) for b in state["imports"].values())
+    later = [(t, n) for t, n in batches if t >= batches[0][0] + 60.0] if batches else []
+    sustained = (
+        sum(n for _, n in later[1:]) / (later[-1][0] - later[0][0]) if len(later) > 10 else 0.0
+    )
     contacts += sum(1 for r in log if r["endpoint"] == "/contact/sync" and r["status"] < 300)
     exact = remaining == 0 and subscribed(
         {n: d["members"] for n, d in state["lists"].items()}
@@ -122,11 +129,27 @@ def end_to_end(
         "peak": peak_per_second([r["t"] for r in log]),
         "429s": sum(1 for r in log if r["status"] == 429),
         "imports": len(import_times),
+        "import_sizes": (sizes[0], sizes[len(sizes) // 2], sizes[-1]) if sizes else (0, 0, 0),
+        # When things happened, in seconds from the service's start (the emulator runs in this
+        # process, so its monotonic clock is ours).
+        "timeline": {
+            "first request": log[0]["t"] - began if log else 0.0,
+            "first import": import_times[0] - began if import_times else 0.0,
+            "last import": import_times[-1] - began if import_times else 0.0,
+            "last request": log[-1]["t"] - began if log else 0.0,
+            "drained": elapsed,
+        },
         "import_phase_seconds": phase,
         "import_phase_per_s": contacts / phase if phase else 0.0,
+        "sustained_per_s": sustained,
+        "peak_imports_minute": peak_per_second(import_times, 60.0),
+        "import_rate_limited": sum(
+            1 for r in log if r["endpoint"] == "/import/bulk_import" and r["status"] == 400
+        ),
         "rss_mb": rss,
         "exact": exact,
         "drained": remaining == 0,
+        "log": [(r["t"] - began, r["endpoint"], r["status"]) for r in log],
         "by_endpoint": {
             e: sum(1 for r in log if r["endpoint"] == e)
             for e in sorted({r["endpoint"] for r in log})
@@ -226,12 +249,25 @@ def main() -> None:
         )
         print(
             f"   requests per 1000 events  : {bulk['requests_per_1000']:.2f} ({bulk['requests']} requests, "
-            f"{bulk['imports']} imports)"
+            f"{bulk['imports']} imports of min/median/max {bulk['import_sizes']} contacts)"
         )
         print(
             f"   import phase              : {bulk['import_phase_per_s']:.1f} contacts/s over "
             f"{bulk['import_phase_seconds']:.1f}s = {bulk['import_phase_per_s'] / CEILING:.2f} of the "
-            f"ceiling (first import to the tick after the last)"
+            f"ceiling (first import to the last; AC's sliding minute allows a burst after a quiet one)"
+        )
+        if bulk["sustained_per_s"]:
+            print(
+                f"   after the first minute    : {bulk['sustained_per_s']:.1f} contacts/s = "
+                f"{bulk['sustained_per_s'] / CEILING:.2f} of the ceiling (sustained)"
+            )
+        print(
+            f"   peak imports in any 60 s  : {bulk['peak_imports_minute']} (AC allows 100); "
+            f"import 400s (any reason): {bulk['import_rate_limited']}"
+        )
+        print(
+            "   timeline (s from start)   : "
+            + ", ".join(f"{k} {v:.1f}" for k, v in bulk["timeline"].items())
         )
         print(
             f"   fixed costs               : {bulk['seconds'] - bulk['import_phase_seconds']:.1f}s "

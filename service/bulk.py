@@ -106,6 +106,8 @@ class Submitted:
     rejected: list[Group] = field(default_factory=list)  # AC refused them: per-contact path
     failed: list[tuple[Group, ApiError]] = field(default_factory=list)  # list errors etc.
     error: ApiError | None = None  # the request itself failed: all of ``sent`` must be retried
+    requests: int = 0  # bulk_import requests sent (more than one after AC refused contacts)
+    unsent: list[Group] = field(default_factory=list)  # did not fit this import: for the next
 
 
 class BulkImporter:
@@ -147,8 +149,15 @@ class BulkImporter:
                 result.error = error
                 result.sent = groups
                 return result
+        # At most 250 contacts and under 400000 encoded bytes: what does not fit waits for the
+        # next import (AC would refuse the whole request).
+        fits = pack([encoded_size(entry) for _, entry in entries])
+        if len(fits) > 1:
+            result.unsent = [group for group, _ in entries[len(fits[0]) :]]
+            entries = entries[: len(fits[0])]
         while entries:
             payload = {"contacts": [entry for _, entry in entries]}
+            result.requests += 1
             try:
                 result.batch_id = self.client.bulk_import(payload)
                 result.sent = [group for group, _ in entries]

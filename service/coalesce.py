@@ -4,6 +4,9 @@ Invariants:
 - the last event added for a key wins (partition order); the change keeps every source offset it
   covers, so completing it completes the events it superseded;
 - a key becomes due ``window`` seconds after its *first* pending event (a hot key cannot starve);
+  once its partition is caught up (``expedite``), ``window`` after that event was *published*
+  if that is sooner: a backlog is then sent when a consumer that had kept up would have sent it,
+  instead of waiting a window after we read it;
 - changes of one email are handed out together, and never while that email is busy elsewhere
   (the caller passes the busy set), so AC never sees two requests for one email at once; a due
   change of a busy email waits aside until the caller ``release``s the email (not re-examined on
@@ -19,7 +22,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -75,6 +78,7 @@ class Coalescer:
         self._heap: list[tuple[float, int, ChangeKey]] = []
         self._blocked: dict[str, list[tuple[float, int, ChangeKey]]] = {}  # due, email busy
         self._seq = itertools.count()
+        self._examined: dict[int, int] = {}  # partition -> last seq ``expedite`` looked at
         self.superseded_total = 0
 
     def __len__(self) -> int:
@@ -192,6 +196,47 @@ class Coalescer:
         for item in deferred:
             heapq.heappush(self._heap, item)
         return groups
+
+    def expedite(
+        self,
+        partition: int,
+        now: float,
+        wall: float,
+        published: Callable[[int], float | None],
+    ) -> int:
+        """``partition`` is caught up: every record published to it so far has been added.
+
+        A new change of that partition whose first record was published at ``t`` (wall clock,
+        from ``published(offset)``, an upper bound; None: unknown) becomes due at
+        ``t + window``, if that is sooner than a window after we read it, and not before
+        ``now``: the records a consumer that had kept up would have merged into it are all
+        here. Looks only at changes added since the partition's previous call (cost amortised
+        over the additions). Returns how many changes were moved forward.
+        """
+        fresh = self._fresh
+        if not fresh:
+            return 0
+        since = self._examined.get(partition, -1)
+        self._examined[partition] = fresh[-1][1]
+        sooner: list[PendingChange] = []
+        for due_at, seq, key in reversed(fresh):
+            if seq <= since:
+                break
+            if key[0] != partition:
+                continue
+            change = self._pending.get(key)
+            if change is None or change.seq != seq or change.attempts:
+                continue
+            first = published(change.offsets[0])
+            if first is None:
+                continue
+            due = max(now, now + first + self.window - wall)
+            if due < due_at:
+                change.due_at = due
+                sooner.append(change)
+        for change in sooner:
+            self._push(change)  # a new seq: the old queue entry goes stale
+        return len(sooner)
 
     def release(self, email: str) -> None:
         """The email is no longer busy: its due changes set aside by ``take_due`` queue again."""

@@ -10,7 +10,9 @@ A write's callback runs only on the broker's ack; a failed delivery is retried, 
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -24,6 +26,26 @@ from service.ledger import CompactIndex, LedgerCodec, LedgerEntry
 logger = logging.getLogger(__name__)
 
 RESTORE_BATCH = 5000
+
+# The key of a partition's import-budget history (``ImportBudget.history``): not an email (no
+# "@"), so it never collides with an entry, and compaction keeps only the latest.
+BUDGET_KEY = "import-budget"
+
+
+def encode_budget(charges: list[tuple[float, float]]) -> bytes:
+    return json.dumps({"imports": [[round(t, 3), n] for t, n in charges]}).encode()
+
+
+def decode_budget(raw: bytes) -> list[tuple[float, float]]:
+    """(time, imports) pairs; ``ValueError`` for anything else."""
+    try:
+        charges = json.loads(raw)["imports"]
+        decoded = [(float(t), float(n)) for t, n in charges]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"not an import-budget record: {exc}") from None
+    if not all(math.isfinite(t) and math.isfinite(n) and n >= 0 for t, n in decoded):
+        raise ValueError("not an import-budget record: bad numbers")
+    return decoded
 
 
 @dataclass
@@ -50,7 +72,9 @@ class LedgerStore:
         self._producer = producer
         self._consumer_config = dict(consumer_config)
         self.progress = progress
-        self._retry: list[tuple[int, str, LedgerEntry, Callable[[], None]]] = []
+        self._retry: list[tuple[int, bytes, bytes, Callable[[], None]]] = []
+        # Import-budget histories found by the last restore, by partition (absent: none written).
+        self.budgets: dict[int, list[tuple[float, float]]] = {}
         self.in_flight = 0
         self.write_failures = 0
         self.on_failure: Callable[[], None] = lambda: None
@@ -63,13 +87,27 @@ class LedgerStore:
         latest: dict[int, dict[str, bytes]] = {p: {} for p in partitions}
         records = 0
         for partition, key, value in _read_to_end(
-            self._consumer_config, self.topic, partitions, self.progress
+            self._consumer_config, self.topic, partitions, self.progress, skip_budget=False
         ):
             records += 1
             if value is None:
                 latest[partition].pop(key, None)  # a tombstone
             else:
                 latest[partition][key] = value
+        for partition in partitions:
+            raw = latest[partition].pop(BUDGET_KEY, None)
+            self.budgets.pop(partition, None)
+            if raw is None:
+                continue
+            try:
+                self.budgets[partition] = decode_budget(raw)
+            except ValueError as exc:
+                # Written by us, so unexpected; the cost of ignoring it is at most one
+                # "Rate limit exceeded." from AC (back-pressure), never a lost change.
+                logger.warning(
+                    "unreadable import-budget record ignored",
+                    extra={"partition": partition, "error": str(exc)},
+                )
         emails = 0
         for partition, values in latest.items():
             # Decode only the last record of each email: earlier ones are superseded.
@@ -96,10 +134,14 @@ class LedgerStore:
         """Record ``entry`` now (later decisions see it) and on the topic; ``on_written`` runs
         on the broker's ack, from ``poll``."""
         self.index.put(partition, email, entry)
-        self._produce(partition, email, entry, on_written)
+        self._produce(partition, email.encode(), self.codec.encode(entry), on_written)
+
+    def write_budget(self, partition: int, charges: list[tuple[float, float]]) -> None:
+        """Record the partition's import-budget history for its next owner."""
+        self._produce(partition, BUDGET_KEY.encode(), encode_budget(charges), lambda: None)
 
     def _produce(
-        self, partition: int, email: str, entry: LedgerEntry, on_written: Callable[[], None]
+        self, partition: int, key: bytes, value: bytes, on_written: Callable[[], None]
     ) -> None:
         def delivered(err: Any, _msg: Any) -> None:
             self.in_flight -= 1
@@ -110,15 +152,15 @@ class LedgerStore:
                     "ledger write failed; will retry",
                     extra={"error": str(err), "partition": partition},
                 )
-                self._retry.append((partition, email, entry, on_written))
+                self._retry.append((partition, key, value, on_written))
                 return
             on_written()
 
         produce_when_room(
             self._producer,
             self.topic,
-            key=email.encode(),
-            value=self.codec.encode(entry),
+            key=key,
+            value=value,
             partition=partition,
             on_delivery=delivered,
         )
@@ -144,8 +186,10 @@ def _read_to_end(
     partitions: list[int],
     progress: Callable[[], None] = lambda: None,
     key_filter: bytes | None = None,
+    skip_budget: bool = True,
 ) -> Iterator[tuple[int, str, bytes | None]]:
-    """Every record of ``partitions`` from the beginning to the end seen when reading started."""
+    """Every record of ``partitions`` from the beginning to the end seen when reading started
+    (the import-budget records only with ``skip_budget=False``)."""
     if not partitions:
         return
     config = {
@@ -187,6 +231,8 @@ def _read_to_end(
                     continue
                 key = message.key()
                 if key is None or (key_filter is not None and key != key_filter):
+                    continue
+                if key_filter is None and skip_budget and key == BUDGET_KEY.encode():
                     continue
                 yield int(message.partition() or 0), key.decode(), message.value()
             if time.monotonic() - last_note > 10:

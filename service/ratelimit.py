@@ -29,7 +29,7 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import httpx
 
@@ -81,20 +81,35 @@ class LeakyBucket:
         self.next_free = start + self.interval
         return start
 
-    def sent(self, now: float) -> None:
-        """The booked slot was used at ``now``, possibly later than it started (a thread woken
-        late). Up to ``guard`` late changes nothing (the guard is there for that); later, the
-        next slot starts no sooner than ``1/rate`` after the actual send, so late wake-ups never
-        bunch two requests closer than AC's limit allows. (Not a full ``interval``: with
-        wall-clock ticks every wake-up a millisecond late would then skip a whole tick.)"""
-        self.next_free = max(self.next_free, now + self.interval - self.guard)
+    @property
+    def tolerance(self) -> float:
+        """How late a send may leave and still use its slot: half the slack the guard buys.
+        Slots are ``interval = 1/rate + guard`` apart, so ``rate + 1`` sends span at least
+        ``1 + rate * guard`` seconds; sends up to ``tolerance`` late (whichever replica makes
+        them) still leave half of that beyond one second for the network's jitter. (Without a
+        guard there is no slack to share: every send keeps its slot.)"""
+        if self.guard <= 0:
+            return float("inf")
+        return self.rate_nominal * self.guard / 2
+
+    @property
+    def rate_nominal(self) -> float:
+        return 1.0 / (self.interval - self.guard)
+
+    def on_time(self, start: float, now: float) -> bool:
+        """May the slot that started at ``start`` still be used at ``now``? Later than
+        ``tolerance`` (a thread woken late), it is void: book the next one instead. Pushing
+        every later slot back instead would skip a wall-clock tick after each late wake-up."""
+        return now - start <= self.tolerance + 1e-9
 
     def _next_owned_tick(self, earliest: float) -> float:
         assert self.owned is not None
         if not self.owned:
             # Nothing assigned: one partition's share, so lookups and probes still trickle.
             return earliest + self.interval * (self.total - 1)
-        tick = math.ceil(earliest / self.interval - 1e-9)
+        # Tolerance in ticks, not seconds: at wall-clock magnitudes (~1.8e9 s) ``k * interval /
+        # interval`` is off by up to ~1e-6, and a 1e-9 tolerance skipped a quarter of all ticks.
+        tick = math.ceil(earliest / self.interval - 1e-6)
         for step in range(self.total):
             if (tick + step) % self.total in self.owned:
                 return (tick + step) * self.interval
@@ -138,6 +153,7 @@ class RateLimiter:
         self._queue: list[tuple[int, int]] = []  # (0 urgent / 1 normal, arrival): not booked yet
         self._tickets = itertools.count()
         self._booked = False  # a waiter holds the next slot and sleeps until it starts
+        self.late_slots = 0  # slots given up by a waiter woken too late to use them
         self._closed = False
         self._clock = clock
         self._on_wait = on_wait
@@ -213,56 +229,156 @@ class RateLimiter:
                 now = self._clock()
                 left = start - now
                 if left <= 0:
-                    self._bucket.sent(now)
-                    return
+                    if self._bucket.on_time(start, now):
+                        return
+                    self.late_slots += 1  # void: the outer loop books the next slot
+                    break
                 self._turn.wait(left)
             if self._closed:
                 raise LimiterClosed()
 
 
 class ImportBudget:
-    """Pure: when the next bulk import may be sent (AC: 100 multi-contact imports a minute).
+    """Pure: may an import be sent now? AC allows 100 multi-contact imports in any 60 s.
 
-    Imports use the same ownership ticks as requests (see ``LeakyBucket.share``), one tick every
-    ``60/per_minute + guard`` seconds: at most one import starts per tick account-wide, however
-    partitions move between replicas. A per-replica sliding window would not be safe: a replica
-    that just sent a burst alone, followed by new owners with empty windows, overruns AC's minute.
-    The 20 ms guard absorbs the delay between a tick and the import reaching AC (at most ~97 a
-    minute are started).
+    The budget is a sliding window, so a backlog after a quiet minute goes out as fast as the
+    request budget allows (a burst of up to ``per_minute``), and a long one at ``per_minute`` a
+    minute. What makes a burst safe across replicas, rebalances and restarts is that the
+    window's history is kept **per partition** and moves with the partition:
+
+    - one import costs ``total`` units; each of the ``total`` partitions holds ``per_minute``
+      (less a margin of 2) units per window. Whatever the assignment, the units of all partitions spent in any
+      window add up to at most ``per_minute`` imports account-wide;
+    - a replica pools the units of the partitions it owns (an import's contacts may come from
+      any of them) and charges each import to the owned partitions with the most units left;
+    - a partition's charges of the last window are written to the partition's ledger
+      (``history``) on every charge, and read back by its next owner (``adopt``) before the
+      partition may be charged again. Until adopted a partition lends nothing;
+    - a charge counts from when the import is taken until ``settle`` records when its request
+      returned: AC counted it on arrival, which is no later than that. Until settled (or if a
+      revoked owner could not settle it) it is dated ``in_flight`` seconds ahead, longer than
+      a request can be on the wire. ``skew`` covers clocks between replicas (NTP).
+
+    Invariant (property-tested with transfers between replicas): at any arrival time, at most
+    ``per_minute`` imports arrived in the preceding 60 s. A history lost in a crash between a
+    charge and its write can let a new owner overrun; AC then answers "Rate limit exceeded.",
+    which pauses imports (back-pressure, nothing lost).
     """
 
-    def __init__(self, per_minute: int = 100, guard: float = 0.02) -> None:
-        self.interval = 60.0 / per_minute + guard
-        self.owned: frozenset[int] | None = None
-        self.total = 0
+    def __init__(
+        self,
+        per_minute: int = 100,
+        *,
+        margin: int = 2,
+        window: float = 60.0,
+        skew: float = 0.5,
+        in_flight: float = 60.0,
+    ) -> None:
+        if per_minute < 1:
+            raise ValueError("per_minute must be at least 1")
+        # A margin below AC's figure: AC's window edge and ours need not agree to the millisecond.
+        self.per_minute = max(1, per_minute - margin)
+        self.window = window + skew
+        self.in_flight = in_flight
+        self.owned: frozenset[int] | None = None  # None: one pool, the whole budget is ours
+        self.total = 1
         self.paused_until = float("-inf")
-        self._last_tick: int | None = None
+        self._adopted: set[int] = set()
+        self._history: dict[int, list[list[float]]] = {POOL: []}  # partition -> [[time, units, id]]
+        self._ids = itertools.count(1)
 
     def share(self, owned: frozenset[int] | None, total: int) -> None:
-        self.owned = owned if owned is not None and total > 0 else None
-        self.total = total
+        """Own the units of ``owned`` out of ``total`` partitions (None: one pool of all)."""
+        if owned is None or total <= 0:
+            self.owned, self.total = None, 1
+            self._adopted.add(POOL)
+            self._history.setdefault(POOL, [])
+        else:
+            self.owned, self.total = owned, total
+            self._adopted.discard(POOL)
+            self._history.pop(POOL, None)
+        for partition in list(self._history):
+            if partition != POOL and (self.owned is None or partition not in self.owned):
+                self._history.pop(partition)
+                self._adopted.discard(partition)
+
+    def adopt(self, partition: int, charges: Sequence[tuple[float, float]]) -> None:
+        """The partition's history as its previous owner wrote it: (time, imports) pairs."""
+        self._history[partition] = [
+            [at, float(math.ceil(imports * self.total - 1e-9)), 0.0] for at, imports in charges
+        ]
+        self._adopted.add(partition)
+
+    def history(self, partition: int, now: float) -> list[tuple[float, float]]:
+        """The partition's live charges as (time, imports), for its next owner."""
+        return [(at, units / self.total) for at, units, _ in self._live(partition, now)]
 
     @property
     def capacity(self) -> int:
-        """Imports this replica may start per minute."""
-        ratio = 1.0 if self.owned is None else len(self.owned) / self.total
-        return int(60.0 / self.interval * ratio)
+        """Imports this replica may start per minute (at most)."""
+        if self.owned is None:
+            return self.per_minute
+        return self.per_minute * len(self.owned) // self.total
+
+    def _pools(self) -> list[int]:
+        if self.owned is None:
+            return [POOL]
+        return [p for p in self.owned if p in self._adopted]
+
+    def _live(self, partition: int, now: float) -> list[list[float]]:
+        history = self._history.get(partition, [])
+        live = [charge for charge in history if charge[0] > now - self.window]
+        if len(live) != len(history):
+            self._history[partition] = live
+        return live
+
+    def _left(self, partition: int, now: float) -> float:
+        return self.per_minute - sum(charge[1] for charge in self._live(partition, now))
 
     def available(self, now: float) -> bool:
-        """True while ``now`` is in an owned tick not used yet (and no pause is on)."""
+        """True when the owned partitions have an import's units left (and no pause is on)."""
         if now < self.paused_until:
             return False
-        tick = math.floor(now / self.interval)
-        if self._last_tick is not None and tick <= self._last_tick:
-            return False
-        return self.owned is None or tick % self.total in self.owned
+        return sum(self._left(p, now) for p in self._pools()) >= self.total - 1e-9
 
-    def take(self, now: float) -> None:
-        self._last_tick = math.floor(now / self.interval)
+    def take(self, now: float) -> tuple[int, list[int]]:
+        """Charge one import (the caller checked ``available``; an extra request AC counted is
+        charged even when nothing is left). Returns the charge's id and the partitions charged."""
+        charge_id = next(self._ids)
+        due = float(self.total)
+        pools = sorted(self._pools(), key=lambda p: (-self._left(p, now), p))
+        charged: list[int] = []
+        for partition in pools:
+            units = min(due, max(0.0, self._left(partition, now)))
+            if units <= 0:
+                break
+            self._history[partition].append([now + self.in_flight, units, float(charge_id)])
+            charged.append(partition)
+            due -= units
+            if due <= 0:
+                break
+        if due > 0 and pools:  # nothing left: charge the overrun too (AC counted it)
+            self._history[pools[0]].append([now + self.in_flight, due, float(charge_id)])
+            charged.append(pools[0])
+        return charge_id, sorted(set(charged))
+
+    def settle(self, charge_id: int, at: float) -> list[int]:
+        """The import's request returned at ``at``: AC counted it by then. Returns the
+        partitions whose history changed."""
+        changed: list[int] = []
+        for partition, history in self._history.items():
+            for charge in history:
+                if charge[2] == charge_id:
+                    charge[0] = at
+                    changed.append(partition)
+        return changed
 
     def pause(self, until: float) -> None:
         """AC answered "Rate limit exceeded.": no import until ``until``."""
         self.paused_until = max(self.paused_until, until)
+
+
+POOL = -1  # the history key when the budget is not shared by partitions
 
 
 def parse_retry_after(value: str | None, default: float) -> float:

@@ -17,6 +17,7 @@ Promises:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import random
@@ -27,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, TopicPartition
 
 from service.activecampaign import ImportStatus
 from service.apply import ChangeOutcome, ContactApplier, OutcomeKind, contact_fields
@@ -64,15 +65,17 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 CONSUME_BATCH = 500
+IMPORT_GATHER_SECONDS = 0.2  # the bulk path takes due changes once the first is this late
 IDLE_COMMIT_SECONDS = 0.5  # at most this often when idle (a commit is a no-op if nothing is new)
 AUTH_RETRY_SECONDS = 15.0
 IMPORT_RATE_LIMIT_PAUSE = 60.0
 # How long completed imports may wait for their list's consent check, so that one read covers
 # the first entries of several imports (one page of a fresh list's unsubscribed members answers
-# for any number of them). At 100 imports a minute over five lists that is 0.5 reads a second
-# instead of 8; the price is that their contacts stay busy and their offsets open a little longer.
-# When no other import is still processing, the check runs at once (small loads do not wait).
-CONSENT_CHECK_SECONDS = 10.0
+# for any number of them). At 100 imports a minute over five lists that is 0.25 reads a second
+# instead of 8 (each read is a request slot an import or its confirmation could have used); the
+# price is that their contacts stay busy and their offsets open up to 20 s longer. When no other
+# import is still processing, the check runs at once (small loads do not wait).
+CONSENT_CHECK_SECONDS = 20.0
 
 
 @dataclass
@@ -90,6 +93,7 @@ class _InFlight:
     generations: dict[int, int] = field(default_factory=dict)
     contact_id: str | None = None
     consent: _ConsentBatch | None = None
+    charge: int = 0  # the import's charge on the import budget (settled when it returns)
 
 
 @dataclass
@@ -166,7 +170,7 @@ class Runner:
         self.imports: dict[str, _Outstanding] = {}
         self.consent_due: dict[ListRef, _ConsentBatch] = {}  # waiting for a check
         self.consent_checking: set[ListRef] = set()  # a check is in flight
-        self.resolving_lists = False  # a lookup of lists for the next import is in flight
+        self.resolving_lists = 0  # lookups of lists for the next imports in flight
         self.lists_looked_up: set[ListRef] = set()
         self.lists_wanted: set[ListRef] = set()  # seen in events, not looked up yet
         self.expected_import_seconds = 2.0  # learned from completions (EWMA)
@@ -182,6 +186,8 @@ class Runner:
         self.assigned: set[int] = set()
         self.generation: dict[int, int] = {}
         self.last_committed: dict[int, int] = {}
+        # Per partition, since it was last caught up: (last offset, publication time) per batch.
+        self.published: dict[int, list[tuple[int, float]]] = {}
         self.paused = False
         self.auth_blocked = False
         self.auth_retry_at = 0.0
@@ -275,10 +281,13 @@ class Runner:
         """Track, decode (the whole batch at once) and coalesce consumed records; bad ones go
         to the DLQ."""
         accepted: list[Any] = []
+        caught_up: list[int] = []
         for message in messages:
             error = message.error()
             if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    caught_up.append(message.partition())
+                else:
                     logger.warning("consumer error", extra={"error": error.str()})
                     if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
                         self.broker_ok = False
@@ -291,11 +300,17 @@ class Runner:
                 self._consumed["duplicate"].inc()
                 continue
             accepted.append(message)
-        if not accepted:
-            return
+        if accepted:
+            self._coalesce(accepted, now)
+        for partition in caught_up:
+            self._caught_up(partition, now)
+
+    def _coalesce(self, accepted: list[Any], now: float) -> None:
         decoded = self.decoder.decode_batch([m.value() for m in accepted])
         valid = coalesced = 0
+        last: dict[int, Any] = {}
         for message, event in zip(accepted, decoded, strict=True):
+            last[message.partition()] = message
             if isinstance(event, PoisonMessage):
                 self._dead_letter(message, event)
                 continue
@@ -312,6 +327,30 @@ class Runner:
             )
         self._consumed["valid"].inc(valid)
         self.metrics.events_coalesced.inc(coalesced)
+        # When the batch's records were published, per partition: its last record's timestamp
+        # bounds every earlier one's (for ``_caught_up``).
+        for partition, message in last.items() if self.settings.coalesce_from_publish_time else ():
+            kind, stamp = message.timestamp()
+            if kind != TIMESTAMP_NOT_AVAILABLE and stamp > 0:
+                self.published.setdefault(partition, []).append((message.offset(), stamp / 1000))
+
+    def _caught_up(self, partition: int, now: float) -> None:
+        """The partition's end was reached: changes of records published more than a window ago
+        are due now (see ``Coalescer.expedite``)."""
+        stamps = self.published.pop(partition, [])
+        if not stamps or partition not in self.assigned:
+            return
+        if not self.settings.coalesce_from_publish_time:
+            return
+        offsets = [offset for offset, _ in stamps]
+
+        def published(offset: int) -> float | None:
+            at = bisect.bisect_left(offsets, offset)
+            return stamps[at][1] if at < len(stamps) else None
+
+        moved = self.coalescer.expedite(partition, now, self.wall(), published)
+        if moved:
+            logger.debug("caught up", extra={"partition": partition, "sooner": moved})
 
     def _dead_letter(self, message: Any, poison: PoisonMessage) -> None:
         partition, offset = message.partition(), message.offset()
@@ -368,17 +407,37 @@ class Runner:
             wanted = {t for t in self.lists_wanted if not self.bulk.lists.known(t)}
             self.lists_wanted.clear()
             if wanted:
-                self._resolve_lists(wanted)
-                used += 1
+                used += self._resolve_lists(wanted, free - used)
         free -= used
         if free <= 0:
             return
         bulk = self.bulk is not None and not self.auth_blocked
+        if bulk and not flush_all:
+            head = self.coalescer.next_due_at()
+            if head is None or now < head + IMPORT_GATHER_SECONDS:
+                # Changes fall due a few milliseconds apart (records of different partitions
+                # or batches): wait a moment, so they leave in one import, not in two or by
+                # the per-contact path.
+                self._gauges()
+                return
         limit = MAX_CONTACTS if bulk else free
         taken = self.coalescer.take_due(now, limit=limit, busy=self.busy, flush_all=flush_all)
         groups = [g for g in (self._plan(g, now) for g in taken) if g]
         single = [g for g in groups if self._needs_single(g)]
         multi = [g for g in groups if not self._needs_single(g)]
+        while (
+            bulk
+            and len(taken) == limit
+            and 0 < len(multi) < MAX_CONTACTS
+            and self.import_budget.available(self.wall())
+        ):
+            # Fill the import: the ledger settles some groups without a request (and some go
+            # per contact), and an import is too scarce to send a quarter empty.
+            limit = MAX_CONTACTS - len(multi)
+            taken = self.coalescer.take_due(now, limit=limit, busy=self.busy, flush_all=flush_all)
+            for group in (self._plan(g, now) for g in taken):
+                if group:
+                    (single if self._needs_single(group) else multi).append(group)
         if bulk and len(multi) >= self.settings.bulk_min_contacts:
             unresolved = self._unresolved_lists(multi)
             if unresolved or self.resolving_lists:
@@ -386,8 +445,7 @@ class Runner:
                 # lookups after taking its tick would reach AC late, bunched with the next ones,
                 # and a minute later AC's 100-a-minute window would hold too many.
                 if not self.resolving_lists:
-                    self._resolve_lists(unresolved)
-                    free -= 1
+                    free -= self._resolve_lists(unresolved, free)
                 self._restore(multi)
             elif self.import_budget.available(self.wall()):
                 self._submit_import(multi, now)
@@ -430,19 +488,26 @@ class Runner:
             if c.target not in self.lists_looked_up and not lists.known(c.target)
         }
 
-    def _resolve_lists(self, targets: set[ListRef]) -> None:
+    def _resolve_lists(self, targets: set[ListRef], free: int) -> int:
+        """Find or create ``targets`` on up to ``free`` workers at once (a lookup and a create
+        each: one after another they would take a request tick and a round trip per list).
+        Returns the workers used."""
         assert self.bulk is not None
         lists = self.bulk.lists
+        ordered = sorted(targets, key=lambda t: (t.name or "", t.list_id or ""))
+        chunks = [ordered[i :: max(1, free)] for i in range(min(len(ordered), max(1, free)))]
 
-        def resolve() -> None:
-            for target in targets:
+        def resolve(chunk: list[ListRef]) -> None:
+            for target in chunk:
                 with contextlib.suppress(ApiError):
                     lists.list_id(target)
 
-        self.resolving_lists = True
         self.lists_looked_up |= targets  # once: a failed lookup is retried inside the import
-        future = self.pool.submit(resolve)
-        self.inflight[future] = _InFlight("", -1, 0, [], threading.Event(), kind="lists")
+        for chunk in chunks:
+            future = self.pool.submit(resolve, chunk)
+            self.inflight[future] = _InFlight("", -1, 0, [], threading.Event(), kind="lists")
+            self.resolving_lists += 1
+        return len(chunks)
 
     @staticmethod
     def _needs_single(changes: list[PendingChange]) -> bool:
@@ -497,7 +562,8 @@ class Runner:
 
     def _submit_import(self, groups: list[list[PendingChange]], now: float) -> None:
         assert self.bulk is not None
-        self.import_budget.take(self.wall())
+        charge, charged = self.import_budget.take(self.wall())
+        self._write_budget(charged)
         batch = [Group(g[0].email, g) for g in groups]
         changes = [c for g in groups for c in g]
         future = self.pool.submit(self.bulk.submit, batch)
@@ -511,10 +577,21 @@ class Runner:
             kind="import",
             groups=batch,
             generations=generations,
+            charge=charge,
         )
         for group in batch:
             self.busy.add(group.email)
         self.metrics.imports.labels("submitted").inc()
+
+    def _write_budget(self, partitions: list[int]) -> None:
+        """Write the import-budget history of ``partitions`` to their ledger, for whoever owns
+        them next (a budget not shared by partitions has no one to hand it to)."""
+        if self.import_budget.owned is None:
+            return
+        wall = self.wall()
+        for partition in partitions:
+            if partition in self.assigned:
+                self.ledger.write_budget(partition, self.import_budget.history(partition, wall))
 
     def _dispatch_polls(self, now: float, free: int) -> int:
         """Ask AC about queued imports whose poll is due. Returns the workers used."""
@@ -575,7 +652,7 @@ class Runner:
                 self._consent_checked(item, future, now)
                 continue
             if item.kind == "lists":
-                self.resolving_lists = False
+                self.resolving_lists -= 1
                 if future.exception() is not None:
                     logger.error("list lookup crashed", exc_info=future.exception())
                 continue
@@ -612,12 +689,23 @@ class Runner:
         except Exception:
             logger.exception("import submission crashed; retrying its changes")
             result = Submitted(sent=groups, error=ApiError(None, "crash"))
+        # AC counted the import by the time its request returned: date the charge so.
+        wall = self.wall()
+        changed = set(self.import_budget.settle(item.charge, wall))
+        for _ in range(result.requests - 1):  # resent after AC refused some contacts
+            extra, charged = self.import_budget.take(wall)
+            changed.update(self.import_budget.settle(extra, wall) + charged)
+        self._write_budget(sorted(changed))
         for group in groups:
             self._release(group.email)
         for group in result.rejected:
             for change in group.changes:
                 if self._owned(change, item.generations):
                     change.force_single = True
+                    self.coalescer.requeue(change, now)
+        for group in result.unsent:  # did not fit under AC's size limit: the next import
+            for change in group.changes:
+                if self._owned(change, item.generations):
                     self.coalescer.requeue(change, now)
         for group, error in result.failed:
             for change in group.changes:
@@ -1012,6 +1100,9 @@ class Runner:
             except KafkaException as exc:
                 logger.warning("could not read committed offsets", extra={"error": str(exc)})
             self._restore_ledger(new)  # readiness says "restoring" meanwhile
+            for partition in new:
+                # What the previous owner charged to these partitions in AC's last minute.
+                self.import_budget.adopt(partition, self.ledger.budgets.get(partition, []))
         self.restoring.clear()
         if self.share_stale:
             self.share_stale = False
@@ -1080,6 +1171,7 @@ class Runner:
         self.assigned -= gone
         for partition in gone:
             self.last_committed.pop(partition, None)
+            self.published.pop(partition, None)
             labels = (self.topic, str(partition))
             for gauge in (self.metrics.consumer_lag, self.metrics.inflight_uncommitted):
                 with contextlib.suppress(KeyError):

@@ -97,8 +97,15 @@ def make_samples(
     return SampleSet(records, expected, invalid, ids)
 
 
-def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes]]) -> dict[int, int]:
-    """Produce and wait for every ack; return partition -> end offset (from delivery reports)."""
+def produce(
+    bootstrap: str,
+    topic: str,
+    records: Iterable[tuple[bytes, bytes]],
+    *,
+    timestamp_ms: int = 0,
+) -> dict[int, int]:
+    """Produce and wait for every ack; return partition -> end offset (from delivery reports).
+    ``timestamp_ms``: the records' timestamp (0: now)."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 10, "acks": "all"})
     ends: dict[int, int] = {}
     errors: list[str] = []
@@ -112,7 +119,9 @@ def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes]]) 
     for key, value in records:
         while True:
             try:
-                producer.produce(topic, key=key, value=value, on_delivery=delivered)
+                producer.produce(
+                    topic, key=key, value=value, on_delivery=delivered, timestamp=timestamp_ms
+                )
                 break
             except BufferError:
                 producer.poll(0.1)

@@ -86,6 +86,10 @@ class Settings:
     attribute_map: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ATTRIBUTE_MAP))
     field_map: Mapping[str, str] = field(default_factory=dict)
     coalesce_window_seconds: float = 5.0
+    # Once a partition is caught up, a change's window counts from its first record's publication
+    # (the record timestamp) when that is sooner than from when it was read. Off for producers
+    # that stamp records with old event times.
+    coalesce_from_publish_time: bool = True
     max_pending_changes: int = 100_000
     commit_interval_seconds: float = 5.0
     shutdown_grace_seconds: float = 20.0
@@ -120,11 +124,15 @@ class Settings:
         cfg["bootstrap.servers"] = self.kafka_bootstrap_servers
         cfg["group.id"] = self.kafka_group_id
         cfg.update(_FORCED_KAFKA)
+        # The end of a partition is when a backlog's coalescing windows may close early
+        # (``Coalescer.expedite``).
+        cfg["enable.partition.eof"] = "true"
         return cfg
 
     def producer_config(self) -> dict[str, str | int | float | bool]:
         """librdkafka producer properties for the DLQ: idempotent, acks from all replicas."""
         consumer_only = {
+            "enable.partition.eof",
             "session.timeout.ms",
             "heartbeat.interval.ms",
             "auto.offset.reset",
@@ -380,6 +388,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         coalesce_window_seconds=_number(
             env, "COALESCE_WINDOW_SECONDS", 5.0, minimum=0.0, maximum=3600.0
         ),
+        coalesce_from_publish_time=_boolean(env, "COALESCE_FROM_PUBLISH_TIME", True),
         max_pending_changes=_integer(
             env, "MAX_PENDING_CHANGES", 100_000, minimum=10, maximum=10_000_000
         ),

@@ -569,7 +569,11 @@ class Account:
             "lists": lists,
             "contacts": len(self.contacts),
             "imports": {
-                b.batch_id: {"status": b.status, "contacts": len(b.contacts)}
+                b.batch_id: {
+                    "status": b.status,
+                    "contacts": len(b.contacts),
+                    "queued_at": b.queued_at,
+                }
                 for b in self.imports.values()
             },
         }

@@ -116,6 +116,24 @@ def test_one_malformed_email_is_set_aside_and_the_rest_sent_again(
     assert statuses == [400, 200]
 
 
+def test_what_does_not_fit_under_400000_bytes_waits_for_the_next_import(
+    fast: Emulator, importer: tuple[BulkImporter, ValidatingTransport]
+) -> None:
+    """250 contacts with long names (~2 KB each) are over AC's size limit, which would refuse
+    the whole import: the importer sends what fits and hands back the rest, none refused."""
+    bulk, _ = importer
+    groups = [group(f"p{i}@example.com") for i in range(250)]
+    for g in groups:
+        g.changes[0].event = g.changes[0].event._replace(attributes={"first_name": "P" * 2000})
+    result = bulk.submit(groups)
+    assert result.batch_id and result.requests == 1
+    assert 150 < len(result.sent) < 250
+    assert [g.email for g in result.sent + result.unsent] == [g.email for g in groups]
+    assert result.rejected == [] and result.failed == [] and result.error is None
+    completed(bulk, result.batch_id)
+    assert len(members(fast, "VIP")) == len(result.sent)
+
+
 def test_import_rate_limit_is_backpressure(
     fast: Emulator, importer: tuple[BulkImporter, ValidatingTransport]
 ) -> None:

@@ -386,3 +386,38 @@ def test_reconcile_reports_changes_made_behind_the_services_back(
     # read-only: only GETs reached AC
     assert {r["method"] for r in request_log(fast_emulator)[mark:]} == {"GET"}
     assert emulator_lists(fast_emulator)["VIP"]["rec1@example.com"] == 2
+
+
+def test_import_budget_history_travels_in_the_ledger_and_stays_out_of_its_entries(
+    bootstrap: str,
+) -> None:
+    """A partition's import-budget history is written to its ledger partition and read back by
+    the next owner's restore (the latest record wins); entries, ``explain`` and ``reconcile``
+    never see it."""
+    from confluent_kafka import Producer
+
+    from service.ledger import LedgerEntry, ListState, SetBy
+    from service.ledger_store import LedgerStore
+    from service.localbroker import create_topics
+
+    name = f"ledger-{uuid.uuid4().hex[:8]}"
+    create_topics(bootstrap, {name: 2}, {"cleanup.policy": "compact"})
+    config = {"bootstrap.servers": bootstrap, "group.id": f"g-{name}"}
+    producer = Producer({"bootstrap.servers": bootstrap})
+    store = LedgerStore(name, producer, config)
+    entry = LedgerEntry(
+        "42", 0, (ListState("VIP", 1, SetBy.SERVICE, str(uuid.uuid4()), 1, 2, 0, 3, "a", "VIP"),)
+    )
+    written: list[str] = []
+    store.write_budget(0, [(1000.25, 0.5)])
+    store.write(0, "pat@example.com", entry, lambda: written.append("entry"))
+    store.write_budget(0, [(1000.25, 0.5), (1001.5, 1.0)])  # the latest wins
+    store.flush(10)
+    assert written == ["entry"]
+
+    next_owner = LedgerStore(name, producer, config)
+    stats = next_owner.restore([0, 1])
+    assert next_owner.budgets == {0: [(1000.25, 0.5), (1001.5, 1.0)]}
+    assert stats.emails == 1
+    assert next_owner.get(0, "pat@example.com") == entry
+    assert read_entries(config, name, [0, 1]) == {"pat@example.com": entry}

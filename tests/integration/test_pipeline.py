@@ -54,6 +54,39 @@ def test_thousands_of_events_final_state_and_dlq(
     assert service.terminate() == 0
 
 
+def test_a_caught_up_backlog_published_long_ago_does_not_wait_a_window_after_it_was_read(
+    bootstrap: str,
+    topic: str,
+    fast_emulator: Emulator,
+    services: list[ServiceProcess],
+    tmp_path: Path,
+) -> None:
+    """Records published ten minutes ago (their timestamps) and a 30 s window: once the
+    partitions are caught up their windows are long over, so they are applied well before 30 s
+    after they were read (a consumer that had kept up would have sent them long ago), and
+    still coalesced: every event of the backlog was read first."""
+    samples = make_samples(events=3000, emails=400, audiences=3, seed=21)
+    ends = produce(bootstrap, topic, samples.records, timestamp_ms=int((time.time() - 600) * 1000))
+    env = service_env(
+        bootstrap,
+        topic,
+        "g-published",
+        fast_emulator,
+        AC_RATE_LIMIT_PER_SECOND=FAST,
+        COALESCE_WINDOW_SECONDS="30",
+    )
+    began = time.monotonic()
+    service = ServiceProcess(env, tmp_path / "svc").start()
+    services.append(service)
+    wait_for_lag_zero(bootstrap, "g-published", topic, ends, timeout=120, services=services)
+    assert time.monotonic() - began < 30.0  # the records were read after the service started
+    assert subscribed(emulator_lists(fast_emulator)) == subscribed(samples.expected)
+    # Coalesced: no email was written twice (one import or one per-contact write each).
+    log = request_log(fast_emulator)
+    writes = [r for r in log if r["endpoint"] in ("/contact/sync", "/import/bulk_import")]
+    assert len(writes) < 400 / 2
+
+
 def test_sigkill_at_random_moments_loses_nothing(
     bootstrap: str,
     topic: str,

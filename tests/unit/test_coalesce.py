@@ -32,6 +32,29 @@ def test_due_from_first_event_so_hot_keys_do_not_starve() -> None:
     assert len(c.take_due(5.0, limit=10, busy=set())) == 1
 
 
+def test_a_caught_up_partition_sends_its_backlog_when_a_kept_up_consumer_would_have() -> None:
+    """Read at now=100 (wall clock 1000), window 5: the record published at 900 is long past its
+    window, the one published at 997 has 2 s of it left; a partition not caught up waits."""
+    c = Coalescer(window=5)
+    published = {0: 900.0, 1: 997.0, 2: 998.0, 7: 900.0}
+    c.add(0, A, ev("old@y.com", Action.ENTERED), None, 0, now=100)
+    c.add(0, A, ev("recent@y.com", Action.ENTERED), None, 1, now=100)
+    c.add(0, A, ev("old@y.com", Action.EXITED), None, 2, now=100)  # the change keeps offset 0
+    c.add(1, A, ev("other@y.com", Action.ENTERED), None, 7, now=100)  # partition 1: not at its end
+    assert c.expedite(0, 100.0, 1000.0, published.get) == 2
+    [group] = c.take_due(100.0, limit=10, busy=set())
+    assert [(ch.email, ch.event.action) for ch in group] == [("old@y.com", Action.EXITED)]
+    assert c.take_due(101.9, limit=10, busy=set()) == []
+    assert [g[0].email for g in c.take_due(102.0, limit=10, busy=set())] == ["recent@y.com"]
+    assert c.take_due(104.9, limit=10, busy=set()) == []
+    assert [g[0].email for g in c.take_due(105.0, limit=10, busy=set())] == ["other@y.com"]
+    # A second call looks only at changes added since the first; unknown times change nothing.
+    c.add(0, A, ev("new@y.com", Action.ENTERED), None, 3, now=106)
+    assert c.expedite(0, 106.0, 1006.0, published.get) == 0
+    assert c.take_due(110.9, limit=10, busy=set()) == []
+    assert len(c.take_due(111.0, limit=10, busy=set())) == 1
+
+
 def test_one_group_per_email_with_all_its_lists() -> None:
     c = Coalescer(window=0)
     c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=0)

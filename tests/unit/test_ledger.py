@@ -177,3 +177,13 @@ def test_reconcile_differences_name_what_changed_behind_our_back() -> None:
         "back@x.io": ("unsubscribed", "subscribed"),
         "hand@x.io": ("none", "subscribed"),
     }
+
+
+def test_import_budget_records_round_trip_and_reject_anything_else() -> None:
+    from service.ledger_store import decode_budget, encode_budget
+
+    charges = [(1000.125, 0.25), (1060.5, 1.0)]
+    assert decode_budget(encode_budget(charges)) == charges
+    for raw in (b"", b"{}", b'{"imports": [[1, -1]]}', b'{"imports": [["x", 1]]}', b"\x00\x01"):
+        with pytest.raises(ValueError, match="import-budget"):
+            decode_budget(raw)

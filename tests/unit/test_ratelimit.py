@@ -1,3 +1,5 @@
+import bisect
+import itertools
 import math
 import threading
 import time
@@ -5,10 +7,11 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.ratelimit import (
+    ImportBudget,
     LeakyBucket,
     LimiterClosed,
     RateLimitedTransport,
@@ -121,44 +124,120 @@ def test_replicas_sharing_ticks_never_exceed_the_account_rate(owners, arrivals) 
     assert len(set(round(s, 6) for s in starts)) == len(starts)
 
 
-def test_import_budget_ticks_share_and_pause() -> None:
-    from service.ratelimit import ImportBudget
+def drain(budget: ImportBudget, now: float) -> int:
+    """Take imports while the budget allows; how many."""
+    taken = 0
+    while budget.available(now):
+        _, charged = budget.take(now)
+        assert budget.owned is None or set(charged) <= budget.owned
+        taken += 1
+    return taken
 
-    budget = ImportBudget(per_minute=100, guard=0.02)  # ticks of 0.62 s
-    budget.share(frozenset({0, 1, 2, 3}), total=12)
-    assert budget.capacity == 32  # a third of ~96.8 a minute
-    started = []
-    t = 1000.0
-    while t < 1060.0:
-        if budget.available(t):
-            budget.take(t)
-            started.append(t)
-        t += 0.01
-    assert 31 <= len(started) <= 33
-    assert all((round(s / 0.62) % 12) in {0, 1, 2, 3} for s in started)
+
+def test_import_budget_bursts_then_holds_the_window() -> None:
+
+    budget = ImportBudget(per_minute=100)  # 98 after the margin, in a sliding 60.5 s
+    charges = []
+    while budget.available(1000.0):
+        charges.append(budget.take(1000.0)[0])
+    assert len(charges) == 98  # a quiet minute: the whole window at once
+    assert not budget.available(1059.0)  # unsettled: dated a minute ahead
+    for charge in charges:
+        budget.settle(charge, 1000.3)  # the requests returned
+    assert not budget.available(1060.79)
+    assert budget.available(1060.81)
     budget.pause(2000.0)
-    assert not any(budget.available(1990.0 + i * 0.01) for i in range(1000))
-    assert any(budget.available(2000.0 + i * 0.01) for i in range(800))
+    assert not budget.available(1999.9)
+    assert budget.available(2000.0)
 
 
-@given(st.lists(st.integers(0, 11), min_size=12, max_size=12), st.floats(0, 600))
-def test_replicas_never_start_more_than_100_imports_a_minute(owners, offset) -> None:  # type: ignore[no-untyped-def]
-    """Three replicas, any split of 12 partitions, each starting imports whenever allowed."""
-    from service.ratelimit import ImportBudget
+def test_import_budget_pools_owned_partitions_and_adopts_their_history() -> None:
 
-    starts: list[float] = []
-    for replica in range(3):
-        budget = ImportBudget()
-        budget.share(frozenset(p for p, o in enumerate(owners) if o % 3 == replica), total=12)
-        t = 5000.0 + offset
-        while t < 5000.0 + offset + 150:
-            if budget.available(t):
-                budget.take(t)
-                starts.append(t)
-            t += 0.05
-    starts.sort()
-    for i, s in enumerate(starts):
-        assert len([x for x in starts[i:] if x < s + 60.0]) <= 100
+    budget = ImportBudget(per_minute=100)
+    budget.share(frozenset({0, 1, 2, 3}), total=12)
+    assert budget.capacity == 32
+    assert not budget.available(0.0)  # owned, but no history adopted yet: nothing to lend
+    for partition in (0, 1, 2, 3):
+        budget.adopt(partition, [])
+    assert drain(budget, 0.0) == 32  # 4 x 98 units, 12 per import
+    # Spread over the partitions, so each carries its part of the history to its next owner.
+    shares = [sum(n for _, n in budget.history(p, 0.0)) for p in (0, 1, 2, 3)]
+    assert max(shares) - min(shares) <= 1.0
+    # A new owner of partition 3 that adopts the history above cannot use its units again.
+    other = ImportBudget(per_minute=100)
+    other.share(frozenset({3, 4}), total=12)
+    other.adopt(3, budget.history(3, 0.0))
+    other.adopt(4, [])
+    assert drain(other, 1.0) == 8  # 2 + 98 units left; without the history it would be 16
+    # Partitions given up are forgotten.
+    budget.share(frozenset({0}), total=12)
+    assert budget.history(1, 0.0) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 2), min_size=12, max_size=12),
+    st.lists(
+        st.tuples(st.floats(1, 150), st.lists(st.integers(0, 2), min_size=12, max_size=12)),
+        max_size=4,
+    ),
+    st.lists(st.floats(0.0, 0.4), min_size=1, max_size=20),
+    st.sampled_from([0.05, 0.3, 1.7]),
+)
+def test_replicas_and_rebalances_never_put_more_than_the_budget_in_acs_minute(
+    owners: list[int],
+    moves: list[tuple[float, list[int]]],
+    delays: list[float],
+    step: float,
+) -> None:
+    """Three replicas take imports whenever allowed while partitions move between them; each
+    partition's history reaches its next owner through a stand-in for its ledger (written on
+    every charge and settle, as the runner does). AC counts each import when it arrives,
+    before its request returns. In no 60 s of arrivals are there more than 98."""
+
+    ledger: dict[int, list[tuple[float, float]]] = {}
+    budgets = [ImportBudget(per_minute=100) for _ in range(3)]
+    assignment = list(owners)
+
+    def write(budget: ImportBudget, partitions: list[int], now: float) -> None:
+        for p in partitions:
+            if budget.owned is not None and p in budget.owned:
+                ledger[p] = budget.history(p, now)
+
+    def assign(now: float, new: list[int], old: list[int] | None) -> None:
+        for r, budget in enumerate(budgets):
+            owned = frozenset(p for p in range(12) if new[p] == r)
+            budget.share(owned, 12)
+            for p in owned:
+                if old is None or old[p] != r:
+                    budget.adopt(p, ledger.get(p, []))
+
+    assign(0.0, assignment, None)
+    pending: list[tuple[float, int, int]] = []  # (returns at, replica, charge)
+    arrivals: list[float] = []
+    schedule = sorted(moves)
+    t, n = 0.0, 0
+    while t < 200.0:
+        while schedule and schedule[0][0] <= t:
+            _, new = schedule.pop(0)
+            assign(t, new, assignment)
+            assignment = new
+        for item in [x for x in pending if x[0] <= t]:
+            pending.remove(item)
+            budget = budgets[item[1]]
+            write(budget, budget.settle(item[2], item[0]), t)
+        for r, budget in enumerate(budgets):
+            while budget.available(t):
+                charge, charged = budget.take(t)
+                write(budget, charged, t)
+                delay = delays[n % len(delays)]
+                n += 1
+                arrivals.append(t + delay)  # reaches AC on the way
+                pending.append((t + delay + delays[n % len(delays)], r, charge))
+        t += step
+    arrivals.sort()
+    for i, a in enumerate(arrivals):
+        assert i + 1 - bisect.bisect_right(arrivals, a - 60.0) <= 98
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -211,20 +290,44 @@ def test_close_releases_every_waiter() -> None:
     assert len(errors) == 3 and limiter.waiting == 0
 
 
-def test_a_late_send_pushes_the_next_slot_a_full_interval_after_it() -> None:
-    b = LeakyBucket(5, guard=0)
-    assert b.reserve(0.0) == 0.0
-    b.sent(0.15)  # the thread holding the slot woke 150 ms late
-    assert b.reserve(0.2) == pytest.approx(0.35)
-    b.sent(0.35)  # on time: nothing changes
-    assert b.reserve(0.36) == pytest.approx(0.55)
+def test_owned_ticks_follow_each_other_at_wall_clock_magnitudes() -> None:
+    """Found by the benchmark: at time.time() magnitudes the tick index computed from the
+    previous slot's end came out one too high for about a quarter of all slots (one request
+    tick in four or five lost)."""
+    b = LeakyBucket(5, guard=0.01)
+    b.share(frozenset(range(12)), total=12)
+    starts = [b.reserve(1_795_000_000.0) for _ in range(2000)]
+    gaps = {round(later - earlier, 3) for earlier, later in itertools.pairwise(starts)}
+    assert gaps == {0.21}
 
 
-def test_a_send_late_within_the_guard_keeps_the_next_tick() -> None:
-    b = LeakyBucket(5, guard=0.01)  # ticks every 0.21 s
-    b.share(frozenset(range(4)), 4)  # every tick is ours
-    assert b.reserve(0.0) == 0.0
-    b.sent(0.004)  # a usual wake-up, a few milliseconds late
-    assert b.reserve(0.01) == pytest.approx(0.21)  # the next tick, not the one after
-    b.sent(0.21 + 0.05)  # 50 ms late: the next request waits 1/rate after it
-    assert b.reserve(0.3) >= 0.26 + 0.2 - 1e-9
+def test_a_slot_is_used_up_to_its_tolerance_late_and_void_beyond() -> None:
+    b = LeakyBucket(5, guard=0.01)  # ticks every 0.21 s; five of them span 1.05 s
+    assert b.tolerance == pytest.approx(0.025)
+    assert b.on_time(0.21, 0.21 + 0.024)
+    assert not b.on_time(0.21, 0.21 + 0.03)
+    assert LeakyBucket(5, guard=0).on_time(0.0, 10.0)  # no guard, no slack to protect
+
+
+@given(
+    st.lists(st.integers(0, 2), min_size=12, max_size=12),
+    st.lists(st.floats(0, 5), min_size=1, max_size=40),
+    st.lists(st.floats(0, 1), min_size=1, max_size=40),
+)
+def test_sends_late_within_tolerance_leave_margin_for_network_jitter(  # type: ignore[no-untyped-def]
+    owners, arrivals, lateness
+) -> None:
+    """Three replicas send in their ticks, each send up to ``tolerance`` late (the waiter woke
+    late): no window of 1 s plus another 20 ms of network jitter holds more than 5."""
+    sends: list[float] = []
+    for replica in set(owners):
+        b = LeakyBucket(5, guard=0.01)
+        b.share(frozenset(p for p, o in enumerate(owners) if o == replica), total=12)
+        for i, t in enumerate(sorted(arrivals)):
+            start = b.reserve(t)
+            late = start + lateness[i % len(lateness)] * b.tolerance
+            assert b.on_time(start, late)
+            sends.append(late)
+    sends.sort()
+    for i, s in enumerate(sends):
+        assert i + 1 - bisect.bisect_right(sends, s - 1.02) <= 5

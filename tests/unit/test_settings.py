@@ -30,6 +30,10 @@ def test_defaults() -> None:
     assert s.ac_rate_limit_per_second == 5.0
     assert s.ac_base_url == "https://acct.api-us1.com/api/3"
     assert s.list_name_template == "{audience_name}"
+    assert s.coalesce_from_publish_time is True
+    assert (
+        load_settings(env(COALESCE_FROM_PUBLISH_TIME="false")).coalesce_from_publish_time is False
+    )
 
 
 @pytest.mark.parametrize(
