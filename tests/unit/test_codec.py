@@ -193,11 +193,12 @@ def test_email_cache_normalises_remembers_and_stays_bounded() -> None:
     assert cache(" A@Example.com") is cache(" A@Example.com")
     cache("b@example.com")
     cache("c@example.com")  # full: forgets, then remembers this one
-    assert len(cache._known) == 1
+    assert len(cache) == 1
+    assert cache["c@example.com"] == "c@example.com"  # a hit: the dict alone, no Python code
     with pytest.raises(PoisonMessage) as info:
-        cache("not-an-email")
+        cache["not-an-email"]
     assert info.value.reason == "invalid_email"
-    assert "not-an-email" not in cache._known
+    assert "not-an-email" not in cache
 
 
 @pytest.mark.parametrize(
