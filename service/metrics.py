@@ -93,6 +93,12 @@ class Metrics:
             "Bulk imports queued at AC, not yet completed.",
             registry=r,
         )
+        self.import_budget_left = Gauge(
+            "ac_sync_import_budget_left",
+            "Imports this replica may still start in AC's current minute (what its partitions' "
+            "share of the 98-a-minute import budget has left).",
+            registry=r,
+        )
         self.changes_skipped = Counter(
             "ac_sync_changes_skipped",
             "Changes whose state the ledger already held (replays, duplicates): no AC request.",

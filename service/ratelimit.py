@@ -335,6 +335,10 @@ class ImportBudget:
     def _left(self, partition: int, now: float) -> float:
         return self.per_minute - sum(charge[1] for charge in self._live(partition, now))
 
+    def left(self, now: float) -> float:
+        """Imports the owned partitions could still pay for now (a pause aside)."""
+        return sum(max(0.0, self._left(p, now)) for p in self._pools()) / self.total
+
     def available(self, now: float) -> bool:
         """True when the owned partitions have an import's units left (and no pause is on)."""
         if now < self.paused_until:

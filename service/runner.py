@@ -1217,6 +1217,7 @@ class Runner:
 
     def _gauges(self) -> None:
         self.metrics.imports_outstanding.set(len(self.imports))
+        self.metrics.import_budget_left.set(self.import_budget.left(self.wall()))
         self.metrics.changes_pending.set(len(self.coalescer))
         self.metrics.changes_inflight.set(sum(len(f.changes) for f in self.inflight.values()))
 

@@ -139,6 +139,8 @@ def test_dashboard_is_templated_and_covers_the_asks() -> None:
         "ac_sync_changes_pending",
         "ac_sync_event_to_applied_seconds_bucket",
         "ac_sync_auth_rejected",
+        "ac_sync_imports_total",
+        "ac_sync_import_budget_left",
     ):
         assert metric in exprs, metric
 

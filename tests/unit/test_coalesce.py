@@ -235,3 +235,49 @@ def test_busy_emails_hold_their_changes_until_released_and_nothing_is_lost(steps
         covered.extend(o for change in group for o in change.offsets)
     assert sorted(covered) == list(range(len(steps)))
     assert len(c) == 0
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a@x.com", "b@x.com", "c@x.com", "d@x.com"]),
+            st.integers(0, 1),  # partition
+            st.floats(0, 2),  # gap before this add
+            st.one_of(
+                st.none(), st.floats(0, 3)
+            ),  # then: the partition caught up; records this old
+            st.booleans(),  # then: take one due group and retry it a second later
+        ),
+        max_size=60,
+    )
+)
+def test_catching_up_moves_changes_forward_only_and_loses_nothing(steps) -> None:  # type: ignore[no-untyped-def]
+    c = Coalescer(window=1.0)
+    now = 0.0
+    read_at: dict[tuple[int, str], float] = {}
+    for n, (email, partition, gap, age, retry) in enumerate(steps):
+        now += gap
+        if not c.add(partition, A, ev(email, Action.ENTERED, n), None, n, now):
+            read_at[(partition, email)] = now
+        if age is not None:
+            published = 1000.0 + now - age
+            c.expedite(partition, now, 1000.0 + now, lambda _offset, t=published: t)
+        if retry:
+            for group in c.take_due(now, limit=1, busy=set()):
+                for change in group:
+                    c.requeue(change, now + 1.0)
+                    read_at[(change.partition, change.email)] = now  # not before its retry
+    dues: list[float] = []
+    taken: list[tuple[int, str]] = []
+    while True:
+        groups = c.take_due(float("inf"), limit=1, busy=set())
+        if not groups:
+            break
+        for change in groups[0]:
+            # Sooner than a window after it was read, never before it was read.
+            assert read_at[change.key[:2]] <= change.due_at <= read_at[change.key[:2]] + 1.0 + 1e-9
+            dues.append(change.due_at)
+            taken.append(change.key[:2])
+    assert dues == sorted(dues)
+    assert sorted(taken) == sorted({(p, e) for e, p, _, _, _ in steps})
+    assert len(c) == 0

@@ -141,6 +141,7 @@ def test_import_budget_bursts_then_holds_the_window() -> None:
     while budget.available(1000.0):
         charges.append(budget.take(1000.0)[0])
     assert len(charges) == 98  # a quiet minute: the whole window at once
+    assert budget.left(1000.0) == 0.0
     assert not budget.available(1059.0)  # unsettled: dated a minute ahead
     for charge in charges:
         budget.settle(charge, 1000.3)  # the requests returned
@@ -159,6 +160,7 @@ def test_import_budget_pools_owned_partitions_and_adopts_their_history() -> None
     assert not budget.available(0.0)  # owned, but no history adopted yet: nothing to lend
     for partition in (0, 1, 2, 3):
         budget.adopt(partition, [])
+    assert budget.left(0.0) == pytest.approx(4 * 98 / 12)
     assert drain(budget, 0.0) == 32  # 4 x 98 units, 12 per import
     # Spread over the partitions, so each carries its part of the history to its next owner.
     shares = [sum(n for _, n in budget.history(p, 0.0)) for p in (0, 1, 2, 3)]
