@@ -149,7 +149,6 @@ def end_to_end(
         "rss_mb": rss,
         "exact": exact,
         "drained": remaining == 0,
-        "log": [(r["t"] - began, r["endpoint"], r["status"]) for r in log],
         "by_endpoint": {
             e: sum(1 for r in log if r["endpoint"] == e)
             for e in sorted({r["endpoint"] for r in log})

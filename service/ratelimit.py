@@ -153,7 +153,6 @@ class RateLimiter:
         self._queue: list[tuple[int, int]] = []  # (0 urgent / 1 normal, arrival): not booked yet
         self._tickets = itertools.count()
         self._booked = False  # a waiter holds the next slot and sleeps until it starts
-        self.late_slots = 0  # slots given up by a waiter woken too late to use them
         self._closed = False
         self._clock = clock
         self._on_wait = on_wait
@@ -231,8 +230,7 @@ class RateLimiter:
                 if left <= 0:
                     if self._bucket.on_time(start, now):
                         return
-                    self.late_slots += 1  # void: the outer loop books the next slot
-                    break
+                    break  # woken too late: the slot is void, the outer loop books the next
                 self._turn.wait(left)
             if self._closed:
                 raise LimiterClosed()
@@ -247,8 +245,8 @@ class ImportBudget:
     window's history is kept **per partition** and moves with the partition:
 
     - one import costs ``total`` units; each of the ``total`` partitions holds ``per_minute``
-      (less a margin of 2) units per window. Whatever the assignment, the units of all partitions spent in any
-      window add up to at most ``per_minute`` imports account-wide;
+      (less a margin of 2) units per window. Whatever the assignment, the units all partitions
+      spend in any window add up to at most ``per_minute`` imports account-wide;
     - a replica pools the units of the partitions it owns (an import's contacts may come from
       any of them) and charges each import to the owned partitions with the most units left;
     - a partition's charges of the last window are written to the partition's ledger

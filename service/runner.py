@@ -166,7 +166,11 @@ class Runner:
         self.pool = ThreadPoolExecutor(settings.ac_concurrency, thread_name_prefix="ac")
         self.inflight: dict[Future[Any], _InFlight] = {}
         self.bulk = bulk
-        self.import_budget = ImportBudget(settings.ac_imports_per_minute)  # on the wall clock
+        # On the wall clock. A charge in flight is dated ahead by more than a request can take.
+        self.import_budget = ImportBudget(
+            settings.ac_imports_per_minute,
+            in_flight=max(60.0, 2 * settings.ac_request_timeout_seconds),
+        )
         self.imports: dict[str, _Outstanding] = {}
         self.consent_due: dict[ListRef, _ConsentBatch] = {}  # waiting for a check
         self.consent_checking: set[ListRef] = set()  # a check is in flight
