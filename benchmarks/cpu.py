@@ -6,6 +6,7 @@ Run: ``make bench`` (or ``.venv/bin/python benchmarks/cpu.py``). Prints figures;
 
 from __future__ import annotations
 
+import gc
 import io
 import platform
 import time
@@ -19,7 +20,7 @@ from service.codec import EventDecoder, load_reader_schema
 from service.errors import PoisonMessage
 from service.lists import ListNamer
 from service.runner import CONSUME_BATCH
-from service.runtime import tune_gc
+from service.runtime import COLLECT_INTERVAL_SECONDS, Collector, tune_gc
 from service.samples import make_samples
 
 
@@ -30,21 +31,37 @@ def bare_fastavro(values: list[bytes], schema: Any) -> float:
     return len(values) / (time.perf_counter() - began)
 
 
-def decode_and_coalesce(values: list[tuple[int, int, bytes]], schema: Any) -> float:
+def decode_and_coalesce(
+    values: list[tuple[int, int, bytes]], schema: Any, kept: list[Coalescer] | None = None
+) -> float:
     """What the runner does per consumed batch: decode and validate it, then name the list and
-    coalesce record by record."""
+    coalesce record by record; between batches, the scheduled garbage collection (it runs when
+    its schedule says so, as in the runner's loop)."""
     decoder = EventDecoder(schema)
     coalescer = Coalescer(window=5.0)
     list_for = ListNamer("{audience_name}", {})
+    collector = Collector()
     began = time.perf_counter()
     for start in range(0, len(values), CONSUME_BATCH):
+        collector.maybe_collect(time.monotonic())
         batch = values[start : start + CONSUME_BATCH]
         events = decoder.decode_batch([value for _, _, value in batch])
         for (partition, offset, value), event in zip(batch, events, strict=True):
             if isinstance(event, PoisonMessage):
                 continue
             coalescer.add(partition, list_for(event), event, value, offset, 0.0)
-    return len(values) / (time.perf_counter() - began)
+    rate = len(values) / (time.perf_counter() - began)
+    if kept is not None:
+        kept.append(coalescer)
+    return rate
+
+
+def full_collection(pending: Coalescer) -> float:
+    """Seconds one scheduled full collection takes with ``pending`` alive (the price paid once
+    per ``COLLECT_INTERVAL_SECONDS`` instead of per object)."""
+    began = time.perf_counter()
+    gc.collect()
+    return time.perf_counter() - began
 
 
 def main(events: int = 200_000) -> None:
@@ -63,6 +80,9 @@ def main(events: int = 200_000) -> None:
     tune_gc()  # as ``service run`` does at start (see service/runtime.py)
     best_bare = max(bare_fastavro(values, schema) for _ in range(3))
     best_ours = max(decode_and_coalesce(numbered, schema) for _ in range(3))
+    kept: list[Coalescer] = []
+    decode_and_coalesce(numbered, schema, kept)
+    pause = full_collection(kept[0])
     print(
         f"machine: {platform.machine()} {platform.python_implementation()} {platform.python_version()}"
     )
@@ -70,6 +90,11 @@ def main(events: int = 200_000) -> None:
     print(f"bare fastavro.schemaless_reader : {best_bare:12,.0f} events/s (ceiling)")
     print(f"decode + validate + coalesce    : {best_ours:12,.0f} events/s")
     print(f"ratio to the ceiling            : {best_ours / best_bare:12.2f}")
+    print(
+        f"scheduled full collection       : {pause * 1000:12.0f} ms with {len(kept[0]):,} pending"
+        f" changes, once every {COLLECT_INTERVAL_SECONDS:.0f} s"
+        f" ({pause / COLLECT_INTERVAL_SECONDS:.2%} of one core)"
+    )
 
 
 if __name__ == "__main__":

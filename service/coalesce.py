@@ -41,7 +41,6 @@ class ListRef(NamedTuple):
 
 
 ChangeKey = tuple[int, str, ListRef]
-EmailKey = tuple[int, str]
 
 
 @dataclass(slots=True)
@@ -60,17 +59,21 @@ class PendingChange:
     force_single: bool = False  # AC refused it in an import: learn the exact error per contact
     plan: Plan = Plan.SET  # decided from the ledger when the change is handed out
     previous: ListState | None = None  # the ledger's state for the key at that moment
-    key: ChangeKey = field(init=False)  # computed once: it is hashed on every dict and heap move
 
-    def __post_init__(self) -> None:
-        self.key = (self.partition, self.email, self.target)
+    @property
+    def key(self) -> ChangeKey:
+        # Built when asked (requeue, discard: rare), not stored: one object less per pending
+        # change, and no __post_init__ call on the per-record path.
+        return (self.partition, self.email, self.target)
 
 
 class Coalescer:
     def __init__(self, window: float) -> None:
         self.window = window
         self._pending: dict[ChangeKey, PendingChange] = {}
-        self._by_email: dict[EmailKey, set[ListRef]] = {}
+        # email -> the keys of its pending changes (in any partition; usually one). The key
+        # tuples themselves, so adding a change builds no other object for this index.
+        self._by_email: dict[str, list[ChangeKey]] = {}
         # Due order lives in two queues: new keys arrive with ``now + window`` and ``now`` only
         # grows, so they are already sorted (a deque, O(1)); retries come back at any time (a
         # heap). Entries whose change was taken or superseded are skipped lazily.
@@ -111,13 +114,13 @@ class Coalescer:
         return heap if heap else None
 
     def _insert(self, change: PendingChange) -> None:
-        self._pending[change.key] = change
-        email_key = (change.partition, change.email)
-        targets = self._by_email.get(email_key)
-        if targets is None:
-            self._by_email[email_key] = {change.target}
+        key = change.key
+        self._pending[key] = change
+        keys = self._by_email.get(change.email)
+        if keys is None:
+            self._by_email[change.email] = [key]
         else:
-            targets.add(change.target)
+            keys.append(key)
         self._push(change)
 
     def add(
@@ -149,11 +152,11 @@ class Coalescer:
         due_at = now + self.window
         change = PendingChange(partition, email, target, event, raw, [offset], now, due_at)
         self._pending[key] = change
-        targets = self._by_email.get((partition, email))
-        if targets is None:
-            self._by_email[(partition, email)] = {target}
+        keys = self._by_email.get(email)
+        if keys is None:
+            self._by_email[email] = [key]
         else:
-            targets.add(target)
+            keys.append(key)
         seq = change.seq = next(self._seq)
         fresh = self._fresh
         if not fresh or fresh[-1][0] <= due_at:
@@ -245,8 +248,11 @@ class Coalescer:
                 heapq.heappush(self._heap, item)
 
     def _take_email(self, partition: int, email: str) -> list[PendingChange]:
-        targets = self._by_email.pop((partition, email), set())
-        return [self._pending.pop((partition, email, t)) for t in targets]
+        keys = self._by_email.pop(email, [])
+        elsewhere = [key for key in keys if key[0] != partition]  # rare: a mis-keyed producer
+        if elsewhere:
+            self._by_email[email] = elsewhere
+        return [self._pending.pop(key) for key in keys if key[0] == partition]
 
     def requeue(self, change: PendingChange, not_before: float) -> None:
         """Put back a change that must be retried. A newer pending change for the key wins and
@@ -264,11 +270,10 @@ class Coalescer:
         dropped = [c for k, c in self._pending.items() if k[0] in gone]
         for change in dropped:
             del self._pending[change.key]
-            targets = self._by_email.get((change.partition, change.email))
-            if targets is not None:
-                targets.discard(change.target)
-                if not targets:
-                    del self._by_email[(change.partition, change.email)]
+        for email in {change.email for change in dropped}:
+            kept = [key for key in self._by_email.pop(email, ()) if key[0] not in gone]
+            if kept:
+                self._by_email[email] = kept
         return dropped
 
     def pending(self) -> list[PendingChange]:

@@ -8,9 +8,11 @@ get lists of their own), unless the mapping file names a list id or name for its
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
+import string
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from service.coalesce import ListRef
@@ -42,19 +44,30 @@ def list_for_event(
     return ListRef(name=name)
 
 
+_NAMING_FIELDS = ("audience_id", "audience_name", "campaign_id", "treatment_group")
+
+
 class ListNamer:
     """``list_for_event`` with a cache: audiences are few and events many, so the template is
-    formatted once per distinct (audience, campaign, treatment group). Pure; bounded."""
+    formatted once per distinct combination of the fields that decide the list. Pure; bounded.
+
+    The cache key is made of those fields only (``audience_id`` when a mapping file is given,
+    plus the template's fields), read by one ``operator.attrgetter``: with the default
+    template it is the audience name itself, so a lookup builds no tuple per record.
+    """
 
     MAX_CACHED = 100_000
 
     def __init__(self, template: str, mapping: Mapping[str, ListTarget]) -> None:
         self.template = template
         self.mapping = mapping
-        self._cache: dict[tuple[str, str, str | None, str | None], ListRef] = {}
+        self._cache: dict[object, ListRef] = {}
+        self._key: Callable[[MembershipEvent], object] = operator.attrgetter(
+            *_deciding_fields(template, bool(mapping))
+        )
 
     def __call__(self, event: MembershipEvent) -> ListRef:
-        key = (event.audience_id, event.audience_name, event.campaign_id, event.treatment_group)
+        key = self._key(event)
         found = self._cache.get(key)
         if found is None:
             found = list_for_event(event, self.template, self.mapping)
@@ -62,6 +75,18 @@ class ListNamer:
                 self._cache.clear()
             self._cache[key] = found
         return found
+
+
+def _deciding_fields(template: str, mapped: bool) -> tuple[str, ...]:
+    """The event fields a list depends on; all four if the template cannot be read (then
+    ``list_for_event`` names the problem for each event)."""
+    try:
+        used = {field for _, field, _, _ in string.Formatter().parse(template) if field}
+    except ValueError:
+        return _NAMING_FIELDS
+    if not used or not used <= set(_NAMING_FIELDS):
+        return _NAMING_FIELDS
+    return tuple(f for f in _NAMING_FIELDS if f in used or (mapped and f == "audience_id"))
 
 
 def stringid_for(name: str) -> str:

@@ -201,6 +201,17 @@ class Metrics:
             buckets=AGE_BUCKETS,
             registry=r,
         )
+        self.gc_pause = Histogram(
+            "ac_sync_gc_pause_seconds",
+            "Scheduled full garbage collections and how long each held the loop (see runtime.py).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.gc_unreachable = Counter(
+            "ac_sync_gc_unreachable_objects",
+            "Objects in reference cycles found by the scheduled collections.",
+            registry=r,
+        )
         self.rebalances = Counter(
             "ac_sync_rebalances",
             "Group rebalance callbacks, by kind.",

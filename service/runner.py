@@ -60,11 +60,13 @@ from service.logs import EmailHasher
 from service.metrics import Metrics
 from service.offsets import OffsetTracker
 from service.ratelimit import ImportBudget, RateLimiter
+from service.runtime import Collector
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 CONSUME_BATCH = 500
+GC_QUIESCE_SECONDS = 0.1  # see RateLimiter.quiesce
 IMPORT_GATHER_SECONDS = 0.2  # the bulk path takes due changes once the first is this late
 IDLE_COMMIT_SECONDS = 0.5  # at most this often when idle (a commit is a no-op if nothing is new)
 AUTH_RETRY_SECONDS = 15.0
@@ -156,6 +158,7 @@ class Runner:
         self.rng = rng or random.Random()
         self.coalescer = Coalescer(settings.coalesce_window_seconds)
         self.list_for = ListNamer(settings.list_name_template, settings.list_mapping)
+        self.collector = Collector()
         # Per-record counters, resolved once (labels() takes a lock and a dict lookup each time).
         self._consumed = {
             o: metrics.events_consumed.labels(self.topic, o)
@@ -250,6 +253,29 @@ class Runner:
             self._next_commit = now + self.settings.commit_interval_seconds
             self._next_idle_commit = now + IDLE_COMMIT_SECONDS
         self._heartbeat(now)
+        self._collect_garbage(now)
+
+    def _collect_garbage(self, now: float) -> None:
+        """The scheduled full collection (``service/runtime.py``), between two iterations."""
+        collected = self.collector.maybe_collect(now, self._quiesce_requests)
+        if collected is None:
+            return
+        found, pause = collected
+        self.metrics.gc_pause.observe(pause)
+        self.metrics.gc_unreachable.inc(found)
+        logger.info(
+            "garbage collected",
+            extra={
+                "unreachable": found,
+                "pause_seconds": round(pause, 3),
+                "pending": len(self.coalescer),
+            },
+        )
+
+    def _quiesce_requests(self) -> None:
+        """No request may be between its slot and the wire while a collection holds every
+        thread (see ``RateLimiter.quiesce``)."""
+        self.limiter.quiesce(GC_QUIESCE_SECONDS)
 
     def _idle(self) -> bool:
         """Nothing pending, in flight or queued at AC: what completed can be committed now."""

@@ -1,32 +1,91 @@
-"""Settings of the Python runtime for a long-running consumer (process-wide, set once at start).
+"""Settings of the Python runtime for a long-running consumer (process-wide, set once at start),
+and the schedule of the cyclic garbage collector.
 
-The cyclic garbage collector is the one that matters. The pipeline keeps up to
-``MAX_PENDING_CHANGES`` pending changes alive, each a few container objects, and with CPython's
-default thresholds (a young collection every 700 allocations, a full one whenever the old
-generation grew by a quarter) the collector re-scans that live set again and again: measured on
-the decode-and-coalesce path it cost more than half the per-record time (``benchmarks/cpu.py``).
+The cyclic collector is the one that matters. The pipeline keeps up to ``MAX_PENDING_CHANGES``
+pending changes alive, each a few container objects, and CPython's collector is driven by
+allocations: every young collection walks every container object born since the previous one
+and still alive, and older collections walk them again. Under load that is hundreds of thousands
+of objects a second that are about to be freed anyway by reference counting (a change lives a
+window and an apply, seconds). Measured on the decode-and-coalesce path
+(``benchmarks/cpu.py``): with CPython's default thresholds the collector took more than half of
+the per-record time; with young collections every 50,000 allocations still 10 to 15 %.
+
 Nothing in the pipeline relies on cycles being freed promptly (pending changes, events and
-offsets are acyclic; they are freed by reference counting when taken or completed), so:
+offsets are acyclic; they are freed by reference counting when taken or completed). The cycles
+that do occur (exceptions with their tracebacks, httpx internals) are few. So the collector runs
+on a schedule instead, from the runner's loop (``CollectionSchedule``):
 
-- ``gc.freeze()`` moves everything alive at start (modules, schemas, clients) out of the
-  collector's sight for good;
-- young collections run every ``YOUNG_THRESHOLD`` allocations instead of 700. The garbage cycles
-  that do occur (exceptions with tracebacks, httpx internals) are still collected, a little
-  later: at most that many objects wait, a few megabytes.
+- ``gc.freeze()`` at start moves everything alive then (modules, schemas, clients) out of the
+  collector's sight for good, and automatic collection is switched off;
+- a full collection runs every ``COLLECT_INTERVAL_SECONDS``, or sooner once the number of
+  container objects has grown by ``COLLECT_AFTER_OBJECTS`` since the last one (CPython keeps
+  that count while automatic collection is off: allocations minus frees). That bounds what
+  waits uncollected by time and by count, and it costs one walk of the live set a minute: about
+  0.1 s for 100,000 pending changes (measured by ``benchmarks/cpu.py``), instead of a walk of
+  every new object.
 """
 
 from __future__ import annotations
 
 import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
-YOUNG_THRESHOLD = 50_000
-OLDER_THRESHOLD = 20
+COLLECT_INTERVAL_SECONDS = 60.0
+COLLECT_AFTER_OBJECTS = 1_000_000
 
 
 def tune_gc() -> tuple[int, int, int]:
-    """Apply the settings above; return the previous thresholds."""
+    """Freeze what start-up made and switch automatic collection off; the runner then calls
+    ``Collector.maybe_collect``. Returns the previous thresholds."""
     previous = gc.get_threshold()
     gc.collect()
     gc.freeze()
-    gc.set_threshold(YOUNG_THRESHOLD, OLDER_THRESHOLD, OLDER_THRESHOLD)
+    gc.disable()
     return previous
+
+
+@dataclass(slots=True)
+class CollectionSchedule:
+    """When the next full collection is due. Pure: takes ``now`` and the object count.
+
+    Invariant: after ``collected(now)``, ``due`` is false until ``interval`` has passed or the
+    count has reached ``objects``.
+    """
+
+    interval: float = COLLECT_INTERVAL_SECONDS
+    objects: int = COLLECT_AFTER_OBJECTS
+    next_at: float | None = None
+
+    def due(self, now: float, grown: int) -> bool:
+        if self.next_at is None:  # the first call starts the clock
+            self.next_at = now + self.interval
+        return now >= self.next_at or grown >= self.objects
+
+    def collected(self, now: float) -> None:
+        self.next_at = now + self.interval
+
+
+class Collector:
+    """The shell around ``CollectionSchedule``: runs ``gc.collect()`` when due, but only while
+    automatic collection is off (``tune_gc``); with it on, CPython already collects."""
+
+    def __init__(self, schedule: CollectionSchedule | None = None) -> None:
+        self.schedule = schedule if schedule is not None else CollectionSchedule()
+
+    def maybe_collect(
+        self, now: float, quiesce: Callable[[], None] | None = None
+    ) -> tuple[int, float] | None:
+        """Collect if due: (unreachable objects found, pause in seconds), else None.
+        ``quiesce`` runs first: the collection holds every thread (the GIL), so whatever must
+        not be caught half-way (a request allowed to leave) is settled there."""
+        if gc.isenabled() or not self.schedule.due(now, gc.get_count()[0]):
+            return None
+        if quiesce is not None:
+            quiesce()
+        began = time.perf_counter()
+        found = gc.collect()
+        pause = time.perf_counter() - began
+        self.schedule.collected(now)
+        return found, pause

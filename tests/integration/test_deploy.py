@@ -141,6 +141,7 @@ def test_dashboard_is_templated_and_covers_the_asks() -> None:
         "ac_sync_auth_rejected",
         "ac_sync_imports_total",
         "ac_sync_import_budget_left",
+        "ac_sync_gc_pause_seconds_bucket",
     ):
         assert metric in exprs, metric
 

@@ -2,6 +2,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from service.coalesce import ListRef
 from service.errors import PermanentApiError, PoisonMessage
@@ -111,3 +113,51 @@ def test_list_namer_caches_and_matches_the_pure_function() -> None:
     assert namer(ev()) == list_for_event(ev(), "{audience_name} {treatment_group}", {})
     assert namer(ev()) is namer(ev())
     assert namer(ev(treatment_group="C")).name == "VIP Buyers C"
+
+
+_TEMPLATES = (
+    "{audience_name}",
+    "{audience_id}",
+    "{audience_name} {treatment_group}",
+    "{campaign_id}-{audience_name!s:>12}",
+    "{treatment_group}",
+    "plain {0}",  # not a field the namer knows: every field is part of the key
+)
+
+
+@given(
+    template=st.sampled_from(_TEMPLATES),
+    mapped=st.booleans(),
+    events=st.lists(
+        st.tuples(
+            st.sampled_from(["a1", "a2", "a3"]),
+            st.sampled_from(["VIP", "Churn", "VIP "]),
+            st.sampled_from([None, "c1", "c2"]),
+            st.sampled_from([None, "A", "B"]),
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+)
+def test_list_namer_answers_what_the_pure_function_answers(
+    template: str, mapped: bool, events: list[tuple[str, str, str | None, str | None]]
+) -> None:
+    """The cache key holds only the fields that decide the list; it must never merge two events
+    that the pure function names differently (a mapping makes the audience id decide too)."""
+    from service.lists import ListNamer
+
+    mapping = {"a2": ListTarget(list_id="12")} if mapped else {}
+    namer = ListNamer(template, mapping)
+    for audience_id, name, campaign, group in events:
+        event = ev(
+            audience_id=audience_id, audience_name=name, campaign_id=campaign, treatment_group=group
+        )
+        try:
+            expected: ListRef | str = list_for_event(event, template, mapping)
+        except (PoisonMessage, IndexError) as exc:
+            expected = type(exc).__name__
+        try:
+            got: ListRef | str = namer(event)
+        except (PoisonMessage, IndexError) as exc:
+            got = type(exc).__name__
+        assert got == expected
