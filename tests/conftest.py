@@ -6,6 +6,7 @@ No process outlives the session: the broker is stopped in the fixture's teardown
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 from collections.abc import Iterator
@@ -53,3 +54,15 @@ def emulator() -> Iterator[Emulator]:
         yield emu
     finally:
         emu.stop()
+
+
+@pytest.fixture
+def collector_off() -> Iterator[None]:
+    """Automatic garbage collection off, as ``service run`` has it (service/runtime.py)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

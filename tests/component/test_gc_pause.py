@@ -6,7 +6,6 @@ that size would need gigabytes here), and the collector's own order is checked s
 import gc
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,17 +15,6 @@ from service.runtime import CollectionSchedule, Collector
 RATE = 5.0
 QUIESCE = 0.1
 PRE_SEND = 0.05  # slot to wire; longer than the main thread takes to start the stop
-
-
-@pytest.fixture
-def collector_off() -> Iterator[None]:
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def pre_send_work(seconds: float) -> None:

@@ -1,5 +1,4 @@
 import gc
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,17 +14,6 @@ def test_schedule_is_due_after_the_interval_or_the_object_count() -> None:
     schedule.collected(120.0)
     assert not schedule.due(179.9, 10)
     assert schedule.due(180.0, 10)
-
-
-@pytest.fixture
-def collector_off() -> Iterator[None]:
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def make_cycles(count: int) -> None:
