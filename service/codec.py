@@ -14,18 +14,18 @@ Every failure that retrying cannot fix is a ``PoisonMessage`` with an enumerated
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from importlib import resources
-from typing import Any, cast
+from typing import Any
 
 import fastavro
 from fastavro.read import SchemaResolutionError
 
 from service.errors import PoisonMessage
+from service.fast_decode import LAYOUT, layout_of, read_event
 from service.model import NO_ATTRIBUTES, Action, MembershipEvent, normalise_email, validated_email
 
 SCHEMA_FILE = "segment_membership_change.avsc"
@@ -67,13 +67,21 @@ class EventDecoder:
     cache of validated emails."""
 
     def __init__(
-        self, reader_schema: ParsedSchema, writer_lookup: WriterSchemaLookup | None = None
+        self,
+        reader_schema: ParsedSchema,
+        writer_lookup: WriterSchemaLookup | None = None,
+        *,
+        fast_reader: bool = True,
     ) -> None:
         self._reader = reader_schema
         self._writer_lookup = writer_lookup
         self._writers: dict[int, ParsedSchema] = {}
         self._email: Callable[[str], str] = EmailCache().__getitem__
-        self._framing = BlockFraming(reader_schema)
+        # ``fast_decode`` reads our own layout when writer and reader both have it: always
+        # without a registry (the reader's schema is the writer's), per schema id with one.
+        # ``fast_reader=False``: fastavro for every record (the benchmark's comparison).
+        self._reads_layout = fast_reader and layout_of(reader_schema) == LAYOUT
+        self._fast_ids: dict[int, bool] = {}
 
     def decode(self, value: bytes | None) -> MembershipEvent:
         if not value:
@@ -91,26 +99,41 @@ class EventDecoder:
     def decode_batch(self, values: Sequence[bytes | None]) -> list[MembershipEvent | PoisonMessage]:
         """``decode`` of each value, in order: the event, or the ``PoisonMessage`` it raises.
 
-        Without a registry, the bodies are read back to back as one block (``BlockFraming``).
-        The answer is always the same as ``decode``'s: each record must end exactly where its
-        own bytes end, and if one does not (or fastavro raises), the batch is decoded record by
-        record, which names the bad ones. A record cannot leak into its neighbour unnoticed.
+        Records of our own layout are read by ``fast_decode.read_event``, which gives the same
+        answer as ``decode`` or declines; a declined record (an unusual shape, or bad bytes) is
+        decoded by ``decode``, through fastavro, which names what is wrong.
         """
-        if not values:
-            return []
-        if self._writer_lookup is not None or not all(values):
-            return [self._decode_or_poison(value) for value in values]
-        records = self._framing.read(cast("Sequence[bytes]", values))
-        if records is None:
-            return [self._decode_or_poison(value) for value in values]
         events: list[MembershipEvent | PoisonMessage] = []
-        append, email = events.append, self._email
-        for record in records:
-            try:
-                append(to_event(record, email))
-            except PoisonMessage as poison:
-                append(poison)
+        append, email_of = events.append, self._email
+        start = self._fast_start if self._reads_layout else _never
+        for value in values:
+            at = start(value) if value else None
+            if at is not None:
+                try:
+                    event = read_event(value, at, email_of)  # type: ignore[arg-type]
+                except PoisonMessage as poison:
+                    append(poison)
+                    continue
+                if event is not None:
+                    append(event)
+                    continue
+            append(self._decode_or_poison(value))
         return events
+
+    def _fast_start(self, value: bytes) -> int | None:
+        """Where ``read_event`` may start reading ``value``; None: decode it with fastavro."""
+        if self._writer_lookup is None:
+            return 0
+        if len(value) <= _CONFLUENT_HEADER.size or value[0] != 0:
+            return None
+        _, schema_id = _CONFLUENT_HEADER.unpack_from(value)
+        fast = self._fast_ids.get(schema_id)
+        if fast is None:
+            writer = self._writers.get(schema_id)
+            if writer is None:
+                return None  # ``decode`` asks the registry first (and may fail clearly)
+            fast = self._fast_ids[schema_id] = layout_of(writer) == LAYOUT
+        return _CONFLUENT_HEADER.size if fast else None
 
     def _decode_or_poison(self, value: bytes | None) -> MembershipEvent | PoisonMessage:
         try:
@@ -145,64 +168,6 @@ class EventDecoder:
         if not isinstance(record, dict):
             raise PoisonMessage("undecodable", "value is not an Avro record")
         return record
-
-
-def avro_long(value: int) -> bytes:
-    """Avro's encoding of a long: zig-zag, then 7 bits a byte, low bits first."""
-    number = (value << 1) ^ (value >> 63)
-    out = bytearray()
-    while number > 0x7F:
-        out.append((number & 0x7F) | 0x80)
-        number >>= 7
-    out.append(number)
-    return bytes(out)
-
-
-class BlockFraming:
-    """Reads a batch of schemaless bodies as the one block of an in-memory Avro container file.
-
-    Why: ``fastavro.schemaless_reader`` re-checks the schema and builds its options on every
-    call; a container block is read by fastavro's own loop, about 0.35 us a record less (a tenth
-    of the decode, ``benchmarks/cpu.py``). The bodies of one schema written back to back are
-    exactly a block's content with the null codec, so only the container's header (written
-    once, by ``fastavro.writer`` with no records) and the block's count, size and sync marker
-    are added. fastavro's public ``writer`` and ``block_reader`` do the work; the block's
-    buffer (``Block.bytes_``, an attribute its stubs do not declare) tells where each record
-    ended.
-
-    Invariant: ``read`` returns records only if every record ended exactly where its own body
-    ends and the block was read to its end; otherwise None (the caller decodes record by
-    record, which names the bad ones).
-    """
-
-    def __init__(self, schema: ParsedSchema) -> None:
-        header = io.BytesIO()
-        fastavro.writer(header, schema, [], codec="null")
-        self._header = header.getvalue()
-        self._sync = self._header[-16:]  # a container header ends with its sync marker
-
-    def read(self, bodies: Sequence[bytes]) -> list[Any] | None:
-        joined = b"".join(bodies)
-        container = b"".join(
-            (self._header, avro_long(len(bodies)), avro_long(len(joined)), joined, self._sync)
-        )
-        records: list[Any] = []
-        try:
-            block = next(fastavro.block_reader(io.BytesIO(container)))
-            # The block's buffer: set by fastavro, not in its type stubs. Without it (a future
-            # fastavro) the batch is decoded record by record, and a unit test says so.
-            buffer = getattr(block, "bytes_", None)
-            if buffer is None:
-                return None
-            tell = buffer.tell
-            ends = itertools.accumulate(map(len, bodies))
-            for end, record in zip(ends, block, strict=True):
-                if tell() != end:
-                    return None
-                records.append(record)
-        except Exception:  # fastavro raises many types on garbage input; decode() names it
-            return None
-        return records if len(records) == len(bodies) and tell() == len(joined) else None
 
 
 _ACTIONS = {a.value: a for a in Action}  # a dict lookup: Enum's __call__ is slow per record
@@ -288,6 +253,10 @@ def to_event(
 
 
 _new_tuple = tuple.__new__
+
+
+def _never(value: bytes) -> int | None:
+    return None
 
 
 def _checked_event(record: Mapping[str, Any], email_of: Callable[[str], str]) -> MembershipEvent:

@@ -8,11 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.codec import (
-    BlockFraming,
     EmailCache,
     EventDecoder,
     SchemaRegistryClient,
-    avro_long,
     confluent_frame,
     encode_event,
     load_reader_schema,
@@ -181,7 +179,7 @@ def test_decode_batch_answers_what_decode_answers(picks: list[int]) -> None:
     assert [outcome(item) for item in decoder.decode_batch(values)] == one_by_one
 
 
-def test_decode_batch_of_good_records_reads_them_back_to_back() -> None:
+def test_decode_batch_of_good_records_reads_them_in_order() -> None:
     values = [encode_event(event(email=f"p{i}@example.com"), SCHEMA) for i in range(50)]
     events = EventDecoder(SCHEMA).decode_batch(values)
     assert [e.email for e in events if not isinstance(e, PoisonMessage)] == [
@@ -227,45 +225,3 @@ def test_a_record_missing_a_field_gets_a_reason() -> None:
     with pytest.raises(PoisonMessage) as info:
         to_event(record)
     assert info.value.reason == "missing_field"
-
-
-@given(st.integers(min_value=-(2**63), max_value=2**63 - 1))
-def test_avro_long_is_what_fastavro_writes(value: int) -> None:
-    buffer = io.BytesIO()
-    fastavro.schemaless_writer(buffer, fastavro.parse_schema("long"), value)
-    assert avro_long(value) == buffer.getvalue()
-
-
-@pytest.mark.parametrize("logical_types", [True, False])
-def test_block_framing_reads_what_schemaless_reader_reads(logical_types: bool) -> None:
-    schema = load_reader_schema(logical_types=logical_types)
-    values = [
-        encode_event(
-            event(email=f"p{i}@example.com", attributes={"n": str(i)} if i % 2 else {}), schema
-        )
-        for i in range(40)
-    ]
-    records = BlockFraming(schema).read(values)
-    assert records is not None  # the fast path is taken for good records
-    assert records == [fastavro.schemaless_reader(io.BytesIO(v), schema, None) for v in values]
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [GOOD + b"\x02xx", GOOD[:-3], GOOD[:-3] + b"\x02xx\x00", b"\xff\xfe garbage \x00"],
-    ids=["trailing", "short", "short-then-padded", "garbage"],
-)
-def test_block_framing_refuses_a_batch_with_one_misaligned_record(bad: bytes) -> None:
-    """A record that does not end where its own bytes end is never read into its neighbour."""
-    framing = BlockFraming(SCHEMA)
-    assert framing.read([GOOD, bad, GOOD]) is None
-    assert framing.read([GOOD, GOOD, bad]) is None
-    assert framing.read([GOOD, GOOD]) is not None
-
-
-def test_block_framing_checks_each_boundary_not_only_the_total() -> None:
-    """Two bodies whose bytes together are two good records, split in the wrong place: every
-    record decodes and the block ends where it should, yet each record straddles a boundary."""
-    assert BlockFraming(SCHEMA).read([GOOD[:-3], GOOD[-3:] + GOOD]) is None
-    decoded = EventDecoder(SCHEMA).decode_batch([GOOD[:-3], GOOD[-3:] + GOOD])
-    assert all(isinstance(item, PoisonMessage) for item in decoded)
