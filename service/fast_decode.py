@@ -77,8 +77,8 @@ _new_tuple = tuple.__new__
 def read_event(value: bytes, start: int, email_of: Callable[[str], str]) -> MembershipEvent | None:
     """The event in ``value[start:]``, or None (see the module's invariant).
 
-    Written out field by field, without helper calls: a Python call costs as much as reading
-    a field. A one-byte length ``x`` is the zig-zag encoding of ``x >> 1`` when ``x & 0x81`` is
+    The common shape is written out field by field, without helper calls (a Python call costs
+    as much as reading a field); non-null unions and non-empty maps use the helpers below. A one-byte length ``x`` is the zig-zag encoding of ``x >> 1`` when ``x & 0x81`` is
     0 (below 0x80: one byte; even: not negative). A slice past the end is silently short, so
     every field is followed by an index (``IndexError``) or the final end check.
     """
