@@ -1,7 +1,7 @@
 """CPU-only benchmark: events decoded and coalesced per second on one core, against a plain
 ``fastavro.schemaless_reader`` loop over the same bytes (the ceiling).
 
-The service reads records of its own layout with ``service/fast_decode.py`` and leaves the rest
+The service reads records of its own layout with ``service/core/fast_decode.py`` and leaves the rest
 to fastavro (decision 004). The benchmark prints the share it read, and the same pipeline with
 fastavro decoding every record, so the two sources of speed can be told apart.
 
@@ -19,14 +19,14 @@ from typing import Any
 
 import fastavro
 
-from service.coalesce import Coalescer
-from service.codec import EmailCache, EventDecoder, load_reader_schema
-from service.errors import PoisonMessage
-from service.fast_decode import read_event
-from service.lists import ListNamer
-from service.runner import CONSUME_BATCH
-from service.runtime import COLLECT_INTERVAL_SECONDS, Collector, tune_gc
-from service.samples import make_samples
+from service.adapters.lists import ListNamer
+from service.app.runtime import COLLECT_INTERVAL_SECONDS, Collector, tune_gc
+from service.core.coalesce import Coalescer
+from service.core.codec import EmailCache, EventDecoder, load_reader_schema
+from service.core.errors import PoisonMessage
+from service.core.fast_decode import read_event
+from service.devtools.samples import make_samples
+from service.pipeline.loop import CONSUME_BATCH
 
 
 def bare_fastavro(values: list[bytes], schema: Any) -> float:
@@ -86,7 +86,7 @@ def main(events: int = 200_000) -> None:
         partition = zlib.crc32(key) % 12
         numbered.append((partition, next_offset[partition], value))
         next_offset[partition] += 1
-    tune_gc()  # as ``service run`` does at start (see service/runtime.py)
+    tune_gc()  # as ``service run`` does at start (see service/app/runtime.py)
     best_bare = max(bare_fastavro(values, schema) for _ in range(3))
     best_ours = max(decode_and_coalesce(numbered, schema) for _ in range(3))
     best_fastavro = max(decode_and_coalesce(numbered, schema, fast_reader=False) for _ in range(3))

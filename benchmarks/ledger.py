@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from confluent_kafka import Producer
 
-from service.ledger import LedgerCodec, LedgerEntry, ListState, SetBy
-from service.localbroker import LocalBroker, create_topics
+from service.core.ledger import LedgerCodec, LedgerEntry, ListState, SetBy
+from service.devtools.localbroker import LocalBroker, create_topics
 
 PARTITIONS = 12
 
@@ -86,7 +86,7 @@ def write(bootstrap: str, topic: str, emails: int) -> float:
 
 def restore(bootstrap: str, topic: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     """In a fresh process, as a replica restores on assignment."""
-    from service.ledger_store import LedgerStore
+    from service.adapters.ledger_store import LedgerStore
 
     before = rss_mb()
     store = LedgerStore(

@@ -29,10 +29,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from benchmarks import cpu
-from service.demo import peak_per_second
-from service.emulator.server import Emulator
-from service.localbroker import LocalBroker, committed_offsets, create_topics, free_port
-from service.samples import make_samples, produce, subscribed
+from service.devtools.demo import peak_per_second
+from service.devtools.emulator.server import Emulator
+from service.devtools.localbroker import LocalBroker, committed_offsets, create_topics, free_port
+from service.devtools.samples import make_samples, produce, subscribed
 
 TOKEN = "bench-token"
 CEILING = 100 * 250 / 60.0
@@ -171,7 +171,7 @@ def trickle(broker: LocalBroker, work: Path, seconds: int = 30) -> list[float]:
         "METRICS_PORT": str(free_port()),
     }
     service = start_service(env, work / "trickle.log")
-    from service.codec import encode_event, load_reader_schema
+    from service.core.codec import encode_event, load_reader_schema
 
     schema = load_reader_schema()
     latencies: list[float] = []

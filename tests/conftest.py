@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from service.emulator.server import Emulator
-from service.localbroker import LocalBroker, create_topics
+from service.devtools.emulator.server import Emulator
+from service.devtools.localbroker import LocalBroker, create_topics
 
 TOKEN = "test-token-0123456789"
 
@@ -58,7 +58,7 @@ def emulator() -> Iterator[Emulator]:
 
 @pytest.fixture
 def collector_off() -> Iterator[None]:
-    """Automatic garbage collection off, as ``service run`` has it (service/runtime.py)."""
+    """Automatic garbage collection off, as ``service run`` has it (service/app/runtime.py)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:

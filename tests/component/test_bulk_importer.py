@@ -9,16 +9,16 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.activecampaign import ActiveCampaignClient
-from service.bulk import BulkImporter, Group
-from service.coalesce import ListRef, PendingChange
-from service.emulator.server import Emulator
-from service.errors import RateLimited
-from service.ledger import Plan
-from service.lists import ListDirectory
+from service.adapters.activecampaign import ActiveCampaignClient
+from service.adapters.bulk import BulkImporter, Group
+from service.adapters.lists import ListDirectory
+from service.adapters.ratelimit import RateLimitedTransport, RateLimiter
+from service.core.coalesce import ListRef, PendingChange
+from service.core.errors import RateLimited
+from service.core.ledger import Plan
+from service.core.model import Action, MembershipEvent
+from service.devtools.emulator.server import Emulator
 from service.metrics import Metrics
-from service.model import Action, MembershipEvent
-from service.ratelimit import RateLimitedTransport, RateLimiter
 from tests.conftest import TOKEN
 from tests.support.openapi import ValidatingTransport
 

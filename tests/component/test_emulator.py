@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.emulator.server import Emulator
+from service.devtools.emulator.server import Emulator
 from tests.conftest import TOKEN
 from tests.support.openapi import ValidatingTransport
 

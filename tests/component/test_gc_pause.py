@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from service.ratelimit import LimiterClosed, RateLimiter
-from service.runtime import CollectionSchedule, Collector
+from service.adapters.ratelimit import LimiterClosed, RateLimiter
+from service.app.runtime import CollectionSchedule, Collector
 
 RATE = 5.0
 QUIESCE = 0.1

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.emulator.server import Emulator
+from service.devtools.emulator.server import Emulator
 from tests.conftest import TOKEN
 from tests.support.harness import ServiceProcess
 

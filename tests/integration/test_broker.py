@@ -2,8 +2,8 @@
 
 from confluent_kafka import Consumer, TopicPartition
 
-from service.localbroker import committed_offsets
-from service.samples import make_samples, produce
+from service.devtools.localbroker import committed_offsets
+from service.devtools.samples import make_samples, produce
 
 
 def test_produce_consume_commit(bootstrap: str, topic: str) -> None:

@@ -6,11 +6,11 @@ import time
 import uuid
 from pathlib import Path
 
-from service.codec import encode_event, load_reader_schema
-from service.demo import peak_per_second
-from service.emulator.server import Emulator
-from service.localbroker import create_topics
-from service.samples import make_samples, produce, subscribed
+from service.core.codec import encode_event, load_reader_schema
+from service.devtools.demo import peak_per_second
+from service.devtools.emulator.server import Emulator
+from service.devtools.localbroker import create_topics
+from service.devtools.samples import make_samples, produce, subscribed
 from tests.conftest import TOKEN
 from tests.support.harness import (
     ServiceProcess,

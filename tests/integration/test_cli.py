@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from service.emulator.server import Emulator
-from service.localbroker import create_topics
+from service.devtools.emulator.server import Emulator
+from service.devtools.localbroker import create_topics
 from tests.conftest import TOKEN
 from tests.support.harness import run_cli
 
@@ -109,7 +109,7 @@ def test_emulator_subcommand_serves(tmp_path) -> None:  # type: ignore[no-untype
 
     import httpx
 
-    from service.localbroker import free_port
+    from service.devtools.localbroker import free_port
 
     port = free_port()
     proc = subprocess.Popen(

@@ -180,7 +180,7 @@ def test_wheel_installs_like_the_dockerfile_and_runs_as_non_root(tmp_path: Path)
             if path.is_dir():
                 os.chmod(path, 0o755)
         probe = (
-            "import os, sys; from service.codec import load_reader_schema; load_reader_schema();"
+            "import os, sys; from service.core.codec import load_reader_schema; load_reader_schema();"
             "print(os.geteuid())"
         )
         command = [str(venv / "bin/ac-audience-sync"), "--help"]

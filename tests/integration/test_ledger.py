@@ -11,11 +11,11 @@ from typing import Any
 import httpx
 import pytest
 
-from service.codec import encode_event, load_reader_schema
-from service.emulator.server import Emulator
-from service.ledger_store import read_entries
-from service.localbroker import LocalBroker
-from service.samples import make_samples, produce, subscribed
+from service.adapters.ledger_store import read_entries
+from service.core.codec import encode_event, load_reader_schema
+from service.devtools.emulator.server import Emulator
+from service.devtools.localbroker import LocalBroker
+from service.devtools.samples import make_samples, produce, subscribed
 from tests.conftest import TOKEN
 from tests.integration.conftest import FAST
 from tests.support.harness import (
@@ -396,9 +396,9 @@ def test_import_budget_history_travels_in_the_ledger_and_stays_out_of_its_entrie
     never see it."""
     from confluent_kafka import Producer
 
-    from service.ledger import LedgerEntry, ListState, SetBy
-    from service.ledger_store import LedgerStore
-    from service.localbroker import create_topics
+    from service.adapters.ledger_store import LedgerStore
+    from service.core.ledger import LedgerEntry, ListState, SetBy
+    from service.devtools.localbroker import create_topics
 
     name = f"ledger-{uuid.uuid4().hex[:8]}"
     create_topics(bootstrap, {name: 2}, {"cleanup.policy": "compact"})

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from service.emulator.server import Emulator
-from service.localbroker import free_port
-from service.samples import make_samples, produce
+from service.devtools.emulator.server import Emulator
+from service.devtools.localbroker import free_port
+from service.devtools.samples import make_samples, produce
 from tests.conftest import TOKEN
 from tests.support.harness import ServiceProcess, service_env, wait_for_lag_zero
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 
-from service.emulator.server import Emulator
-from service.samples import make_samples, produce, subscribed
+from service.devtools.emulator.server import Emulator
+from service.devtools.samples import make_samples, produce, subscribed
 from tests.integration.conftest import FAST
 from tests.support.harness import (
     ServiceProcess,
@@ -115,7 +115,7 @@ def test_sigkill_at_random_moments_loses_nothing(
     service.start()
     wait_for_lag_zero(bootstrap, "g-kill", topic, ends, timeout=300, services=services)
     assert subscribed(emulator_lists(fast_emulator)) == subscribed(samples.expected)
-    assert len(service.logs) == 5
+    assert len(service.app.logs) == 5
 
 
 def test_ac_faults_keep_state_exact_and_never_exceed_5_per_second(
@@ -232,7 +232,7 @@ def test_refused_token_stops_sending_keeps_offsets_and_recovers(
     services: list[ServiceProcess],
     tmp_path: Path,
 ) -> None:
-    from service.localbroker import committed_offsets
+    from service.devtools.localbroker import committed_offsets
 
     fast_emulator.account.set_faults({"auth_failure": True}, 0.0)
     samples = make_samples(events=300, emails=40, audiences=2, seed=16)

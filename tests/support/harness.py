@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 from confluent_kafka import Consumer
 
-from service.demo import peak_per_second
-from service.emulator.server import Emulator
-from service.localbroker import committed_offsets, free_port
+from service.devtools.demo import peak_per_second
+from service.devtools.emulator.server import Emulator
+from service.devtools.localbroker import committed_offsets, free_port
 from tests.conftest import TOKEN
 
 

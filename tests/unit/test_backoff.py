@@ -1,6 +1,6 @@
 import pytest
 
-from service.backoff import backoff_delay
+from service.core.backoff import backoff_delay
 
 
 def test_grows_exponentially_and_caps() -> None:

@@ -3,7 +3,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.bulk import (
+from service.adapters.bulk import (
     MAX_BYTES,
     consent_ids,
     consent_read_mode,
@@ -12,7 +12,7 @@ from service.bulk import (
     next_poll_delay,
     pack,
 )
-from service.coalesce import ListRef
+from service.core.coalesce import ListRef
 
 
 def test_contact_entry_carries_lists_and_fields() -> None:

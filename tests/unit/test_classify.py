@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from service.activecampaign import classify_response
-from service.errors import AuthRejected, PermanentApiError, RateLimited, TransientApiError
+from service.adapters.activecampaign import classify_response
+from service.core.errors import AuthRejected, PermanentApiError, RateLimited, TransientApiError
 
 JSON = "application/json"
 

@@ -1,8 +1,8 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.coalesce import Coalescer, ListRef
-from service.model import Action, MembershipEvent
+from service.core.coalesce import Coalescer, ListRef
+from service.core.model import Action, MembershipEvent
 
 A = ListRef(name="A")
 B = ListRef(name="B")

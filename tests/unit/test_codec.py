@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.codec import (
+from service.core.codec import (
     EmailCache,
     EventDecoder,
     SchemaRegistryClient,
@@ -16,8 +16,8 @@ from service.codec import (
     load_reader_schema,
     to_event,
 )
-from service.errors import PoisonMessage
-from service.model import Action
+from service.core.errors import PoisonMessage
+from service.core.model import Action
 
 SCHEMA = load_reader_schema()
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.codec import (
+from service.core.codec import (
     EmailCache,
     EventDecoder,
     SchemaRegistryClient,
@@ -22,9 +22,9 @@ from service.codec import (
     load_reader_schema,
     to_event,
 )
-from service.errors import PoisonMessage
-from service.fast_decode import LAYOUT, layout_of, read_event
-from service.samples import make_samples
+from service.core.errors import PoisonMessage
+from service.core.fast_decode import LAYOUT, layout_of, read_event
+from service.devtools.samples import make_samples
 
 SCHEMA = load_reader_schema(logical_types=False)
 

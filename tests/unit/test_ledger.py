@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.audit import differences, explain_json, explain_lines
-from service.ledger import (
+from service.app.audit import differences, explain_json, explain_lines
+from service.core.ledger import (
     CompactIndex,
     LedgerCodec,
     LedgerEntry,
@@ -21,7 +21,7 @@ from service.ledger import (
     plan_change,
     set_by_after,
 )
-from service.model import Action
+from service.core.model import Action
 
 E, X = Action.ENTERED, Action.EXITED
 
@@ -180,7 +180,7 @@ def test_reconcile_differences_name_what_changed_behind_our_back() -> None:
 
 
 def test_import_budget_records_round_trip_and_reject_anything_else() -> None:
-    from service.ledger_store import decode_budget, encode_budget
+    from service.adapters.ledger_store import decode_budget, encode_budget
 
     charges = [(1000.125, 0.25), (1060.5, 1.0)]
     assert decode_budget(encode_budget(charges)) == charges

@@ -5,11 +5,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.coalesce import ListRef
-from service.errors import PermanentApiError, PoisonMessage
-from service.lists import ListDirectory, list_for_event, stringid_for
-from service.model import Action, MembershipEvent
-from service.settings import ListTarget
+from service.adapters.lists import ListDirectory, list_for_event, stringid_for
+from service.app.settings import ListTarget
+from service.core.coalesce import ListRef
+from service.core.errors import PermanentApiError, PoisonMessage
+from service.core.model import Action, MembershipEvent
 
 
 def ev(**kw: str | None) -> MembershipEvent:
@@ -107,7 +107,7 @@ def test_losing_a_creation_race_uses_the_winners_list() -> None:
 
 
 def test_list_namer_caches_and_matches_the_pure_function() -> None:
-    from service.lists import ListNamer
+    from service.adapters.lists import ListNamer
 
     namer = ListNamer("{audience_name} {treatment_group}", {})
     assert namer(ev()) == list_for_event(ev(), "{audience_name} {treatment_group}", {})
@@ -144,7 +144,7 @@ def test_list_namer_answers_what_the_pure_function_answers(
 ) -> None:
     """The cache key holds only the fields that decide the list; it must never merge two events
     that the pure function names differently (a mapping makes the audience id decide too)."""
-    from service.lists import ListNamer
+    from service.adapters.lists import ListNamer
 
     mapping = {"a2": ListTarget(list_id="12")} if mapped else {}
     namer = ListNamer(template, mapping)

@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.offsets import OffsetTracker
+from service.core.offsets import OffsetTracker
 
 
 def test_commits_first_not_done() -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.ratelimit import (
+from service.adapters.ratelimit import (
     ImportBudget,
     LeakyBucket,
     LimiterClosed,

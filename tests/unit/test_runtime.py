@@ -2,7 +2,7 @@ import gc
 
 import pytest
 
-from service.runtime import CollectionSchedule, Collector
+from service.app.runtime import CollectionSchedule, Collector
 
 
 def test_schedule_is_due_after_the_interval_or_the_object_count() -> None:

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import ConfigError
-from service.settings import ListTarget, load_settings
+from service.app.settings import ListTarget, load_settings
+from service.core.errors import ConfigError
 
 BASE = {
     "KAFKA_BOOTSTRAP_SERVERS": "localhost:9092",

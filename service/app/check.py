@@ -6,11 +6,11 @@ import httpx
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry
 
-from service.activecampaign import ActiveCampaignClient
-from service.errors import ApiError, AuthRejected, ConfigError
+from service.adapters.activecampaign import ActiveCampaignClient
+from service.adapters.ratelimit import RateLimitedTransport, RateLimiter
+from service.app.settings import Settings
+from service.core.errors import ApiError, AuthRejected, ConfigError
 from service.metrics import Metrics
-from service.ratelimit import RateLimitedTransport, RateLimiter
-from service.settings import Settings
 
 
 def _line(ok: bool, item: str, detail: str = "") -> bool:

@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from service.ledger import ListState, Plan
-from service.model import MembershipEvent
+from service.core.ledger import ListState, Plan
+from service.core.model import MembershipEvent
 
 
 class ListRef(NamedTuple):

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from service.model import NO_ATTRIBUTES, Action, MembershipEvent
+from service.core.model import NO_ATTRIBUTES, Action, MembershipEvent
 
 LayoutType = Any
 

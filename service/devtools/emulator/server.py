@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from service.emulator.state import Account, Response
+from service.devtools.emulator.state import Account, Response
 
 
 class _Handler(BaseHTTPRequestHandler):

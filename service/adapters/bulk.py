@@ -23,12 +23,12 @@ from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.activecampaign import PAGE_SIZE, ActiveCampaignClient, ImportStatus
-from service.coalesce import ListRef, PendingChange
-from service.errors import ApiError, PermanentApiError
-from service.ledger import Plan
-from service.lists import ListDirectory
-from service.model import Action
+from service.adapters.activecampaign import PAGE_SIZE, ActiveCampaignClient, ImportStatus
+from service.adapters.lists import ListDirectory
+from service.core.coalesce import ListRef, PendingChange
+from service.core.errors import ApiError, PermanentApiError
+from service.core.ledger import Plan
+from service.core.model import Action
 
 MAX_CONTACTS = 250
 MAX_BYTES = 400_000
@@ -126,7 +126,7 @@ class BulkImporter:
         self.unsubscribed: dict[str, int] = {}
 
     def entry_for(self, group: Group) -> dict[str, Any]:
-        from service.apply import contact_fields
+        from service.adapters.apply import contact_fields
 
         standard, custom = contact_fields(group.changes, self.attribute_map, self.field_map)
         statuses = {

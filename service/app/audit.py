@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from service.ledger import LedgerEntry, ListState, SetBy
+from service.core.ledger import LedgerEntry, ListState, SetBy
 
 STATUS_WORDS = {1: "subscribed", 2: "unsubscribed"}
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import NamedTuple
 
-from service.errors import PoisonMessage
+from service.core.errors import PoisonMessage
 
 
 class Action(enum.Enum):

@@ -20,8 +20,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from service.dlq import produce_when_room
-from service.ledger import CompactIndex, LedgerCodec, LedgerEntry
+from service.adapters.dlq import produce_when_room
+from service.core.ledger import CompactIndex, LedgerCodec, LedgerEntry
 
 logger = logging.getLogger(__name__)
 

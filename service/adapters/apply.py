@@ -15,17 +15,17 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from service.activecampaign import ActiveCampaignClient
-from service.coalesce import PendingChange
-from service.errors import (
+from service.adapters.activecampaign import ActiveCampaignClient
+from service.adapters.lists import ListDirectory
+from service.core.coalesce import PendingChange
+from service.core.errors import (
     ApiError,
     AuthRejected,
     PermanentApiError,
     RateLimited,
     TransientApiError,
 )
-from service.ledger import Plan
-from service.lists import ListDirectory
+from service.core.ledger import Plan
 
 CONTACT_CACHE_SIZE = 10_000
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
-from service.model import is_valid_email, normalise_email
+from service.core.model import is_valid_email, normalise_email
 
 MAX_IMPORT_CONTACTS = 250
 MAX_IMPORT_BYTES = 400_000

@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from service import __version__
-from service.errors import ConfigError
-from service.settings import Settings, load_settings
+from service.app.settings import Settings, load_settings
+from service.core.errors import ConfigError
 
 logger = logging.getLogger("service")
 
@@ -42,16 +42,16 @@ def build_runner(settings: Settings, registry: Any) -> Any:
     import httpx
     from confluent_kafka import Consumer, Producer
 
-    from service.activecampaign import ActiveCampaignClient
-    from service.apply import ContactApplier
-    from service.bulk import BulkImporter
-    from service.codec import EventDecoder, SchemaRegistryClient, load_reader_schema
-    from service.ledger_store import LedgerStore
-    from service.lists import ListDirectory
-    from service.logs import EmailHasher
+    from service.adapters.activecampaign import ActiveCampaignClient
+    from service.adapters.apply import ContactApplier
+    from service.adapters.bulk import BulkImporter
+    from service.adapters.ledger_store import LedgerStore
+    from service.adapters.lists import ListDirectory
+    from service.adapters.ratelimit import RateLimitedTransport, RateLimiter
+    from service.app.logs import EmailHasher
+    from service.core.codec import EventDecoder, SchemaRegistryClient, load_reader_schema
     from service.metrics import Metrics
-    from service.ratelimit import RateLimitedTransport, RateLimiter
-    from service.runner import Runner
+    from service.pipeline.loop import Runner
 
     metrics = Metrics(registry)
     # Wall-clock time: replicas align their shares of the account budget on the same ticks.
@@ -173,9 +173,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings_or_exit(os.environ)
     from prometheus_client import CollectorRegistry
 
-    from service.health import HealthServer
-    from service.logs import configure_logging
-    from service.runtime import tune_gc
+    from service.app.health import HealthServer
+    from service.app.logs import configure_logging
+    from service.app.runtime import tune_gc
 
     configure_logging(settings.log_level)
     registry = CollectorRegistry()
@@ -212,7 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from service.check import run_checks
+    from service.app.check import run_checks
 
     try:
         settings = load_settings(os.environ)
@@ -224,7 +224,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from service.emulator.server import Emulator
+    from service.devtools.emulator.server import Emulator
 
     token = args.token or os.environ.get("AC_API_TOKEN")
     if not token:
@@ -265,9 +265,9 @@ def _ledger_partitions(settings: Settings) -> list[int]:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Print the ledger's record for one email. Needs only the Kafka settings."""
-    from service.audit import explain_json, explain_lines
-    from service.ledger_store import read_entries
-    from service.model import is_valid_email, normalise_email
+    from service.adapters.ledger_store import read_entries
+    from service.app.audit import explain_json, explain_lines
+    from service.core.model import is_valid_email, normalise_email
 
     settings = _settings_or_exit(kafka_only_env(os.environ))
     email = normalise_email(args.email)
@@ -295,12 +295,12 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     import httpx
     from prometheus_client import CollectorRegistry
 
-    from service.activecampaign import ActiveCampaignClient
-    from service.audit import differences, differences_json
-    from service.errors import ApiError
-    from service.ledger_store import read_list
+    from service.adapters.activecampaign import ActiveCampaignClient
+    from service.adapters.ledger_store import read_list
+    from service.adapters.ratelimit import RateLimitedTransport, RateLimiter
+    from service.app.audit import differences, differences_json
+    from service.core.errors import ApiError
     from service.metrics import Metrics
-    from service.ratelimit import RateLimitedTransport, RateLimiter
 
     settings = _settings_or_exit(os.environ)
     label = args.list
@@ -357,7 +357,7 @@ def kafka_only_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from service.demo import run_demo
+    from service.devtools.demo import run_demo
 
     return run_demo(
         events=args.events, emails=args.emails, audiences=args.audiences, rate_limit=args.rate_limit

@@ -15,10 +15,10 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from service.coalesce import ListRef
-from service.errors import PermanentApiError, PoisonMessage
-from service.model import MembershipEvent
-from service.settings import ListTarget
+from service.app.settings import ListTarget
+from service.core.coalesce import ListRef
+from service.core.errors import PermanentApiError, PoisonMessage
+from service.core.model import MembershipEvent
 
 MAX_LIST_NAME = 255
 

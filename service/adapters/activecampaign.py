@@ -29,7 +29,8 @@ from typing import Any
 
 import httpx
 
-from service.errors import (
+from service.adapters.ratelimit import URGENT, LimiterClosed, parse_retry_after
+from service.core.errors import (
     ApiError,
     AuthRejected,
     PermanentApiError,
@@ -37,7 +38,6 @@ from service.errors import (
     TransientApiError,
 )
 from service.metrics import Metrics
-from service.ratelimit import URGENT, LimiterClosed, parse_retry_after
 
 PAGE_SIZE = 100  # AC's largest page for list endpoints
 

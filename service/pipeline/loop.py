@@ -30,10 +30,9 @@ from typing import Any
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, TopicPartition
 
-from service.activecampaign import ImportStatus
-from service.apply import ChangeOutcome, ContactApplier, OutcomeKind, contact_fields
-from service.backoff import backoff_delay
-from service.bulk import (
+from service.adapters.activecampaign import ImportStatus
+from service.adapters.apply import ChangeOutcome, ContactApplier, OutcomeKind, contact_fields
+from service.adapters.bulk import (
     MAX_CONTACTS,
     BulkImporter,
     Group,
@@ -41,11 +40,24 @@ from service.bulk import (
     consent_ids,
     next_poll_delay,
 )
-from service.coalesce import Coalescer, ListRef, PendingChange
-from service.codec import EventDecoder
-from service.dlq import DeadLetter, DeadLetterQueue
-from service.errors import ApiError, AuthRejected, PermanentApiError, PoisonMessage, RateLimited
-from service.ledger import (
+from service.adapters.dlq import DeadLetter, DeadLetterQueue
+from service.adapters.ledger_store import LedgerStore
+from service.adapters.lists import ListNamer
+from service.adapters.ratelimit import ImportBudget, RateLimiter
+from service.app.logs import EmailHasher
+from service.app.runtime import Collector
+from service.app.settings import Settings
+from service.core.backoff import backoff_delay
+from service.core.coalesce import Coalescer, ListRef, PendingChange
+from service.core.codec import EventDecoder
+from service.core.errors import (
+    ApiError,
+    AuthRejected,
+    PermanentApiError,
+    PoisonMessage,
+    RateLimited,
+)
+from service.core.ledger import (
     LedgerEntry,
     ListState,
     Plan,
@@ -54,14 +66,8 @@ from service.ledger import (
     plan_change,
     set_by_after,
 )
-from service.ledger_store import LedgerStore
-from service.lists import ListNamer
-from service.logs import EmailHasher
+from service.core.offsets import OffsetTracker
 from service.metrics import Metrics
-from service.offsets import OffsetTracker
-from service.ratelimit import ImportBudget, RateLimiter
-from service.runtime import Collector
-from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +262,7 @@ class Runner:
         self._collect_garbage(now)
 
     def _collect_garbage(self, now: float) -> None:
-        """The scheduled full collection (``service/runtime.py``), between two iterations."""
+        """The scheduled full collection (``service/app/runtime.py``), between two iterations."""
         collected = self.collector.maybe_collect(now, self._quiesce_requests)
         if collected is None:
             return
@@ -753,7 +759,7 @@ class Runner:
                             self.coalescer.requeue(change, now)
                 return
             self.metrics.imports.labels("failed").inc()
-            from service.apply import outcome_for_error
+            from service.adapters.apply import outcome_for_error
 
             for group in result.sent:
                 for change in group.changes:

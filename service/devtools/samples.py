@@ -15,8 +15,8 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from service.codec import encode_event, load_reader_schema
-from service.model import normalise_email
+from service.core.codec import encode_event, load_reader_schema
+from service.core.model import normalise_email
 
 
 @dataclass

@@ -18,9 +18,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from service.emulator.server import Emulator
-from service.localbroker import LocalBroker, committed_offsets, create_topics, free_port
-from service.samples import make_samples, produce, subscribed
+from service.devtools.emulator.server import Emulator
+from service.devtools.localbroker import LocalBroker, committed_offsets, create_topics, free_port
+from service.devtools.samples import make_samples, produce, subscribed
 
 TOKEN = "demo-token-not-a-secret"  # noqa: S105 - the emulator's own token, not a real one
 

@@ -24,9 +24,15 @@ from typing import Any
 import fastavro
 from fastavro.read import SchemaResolutionError
 
-from service.errors import PoisonMessage
-from service.fast_decode import LAYOUT, layout_of, read_event
-from service.model import NO_ATTRIBUTES, Action, MembershipEvent, normalise_email, validated_email
+from service.core.errors import PoisonMessage
+from service.core.fast_decode import LAYOUT, layout_of, read_event
+from service.core.model import (
+    NO_ATTRIBUTES,
+    Action,
+    MembershipEvent,
+    normalise_email,
+    validated_email,
+)
 
 SCHEMA_FILE = "segment_membership_change.avsc"
 _CONFLUENT_HEADER = struct.Struct(">bI")

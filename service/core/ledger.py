@@ -2,7 +2,7 @@
 
 Pure parts (no I/O): the record types, ``plan_change`` (what a change needs, given what the
 ledger holds), ``merged`` (the next entry after an outcome), the Avro codec and ``CompactIndex``
-(the in-memory form). ``service/ledger_store.py`` is the Kafka shell around them.
+(the in-memory form). ``service/adapters/ledger_store.py`` is the Kafka shell around them.
 
 Invariants:
 - a ledger entry is written only after AC confirmed every list state it records, and the source
@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import fastavro
 
-from service.model import Action
+from service.core.model import Action
 
 LEDGER_SCHEMA_FILE = "ledger_entry.avsc"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from service.errors import ConfigError
+from service.core.errors import ConfigError
 
 LIST_TEMPLATE_FIELDS = frozenset({"audience_id", "audience_name", "campaign_id", "treatment_group"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

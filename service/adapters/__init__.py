@@ -1,0 +1,1 @@
+"""The edges: Kafka, ActiveCampaign, the schema registry. Never imports the pipeline."""

@@ -1,0 +1,1 @@
+"""The stages of the loop, from consumed record to committed offset."""
