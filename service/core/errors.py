@@ -5,6 +5,8 @@
     ServiceError
     ├── ConfigError(field, why)                 bad or missing configuration; exit status 2
     ├── PoisonMessage(reason, detail)           a record that can never be applied; goes to the DLQ
+    ├── SchemaUnavailable(schema_id, detail)    a record's writer schema cannot be fetched now
+    │                                           (registry down): read it again later, never park it
     └── ApiError                                an ActiveCampaign call did not succeed
         ├── RateLimited(retry_after)            429 (or bulk-import "Rate limit exceeded."): back off
         ├── TransientApiError(status, detail)   5xx, timeout, connection error, non-JSON 2xx: retry
@@ -37,6 +39,18 @@ class PoisonMessage(ServiceError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class SchemaUnavailable(ServiceError):
+    """The writer schema of a record cannot be fetched right now (the registry is unreachable or
+    answers 5xx). The record itself may be fine: it is read again later, never dead-lettered.
+    ``retry_after`` is when asking again makes sense (seconds)."""
+
+    def __init__(self, schema_id: int, detail: str, retry_after: float = 1.0) -> None:
+        super().__init__(f"schema {schema_id}: {detail}")
+        self.schema_id = schema_id
+        self.detail = detail
+        self.retry_after = retry_after
 
 
 class ApiError(ServiceError):
