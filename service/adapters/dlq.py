@@ -4,29 +4,19 @@ Headers (all strings): ``dlq.reason`` (enumerated), ``dlq.error_class``, ``dlq.d
 email or the token), ``dlq.source.topic``, ``dlq.source.partition``, ``dlq.source.offset``,
 ``dlq.covered_offsets`` (for an AC refusal: every source offset the final state covered),
 ``dlq.ac_status`` and ``dlq.ac_code`` when AC refused the change, ``dlq.failed_at`` (epoch ms).
-A delivery failure is retried forever: an offset is never completed without the broker's ack.
+A delivery failure is retried until the broker acknowledges: an offset is never completed
+without the ack.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+
+from service.adapters.kafka import AckedProducer
 
 logger = logging.getLogger(__name__)
-
-
-def produce_when_room(producer: Any, topic: str, **kwargs: Any) -> None:
-    """Produce, waiting (and serving delivery callbacks) while librdkafka's queue is full:
-    a record whose ack completes offsets is never dropped for want of room."""
-    while True:
-        try:
-            producer.produce(topic, **kwargs)
-            return
-        except BufferError:
-            producer.poll(0.1)
 
 
 @dataclass(frozen=True)
@@ -42,6 +32,7 @@ class DeadLetter:
     covered_offsets: tuple[int, ...] = ()
     ac_status: int | None = None
     ac_code: str | None = None
+    extra_headers: tuple[tuple[str, bytes], ...] = ()  # e.g. the record's own headers
 
     def headers(self, now_ms: int) -> list[tuple[str, bytes]]:
         headers = [
@@ -59,63 +50,35 @@ class DeadLetter:
             headers.append(("dlq.ac_status", str(self.ac_status)))
         if self.ac_code is not None:
             headers.append(("dlq.ac_code", self.ac_code))
-        return [(k, v.encode()) for k, v in headers]
+        return [(k, v.encode()) for k, v in headers] + list(self.extra_headers)
 
 
 class DeadLetterQueue:
-    """Produces dead letters; calls ``on_parked(letter)`` once the broker acknowledged one."""
-
-    def __init__(
-        self,
-        producer: Any,
-        topic: str,
-        on_parked: Callable[[DeadLetter], None],
-        on_failed: Callable[[DeadLetter, str], None] | None = None,
-    ) -> None:
-        self._producer = producer
+    def __init__(self, acked: AckedProducer, topic: str, wall: Callable[[], float]) -> None:
+        self._acked = acked
         self._topic = topic
-        self._on_parked = on_parked
-        self._on_failed = on_failed
-        self._retry: list[DeadLetter] = []
-        self.in_flight = 0
+        self._wall = wall
 
-    def send(self, letter: DeadLetter) -> None:
-        def delivered(err: Any, _msg: Any) -> None:
-            self.in_flight -= 1
-            if err is not None:
-                logger.error(
-                    "dead-letter delivery failed; will retry",
-                    extra={
-                        "error": str(err),
-                        "source_partition": letter.source_partition,
-                        "source_offset": letter.source_offset,
-                    },
-                )
-                if self._on_failed is not None:
-                    self._on_failed(letter, str(err))
-                self._retry.append(letter)
-                return
-            self._on_parked(letter)
+    def send(self, letter: DeadLetter, on_parked: Callable[[], None]) -> None:
+        """Produce ``letter``; ``on_parked`` runs once the broker acknowledged it."""
 
-        produce_when_room(
-            self._producer,
+        def failed(reason: str) -> bool:
+            logger.error(
+                "dead-letter delivery failed; will retry",
+                extra={
+                    "error": reason,
+                    "source_partition": letter.source_partition,
+                    "source_offset": letter.source_offset,
+                },
+            )
+            return True  # resend the same record
+
+        self._acked.send(
             self._topic,
-            key=letter.key,
-            value=letter.value,
-            headers=letter.headers(int(time.time() * 1000)),
-            on_delivery=delivered,
+            -1,
+            letter.key,
+            letter.value,
+            on_parked,
+            failed,
+            headers=letter.headers(int(self._wall() * 1000)),
         )
-        self.in_flight += 1
-
-    def poll(self) -> None:
-        """Serve delivery callbacks; resend what failed."""
-        self._producer.poll(0)
-        retry, self._retry = self._retry, []
-        for letter in retry:
-            self.send(letter)
-
-    def flush(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while (self.in_flight or self._retry) and time.monotonic() < deadline:
-            self._producer.flush(min(0.5, max(0.0, deadline - time.monotonic())))
-            self.poll()

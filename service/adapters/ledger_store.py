@@ -3,9 +3,23 @@ for ``explain`` and ``reconcile``.
 
 Topic: compacted, one partition per source partition; a ledger record goes to the partition of
 the source record that produced it, so the replica that owns a source partition owns its ledger.
-Restore reads an assigned partition from the beginning to its end (the end-of-partition event,
-whose position comes from the fetch responses) before any change of that partition is applied.
-A write's callback runs only on the broker's ack; a failed delivery is retried, never dropped.
+Three kinds of keys: an email (its ``LedgerEntry``), ``import-budget`` (the partition's import
+history, ``ImportBudget.history``) and ``import/<id>`` (an import that may still land: written
+before the import is sent, deleted by a tombstone once its outcome is recorded; see
+``service/pipeline/imports.py``).
+
+Writes, per key, land in order and the latest always wins:
+- every write carries the whole current value (an entry is cumulative), so a write that failed
+  is never sent again once a later write of the same key is on its way: the later one covers
+  it, and the callbacks of both run on the later one's ack. Only the latest value is resent;
+- the producer is idempotent (per-partition order, no duplicates from librdkafka's retries);
+- a partition handed over waits (``flush``) for its writes on the wire, and what was never sent
+  is purged, so nothing of ours lands after the new owner restored;
+- restore reads every record and keeps, per list, the state of the latest source record
+  (``newest``); when that differs from the last record in the log (a write that landed after
+  a newer one), it writes the merged entry again, so compaction keeps the right one.
+Restore is incremental (``restore_step``, a bounded slice per loop turn): a big ledger never
+holds the loop, and a partition's records wait until its ledger is loaded.
 """
 
 from __future__ import annotations
@@ -14,22 +28,19 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
-
-from service.adapters.dlq import produce_when_room
-from service.core.ledger import CompactIndex, LedgerCodec, LedgerEntry
+from service.adapters.kafka import AckedProducer, LogReader, LogReaderFactory
+from service.core.ledger import CompactIndex, LedgerCodec, LedgerEntry, newest
 
 logger = logging.getLogger(__name__)
 
 RESTORE_BATCH = 5000
 
-# The key of a partition's import-budget history (``ImportBudget.history``): not an email (no
-# "@"), so it never collides with an entry, and compaction keeps only the latest.
+# Not an email (no "@"), so never an entry's key; compaction keeps only the latest.
 BUDGET_KEY = "import-budget"
+INTENT_PREFIX = "import/"
 
 
 def encode_budget(charges: list[tuple[float, float]]) -> bytes:
@@ -48,80 +59,221 @@ def decode_budget(raw: bytes) -> list[tuple[float, float]]:
     return decoded
 
 
+@dataclass(frozen=True)
+class Intent:
+    """An import that may land in AC: the emails of one partition it carries."""
+
+    intent_id: str
+    batch_id: str | None
+    emails: tuple[str, ...]
+    submitted_at: float  # wall clock
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"batch": self.batch_id, "emails": list(self.emails), "at": self.submitted_at}
+        ).encode()
+
+    @classmethod
+    def decode(cls, intent_id: str, raw: bytes) -> Intent:
+        try:
+            data = json.loads(raw)
+            batch = data.get("batch")
+            emails = tuple(str(e) for e in data["emails"])
+            at = float(data["at"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not an import intent: {exc}") from None
+        if batch is not None and not isinstance(batch, str):
+            raise ValueError("not an import intent: batch")
+        return cls(intent_id, batch, emails, at)
+
+
 @dataclass
 class RestoreStats:
     partitions: list[int]
     records: int
     emails: int
     seconds: float
+    repaired: int = 0
+
+
+@dataclass
+class _Key:
+    """One key's writes in flight: sequence numbers, the latest value, callbacks waiting."""
+
+    value: bytes | None = None
+    sent: int = 0
+    acked: int = 0
+    waiting: list[tuple[int, Callable[[], None]]] = field(default_factory=list)
+
+
+@dataclass
+class _Restore:
+    partitions: list[int]
+    reader: LogReader
+    started: float
+    raw: dict[int, dict[str, bytes | None]] = field(default_factory=dict)  # last in log
+    merged: dict[int, dict[str, LedgerEntry]] = field(default_factory=dict)  # seen twice+
+    records: int = 0
 
 
 class LedgerStore:
     def __init__(
         self,
         topic: str,
-        producer: Any,
-        consumer_config: Mapping[str, Any],
+        acked: AckedProducer,
+        readers: LogReaderFactory,
         *,
         codec: LedgerCodec | None = None,
-        progress: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+        on_failure: Callable[[], None] = lambda: None,
     ) -> None:
         self.topic = topic
         self.codec = codec or LedgerCodec()
         self.index = CompactIndex()
-        self._producer = producer
-        self._consumer_config = dict(consumer_config)
-        self.progress = progress
-        self._retry: list[tuple[int, bytes, bytes, Callable[[], None]]] = []
-        # Import-budget histories found by the last restore, by partition (absent: none written).
+        self._acked = acked
+        self._readers = readers
+        self._clock = clock
+        self._on_failure = on_failure
+        self._keys: dict[tuple[int, str], _Key] = {}
+        self._restore: _Restore | None = None
+        # Found by the last restore of each partition (absent: none written).
         self.budgets: dict[int, list[tuple[float, float]]] = {}
-        self.in_flight = 0
-        self.write_failures = 0
-        self.on_failure: Callable[[], None] = lambda: None
+        self.intents: dict[int, list[Intent]] = {}
 
     # ---- restore ---------------------------------------------------------------------------
 
-    def restore(self, partitions: list[int]) -> RestoreStats:
-        """Load ``partitions`` to their end, replacing what the index held for them."""
-        started = time.monotonic()
-        latest: dict[int, dict[str, bytes]] = {p: {} for p in partitions}
-        records = 0
-        for partition, key, value in _read_to_end(
-            self._consumer_config, self.topic, partitions, self.progress, skip_budget=False
-        ):
-            records += 1
-            if value is None:
-                latest[partition].pop(key, None)  # a tombstone
-            else:
-                latest[partition][key] = value
-        for partition in partitions:
-            raw = latest[partition].pop(BUDGET_KEY, None)
+    @property
+    def restoring(self) -> list[int]:
+        return list(self._restore.partitions) if self._restore else []
+
+    def start_restore(self, partitions: Sequence[int]) -> None:
+        """Begin loading ``partitions`` (replacing what the index holds for them). A restore
+        already running is restarted with the union (a rebalance may add partitions)."""
+        wanted = sorted(set(partitions) | set(self.restoring))
+        self.cancel_restore()
+        if wanted:
+            self._restore = _Restore(wanted, self._readers(self.topic, wanted), self._clock())
+            for partition in wanted:
+                self._restore.raw[partition] = {}
+                self._restore.merged[partition] = {}
+
+    def cancel_restore(self, partitions: set[int] | None = None) -> None:
+        """Stop restoring (``partitions`` only: the rest restart from the beginning)."""
+        job, self._restore = self._restore, None
+        if job is None:
+            return
+        job.reader.close()
+        if partitions is not None:
+            rest = [p for p in job.partitions if p not in partitions]
+            if rest:
+                self.start_restore(rest)
+
+    def restore_step(self, seconds: float) -> RestoreStats | None:
+        """Read for up to ``seconds``; when every restoring partition reached its end, load
+        them into the index and return what was read (else None)."""
+        job = self._restore
+        if job is None:
+            return None
+        deadline = self._clock() + seconds
+        while not job.reader.done():
+            for partition, key_bytes, value in job.reader.read(RESTORE_BATCH, 0.05):
+                job.records += 1
+                self._absorb(job, partition, key_bytes.decode("utf-8", "replace"), value)
+            if self._clock() >= deadline:
+                return None
+        self._restore = None
+        job.reader.close()
+        return self._finish(job)
+
+    def _absorb(self, job: _Restore, partition: int, key: str, value: bytes | None) -> None:
+        raw = job.raw.setdefault(partition, {})
+        merged = job.merged.setdefault(partition, {})
+        if "@" not in key or value is None:
+            raw[key] = value  # a tombstone, the budget or an intent: the last one wins
+            merged.pop(key, None)
+            return
+        previous = merged.get(key)
+        if previous is None and raw.get(key) is not None:
+            previous = self._decode(raw[key])  # seen twice: merge from now on
+        raw[key] = value
+        if previous is not None:
+            entry = self._decode(value)
+            if entry is not None:
+                merged[key] = newest(previous, entry)
+
+    def _decode(self, raw: bytes | None) -> LedgerEntry | None:
+        if raw is None:
+            return None
+        try:
+            return self.codec.decode(raw)
+        except ValueError as exc:
+            logger.warning("unreadable ledger record ignored", extra={"error": str(exc)})
+            return None
+
+    def _finish(self, job: _Restore) -> RestoreStats:
+        emails = repaired = 0
+        for partition in job.partitions:
+            raw = job.raw.pop(partition, {})
+            merged = job.merged.pop(partition, {})
+            budget = raw.pop(BUDGET_KEY, None)
             self.budgets.pop(partition, None)
-            if raw is None:
-                continue
-            try:
-                self.budgets[partition] = decode_budget(raw)
-            except ValueError as exc:
-                # Written by us, so unexpected; the cost of ignoring it is at most one
-                # "Rate limit exceeded." from AC (back-pressure), never a lost change.
-                logger.warning(
-                    "unreadable import-budget record ignored",
-                    extra={"partition": partition, "error": str(exc)},
-                )
-        emails = 0
-        for partition, values in latest.items():
-            # Decode only the last record of each email: earlier ones are superseded.
-            packed = {
-                email: self.index.pack(self.codec.decode(raw)) for email, raw in values.items()
-            }
-            values.clear()
+            if budget is not None:
+                try:
+                    self.budgets[partition] = decode_budget(budget)
+                except ValueError as exc:
+                    # Written by us, so unexpected; the cost of ignoring it is at most one
+                    # "Rate limit exceeded." from AC (back-pressure), never a lost change.
+                    logger.warning(
+                        "unreadable import-budget record ignored",
+                        extra={"partition": partition, "error": str(exc)},
+                    )
+            intents: list[Intent] = []
+            packed: dict[str, bytes] = {}
+            for key, value in raw.items():
+                if value is None:
+                    continue
+                if key.startswith(INTENT_PREFIX):
+                    try:
+                        intents.append(Intent.decode(key.removeprefix(INTENT_PREFIX), value))
+                    except ValueError as exc:
+                        logger.warning(
+                            "unreadable import intent ignored", extra={"error": str(exc)}
+                        )
+                    continue
+                if "@" not in key:
+                    continue
+                entry = merged.get(key)
+                last = self._decode(value)
+                if entry is None:
+                    entry = last
+                if entry is None:
+                    continue
+                packed[key] = self.index.pack(entry)
+                if entry != last:
+                    repaired += 1
+                    self._write(partition, key, self.codec.encode(entry), lambda: None)
             self.index.replace(partition, packed)
+            self.intents[partition] = intents
             emails += len(packed)
-            self.progress()
-        return RestoreStats(sorted(partitions), records, emails, time.monotonic() - started)
+        if repaired:
+            logger.warning(
+                "ledger records older than an earlier one were last in the log; rewritten",
+                extra={"repaired": repaired},
+            )
+        return RestoreStats(
+            list(job.partitions), job.records, emails, self._clock() - job.started, repaired
+        )
 
     def forget(self, partitions: set[int]) -> None:
+        """Drop what is held for ``partitions`` (handed over): entries, restore, callbacks."""
+        if self._restore is not None and set(self._restore.partitions) & partitions:
+            self.cancel_restore(partitions)
         self.index.forget(partitions)
+        for key in [k for k in self._keys if k[0] in partitions]:
+            del self._keys[key]
+        for partition in partitions:
+            self.budgets.pop(partition, None)
+            self.intents.pop(partition, None)
 
     def get(self, partition: int, email: str) -> LedgerEntry | None:
         return self.index.get(partition, email)
@@ -132,147 +284,144 @@ class LedgerStore:
         self, partition: int, email: str, entry: LedgerEntry, on_written: Callable[[], None]
     ) -> None:
         """Record ``entry`` now (later decisions see it) and on the topic; ``on_written`` runs
-        on the broker's ack, from ``poll``."""
+        on the broker's ack of this write or of a later one of the same email."""
         self.index.put(partition, email, entry)
-        self._produce(partition, email.encode(), self.codec.encode(entry), on_written)
+        self._write(partition, email, self.codec.encode(entry), on_written)
 
     def write_budget(self, partition: int, charges: list[tuple[float, float]]) -> None:
         """Record the partition's import-budget history for its next owner."""
-        self._produce(partition, BUDGET_KEY.encode(), encode_budget(charges), lambda: None)
+        self._write(partition, BUDGET_KEY, encode_budget(charges), lambda: None)
 
-    def _produce(
-        self, partition: int, key: bytes, value: bytes, on_written: Callable[[], None]
+    def write_intent(self, partition: int, intent: Intent, on_written: Callable[[], None]) -> None:
+        self._write(partition, INTENT_PREFIX + intent.intent_id, intent.encode(), on_written)
+
+    def delete_intent(self, partition: int, intent_id: str) -> None:
+        self._write(partition, INTENT_PREFIX + intent_id, None, lambda: None)
+
+    def pending_writes(self, partitions: set[int]) -> int:
+        return sum(1 for (p, _), k in self._keys.items() if p in partitions and k.waiting)
+
+    def _write(
+        self, partition: int, key: str, value: bytes | None, on_written: Callable[[], None]
     ) -> None:
-        def delivered(err: Any, _msg: Any) -> None:
-            self.in_flight -= 1
-            if err is not None:
-                self.write_failures += 1
-                self.on_failure()
-                logger.error(
-                    "ledger write failed; will retry",
-                    extra={"error": str(err), "partition": partition},
-                )
-                self._retry.append((partition, key, value, on_written))
-                return
-            on_written()
+        state = self._keys.setdefault((partition, key), _Key())
+        state.value = value
+        state.sent += 1
+        state.waiting.append((state.sent, on_written))
+        self._produce(partition, key, state, state.sent)
 
-        produce_when_room(
-            self._producer,
-            self.topic,
-            key=key,
-            value=value,
-            partition=partition,
-            on_delivery=delivered,
-        )
-        self.in_flight += 1
+    def _produce(self, partition: int, key: str, state: _Key, seq: int) -> None:
+        def acked() -> None:
+            if self._keys.get((partition, key)) is not state:
+                return  # handed over meanwhile
+            state.acked = max(state.acked, seq)
+            done = [cb for s, cb in state.waiting if s <= state.acked]
+            state.waiting = [(s, cb) for s, cb in state.waiting if s > state.acked]
+            if state.acked >= state.sent:
+                del self._keys[(partition, key)]
+            for callback in done:
+                callback()
 
-    def poll(self) -> None:
-        """Serve delivery callbacks (the producer is shared with the DLQ); resend failures."""
-        self._producer.poll(0)
-        retry, self._retry = self._retry, []
-        for item in retry:
-            self._produce(*item)
+        def failed(reason: str) -> bool:
+            self._on_failure()
+            logger.error(
+                "ledger write failed; will retry", extra={"error": reason, "partition": partition}
+            )
+            if self._keys.get((partition, key)) is not state or seq < state.sent:
+                return False  # handed over, or a later write of this key covers it
+            state.sent += 1
+            self._produce(partition, key, state, state.sent)  # the latest value again
+            return False
 
-    def flush(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while (self.in_flight or self._retry) and time.monotonic() < deadline:
-            self._producer.flush(min(0.5, max(0.0, deadline - time.monotonic())))
-            self.poll()
+        self._acked.send(self.topic, partition, key.encode(), state.value, acked, failed)
 
 
-def _read_to_end(
-    consumer_config: Mapping[str, Any],
+# ---- reading for the operator's commands ---------------------------------------------------
+
+
+def read_all(
+    readers: LogReaderFactory,
     topic: str,
     partitions: list[int],
-    progress: Callable[[], None] = lambda: None,
-    key_filter: bytes | None = None,
-    skip_budget: bool = True,
-) -> Iterator[tuple[int, str, bytes | None]]:
-    """Every record of ``partitions`` from the beginning to the end seen when reading started
-    (the import-budget records only with ``skip_budget=False``)."""
-    if not partitions:
-        return
-    config = {
-        k: v
-        for k, v in consumer_config.items()
-        if k not in ("partition.assignment.strategy", "group.instance.id", "error_cb")
-    }
-    config.update(
-        {
-            "group.id": f"{config.get('group.id', 'ac-audience-sync')}.ledger-reader",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-            # Answer as soon as a partition's end is reached: the default 500 ms wait per fetch
-            # is most of the time taken to restore a small or empty ledger.
-            "fetch.wait.max.ms": 10,
-            # A bounded prefetch: the restore's memory is the index, not librdkafka's queue.
-            "queued.max.messages.kbytes": min(
-                16384, int(config.get("queued.max.messages.kbytes", 16384))
-            ),
-        }
-    )
-    consumer = Consumer(config)
-    try:
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        open_partitions = set(partitions)
-        last_note = time.monotonic()
-        while open_partitions:
-            for message in consumer.consume(RESTORE_BATCH, 0.1):
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        open_partitions.discard(message.partition())
-                    elif error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                        raise LookupError(f"ledger topic {topic} does not exist")
-                    else:
-                        logger.warning("ledger read error", extra={"error": error.str()})
-                    continue
-                key = message.key()
-                if key is None or (key_filter is not None and key != key_filter):
-                    continue
-                if key_filter is None and skip_budget and key == BUDGET_KEY.encode():
-                    continue
-                yield int(message.partition() or 0), key.decode(), message.value()
-            if time.monotonic() - last_note > 10:
-                last_note = time.monotonic()
-                logger.info(
-                    "ledger restore in progress", extra={"open_partitions": len(open_partitions)}
-                )
-            progress()
-    finally:
-        consumer.close()
-
-
-def read_entries(
-    consumer_config: Mapping[str, Any],
-    topic: str,
-    partitions: list[int],
-    email: str | None = None,
+    progress: Callable[[int], None] = lambda records: None,
 ) -> dict[str, LedgerEntry]:
-    """The latest entry of every email (or of one) in the ledger: for ``explain``/``reconcile``."""
+    """Every email's entry (merged as restore merges): for ``explain``/``reconcile``."""
     codec = LedgerCodec()
-    latest: dict[str, bytes | None] = {}
-    key = email.encode() if email is not None else None
-    for _partition, found, value in _read_to_end(
-        consumer_config, topic, partitions, key_filter=key
-    ):
-        latest[found] = value
-    return {k: codec.decode(v) for k, v in latest.items() if v is not None}
+    entries: dict[str, LedgerEntry] = {}
+    reader = readers(topic, partitions)
+    records = 0
+    try:
+        while not reader.done():
+            for _partition, key_bytes, value in reader.read(RESTORE_BATCH, 0.1):
+                records += 1
+                key = key_bytes.decode("utf-8", "replace")
+                if "@" not in key:
+                    continue
+                if value is None:
+                    entries.pop(key, None)
+                    continue
+                try:
+                    entry = codec.decode(value)
+                except ValueError:
+                    continue
+                entries[key] = newest(entries.get(key), entry)
+            progress(records)
+    finally:
+        reader.close()
+    return entries
+
+
+def read_entry(
+    readers: LogReaderFactory, topic: str, partitions: list[int], email: str
+) -> LedgerEntry | None:
+    """One email's entry."""
+    codec = LedgerCodec()
+    found: LedgerEntry | None = None
+    reader = readers(topic, partitions)
+    wanted = email.encode()
+    try:
+        while not reader.done():
+            for _partition, key, value in reader.read(RESTORE_BATCH, 0.1):
+                if key != wanted:
+                    continue
+                if value is None:
+                    found = None
+                    continue
+                try:
+                    found = newest(found, codec.decode(value))
+                except ValueError:
+                    continue
+    finally:
+        reader.close()
+    return found
 
 
 def read_list(
-    consumer_config: Mapping[str, Any], topic: str, partitions: list[int], label: str
+    readers: LogReaderFactory, topic: str, partitions: list[int], label: str
 ) -> dict[str, LedgerEntry]:
-    """Every email's latest entry, cut down to one list (for ``reconcile``): memory grows with
-    that list's members, not with the whole ledger's decoded records."""
+    """Every email's entry cut down to one list (for ``reconcile``): memory grows with that
+    list's members, not with the whole ledger."""
     codec = LedgerCodec()
     found: dict[str, LedgerEntry] = {}
-    for _partition, email, value in _read_to_end(consumer_config, topic, partitions):
-        state = codec.decode(value).state(label) if value is not None else None
-        if state is None:
-            found.pop(email, None)  # a later record without the list (or a tombstone) wins
-        else:
-            found[email] = LedgerEntry(None, 0, (state,))
+    reader = readers(topic, partitions)
+    try:
+        while not reader.done():
+            for _partition, key_bytes, value in reader.read(RESTORE_BATCH, 0.1):
+                email = key_bytes.decode("utf-8", "replace")
+                if "@" not in email:
+                    continue
+                state = None
+                if value is not None:
+                    try:
+                        state = codec.decode(value).state(label)
+                    except ValueError:
+                        state = None
+                if state is None:
+                    found.pop(email, None)  # a later record without the list (or a tombstone)
+                    continue
+                current = found.get(email)
+                candidate = LedgerEntry(None, 0, (state,))
+                found[email] = newest(current, candidate)
+    finally:
+        reader.close()
     return found

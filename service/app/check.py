@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import httpx
 from confluent_kafka.admin import AdminClient
-from prometheus_client import CollectorRegistry
 
-from service.adapters.activecampaign import ActiveCampaignClient
-from service.adapters.ratelimit import RateLimitedTransport, RateLimiter
+from service.adapters.ac_http import AcTool
 from service.app.settings import Settings
-from service.core.errors import ApiError, AuthRejected, ConfigError
-from service.metrics import Metrics
+from service.core import acapi
+from service.core.errors import AccountBlocked, ApiError, ConfigError
 
 
 def _line(ok: bool, item: str, detail: str = "") -> bool:
@@ -62,23 +59,24 @@ def check_token(settings: Settings, timeout: float) -> bool:
         token = settings.current_token()
     except ConfigError as exc:
         return _line(False, "ActiveCampaign token", f"{exc.field}: {exc.why}")
-    limiter = RateLimiter(1.0)
-    with httpx.Client(
-        base_url=settings.ac_base_url + "/",
-        transport=RateLimitedTransport(httpx.HTTPTransport(), limiter),
+    tool = AcTool(
+        settings.ac_base_url,
+        token.reveal,
+        rate=settings.ac_rate_limit_per_second,
+        guard=settings.ac_rate_guard_seconds,
+        tools_every=settings.ac_tools_tick_every,
         timeout=timeout,
-    ) as http:
-        client = ActiveCampaignClient(http, token.reveal, Metrics(CollectorRegistry()))
-        try:
-            client.request("GET", "/lists", "lists", params={"limit": "1"})
-        except AuthRejected as exc:
-            return _line(
-                False,
-                "ActiveCampaign token",
-                f"refused by {settings.ac_api_url} (HTTP {exc.status})",
-            )
-        except ApiError as exc:
-            return _line(False, "ActiveCampaign token", f"{settings.ac_api_url} answered: {exc}")
+    )
+    try:
+        tool.call(acapi.request(acapi.ApiCall("GET", "/lists", "lists", (("limit", "1"),))))
+    except AccountBlocked as exc:
+        return _line(
+            False, "ActiveCampaign token", f"refused by {settings.ac_api_url} (HTTP {exc.status})"
+        )
+    except ApiError as exc:
+        return _line(False, "ActiveCampaign token", f"{settings.ac_api_url} answered: {exc}")
+    finally:
+        tool.close()
     return _line(True, "ActiveCampaign token", f"accepted by {settings.ac_api_url}")
 
 

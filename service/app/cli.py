@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -133,7 +132,8 @@ def _ledger_partitions(settings: Settings) -> list[int]:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Print the ledger's record for one email. Needs only the Kafka settings."""
-    from service.adapters.ledger_store import read_entries
+    from service.adapters.kafka import kafka_log_reader
+    from service.adapters.ledger_store import read_entry
     from service.app.audit import explain_json, explain_lines
     from service.core.model import is_valid_email, normalise_email
 
@@ -147,10 +147,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ac-audience-sync: {exc.field}: {exc.why}", file=sys.stderr)
         return EXIT_CONFIG
-    entries = read_entries(
-        settings.consumer_config(), settings.kafka_ledger_topic, partitions, email
+    entry = read_entry(
+        kafka_log_reader(settings.consumer_config()), settings.kafka_ledger_topic, partitions, email
     )
-    entry = entries.get(email)
     if args.json:
         print(json.dumps(explain_json(email, entry, args.list), indent=2))
     else:
@@ -160,15 +159,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """Compare AC's membership of one list with the ledger; change nothing."""
-    import httpx
-    from prometheus_client import CollectorRegistry
-
-    from service.adapters.activecampaign import ActiveCampaignClient
+    from service.adapters.ac_http import AcTool
+    from service.adapters.kafka import kafka_log_reader
     from service.adapters.ledger_store import read_list
-    from service.adapters.ratelimit import RateLimitedTransport, RateLimiter
     from service.app.audit import differences, differences_json
+    from service.core import acapi
     from service.core.errors import ApiError
-    from service.metrics import Metrics
 
     settings = _settings_or_exit(os.environ)
     label = args.list
@@ -177,30 +173,30 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ac-audience-sync: {exc.field}: {exc.why}", file=sys.stderr)
         return EXIT_CONFIG
-    # The same limiter as the service: reconcile shares the account's budget with it.
-    limiter = RateLimiter(settings.ac_rate_limit_per_second, clock=time.time)
-    http = httpx.Client(
-        base_url=settings.ac_base_url + "/",
-        transport=RateLimitedTransport(httpx.HTTPTransport(retries=0), limiter),
-        timeout=httpx.Timeout(settings.ac_request_timeout_seconds),
-    )
-    client = ActiveCampaignClient(
-        http, lambda: settings.current_token().reveal(), Metrics(CollectorRegistry())
+    # The tools' ticks of the account budget: reconcile shares the 5/s with the service.
+    tool = AcTool(
+        settings.ac_base_url,
+        lambda: settings.current_token().reveal(),
+        rate=settings.ac_rate_limit_per_second,
+        guard=settings.ac_rate_guard_seconds,
+        tools_every=settings.ac_tools_tick_every,
+        timeout=settings.ac_request_timeout_seconds,
     )
     try:
-        list_id = label[1:] if label.startswith("#") else client.find_list(label)
+        list_id = label[1:] if label.startswith("#") else tool.call(acapi.find_list(label))
         if list_id is None:
             print(f"ac-audience-sync reconcile: no list named {label!r} in AC", file=sys.stderr)
             return EXIT_CONFIG
-        ac_status = {e: 2 for e in client.list_members(list_id, 2)}
-        ac_status.update({e: 1 for e in client.list_members(list_id, 1)})
+        ac_status = {e: 2 for e in tool.call(acapi.members(list_id, 2))}
+        ac_status.update({e: 1 for e in tool.call(acapi.members(list_id, 1))})
     except ApiError as exc:
         print(f"ac-audience-sync reconcile: ActiveCampaign: {exc}", file=sys.stderr)
         return 3
     finally:
-        limiter.close()
-        http.close()
-    entries = read_list(settings.consumer_config(), settings.kafka_ledger_topic, partitions, label)
+        tool.close()
+    entries = read_list(
+        kafka_log_reader(settings.consumer_config()), settings.kafka_ledger_topic, partitions, label
+    )
     found = differences(label, entries, ac_status)
     in_ledger = sum(1 for e in entries.values() if e.state(label) is not None)
     if args.json:

@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from service.core.errors import ConfigError
+from service.core.lists import ListTarget
 
 LIST_TEMPLATE_FIELDS = frozenset({"audience_id", "audience_name", "campaign_id", "treatment_group"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -53,14 +54,6 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._value)
-
-
-@dataclass(frozen=True)
-class ListTarget:
-    """Where an audience goes when a mapping file names it: an existing list id or a list name."""
-
-    list_id: str | None = None
-    list_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +97,14 @@ class Settings:
     metrics_port: int = 9108
     log_level: str = "INFO"
     email_hash_key: Secret | None = None
+    # The core loop's bounds (see README "Bounds").
+    retry_give_up_seconds: float = 1800.0
+    max_tracked_offsets: int = 1_000_000
+    max_pending_bytes: int = 256 * 1024 * 1024
+    list_verify_seconds: float = 300.0
+    max_lists: int = 10_000
+    ac_rate_guard_seconds: float = 0.04
+    ac_tools_tick_every: int = 20
 
     @property
     def ac_base_url(self) -> str:
@@ -157,7 +158,10 @@ class Settings:
             k: v for k, v in self.kafka_properties.items() if k not in consumer_only
         }
         cfg["bootstrap.servers"] = self.kafka_bootstrap_servers
-        cfg.setdefault("acks", "all")
+        # Ledger writes of one key must land in produce order (a retried write must never land
+        # after a later one): idempotence gives per-partition order and no duplicates.
+        cfg["enable.idempotence"] = True
+        cfg["acks"] = "all"
         cfg.setdefault("linger.ms", "20")
         return cfg
 
@@ -415,4 +419,19 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         metrics_port=_integer(env, "METRICS_PORT", 9108, minimum=0, maximum=65535),
         log_level=log_level,
         email_hash_key=Secret(hash_key) if hash_key else None,
+        retry_give_up_seconds=_number(
+            env, "RETRY_GIVE_UP_SECONDS", 1800.0, minimum=10.0, maximum=7 * 86400.0
+        ),
+        max_tracked_offsets=_integer(
+            env, "MAX_TRACKED_OFFSETS", 1_000_000, minimum=100, maximum=100_000_000
+        ),
+        max_pending_bytes=_integer(
+            env, "MAX_PENDING_BYTES", 256 * 1024 * 1024, minimum=1024 * 1024, maximum=2**40
+        ),
+        list_verify_seconds=_number(
+            env, "LIST_VERIFY_SECONDS", 300.0, minimum=1.0, maximum=86400.0
+        ),
+        max_lists=_integer(env, "MAX_LISTS", 10_000, minimum=1, maximum=1_000_000),
+        ac_rate_guard_seconds=_number(env, "AC_RATE_GUARD_SECONDS", 0.04, minimum=0.0, maximum=1.0),
+        ac_tools_tick_every=_integer(env, "AC_TOOLS_TICK_EVERY", 20, minimum=0, maximum=1000),
     )

@@ -5,63 +5,52 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from typing import Any
 
 from service.app.settings import Settings
 from service.core.errors import ConfigError
+from service.pipeline.loop import Loop
 
 logger = logging.getLogger("service")
 
+GC_QUIESCE_SECONDS = 0.1  # see RateLimiter.quiesce
 
-def build_runner(settings: Settings, registry: Any) -> Any:
+
+def build_runner(settings: Settings, registry: Any) -> Loop:
     """Wire the real parts together (used by ``run``, the demo and the integration tests)."""
     import httpx
     from confluent_kafka import Consumer, Producer
 
-    from service.adapters.activecampaign import ActiveCampaignClient
-    from service.adapters.apply import ContactApplier
-    from service.adapters.bulk import BulkImporter
-    from service.adapters.ledger_store import LedgerStore
-    from service.adapters.lists import ListDirectory
+    from service.adapters.ac_http import HttpDriver
+    from service.adapters.executor import ThreadedExecutor
+    from service.adapters.kafka import AckedProducer, kafka_log_reader
     from service.adapters.ratelimit import RateLimitedTransport, RateLimiter
     from service.app.logs import EmailHasher
+    from service.app.runtime import Collector
+    from service.clock import SystemClock
     from service.core.codec import EventDecoder, SchemaRegistryClient, load_reader_schema
     from service.metrics import Metrics
-    from service.pipeline.loop import Runner
+    from service.pipeline.loop import Ports
 
     metrics = Metrics(registry)
+    clock = SystemClock()
     # Wall-clock time: replicas align their shares of the account budget on the same ticks.
     limiter = RateLimiter(
-        settings.ac_rate_limit_per_second, clock=time.time, on_wait=metrics.ratelimit_wait.observe
+        settings.ac_rate_limit_per_second,
+        guard=settings.ac_rate_guard_seconds,
+        tools_every=settings.ac_tools_tick_every,
+        clock=clock.wall,
+        on_wait=metrics.ratelimit_wait.observe,
     )
-    transport = RateLimitedTransport(httpx.HTTPTransport(retries=0), limiter)
+    transport = RateLimitedTransport(httpx.HTTPTransport(retries=0), limiter, clock.wall)
     http = httpx.Client(
         base_url=settings.ac_base_url + "/",
         transport=transport,
         timeout=httpx.Timeout(settings.ac_request_timeout_seconds),
         limits=httpx.Limits(max_connections=settings.ac_concurrency + 2),
+        follow_redirects=False,
     )
-    client = ActiveCampaignClient(
-        http,
-        lambda: settings.current_token().reveal(),
-        metrics,
-        sender_url=settings.ac_list_sender_url,
-        sender_reminder=settings.ac_list_sender_reminder,
-    )
-    lists = ListDirectory(client, create=settings.ac_create_lists)
-    applier = ContactApplier(
-        client,
-        lists,
-        settings.attribute_map,
-        settings.field_map,
-        clock=time.monotonic,
-    )
-    bulk = (
-        BulkImporter(client, lists, settings.attribute_map, settings.field_map)
-        if settings.ac_bulk_import
-        else None
-    )
+    driver = HttpDriver(http, lambda: settings.current_token().reveal(), metrics, clock.monotonic)
     lookup = None
     if settings.schema_registry_url:
         registry_http = httpx.Client(timeout=10.0)
@@ -75,32 +64,46 @@ def build_runner(settings: Settings, registry: Any) -> Any:
     key = settings.email_hash_key.reveal().encode() if settings.email_hash_key else None
     hasher = EmailHasher(key)
 
-    holder: dict[str, Runner] = {}
+    holder: dict[str, Loop] = {}
 
     def on_error(error: Any) -> None:
-        if "runner" in holder:
-            holder["runner"].on_kafka_error(error)
+        if "loop" in holder:
+            holder["loop"].on_kafka_error(error)
+        logger.warning("kafka error", extra={"error": error.str()})
 
     consumer_cfg: dict[str, Any] = dict(settings.consumer_config())
     consumer_cfg["error_cb"] = on_error
     consumer = Consumer(consumer_cfg)
     producer = Producer(settings.producer_config())
-    ledger = LedgerStore(settings.kafka_ledger_topic, producer, settings.consumer_config())
-    runner = Runner(
-        settings,
-        consumer,
-        producer,
-        decoder,
-        applier,
-        limiter,
-        metrics,
-        hasher,
+    collector = Collector()
+
+    def housekeeping(now: float) -> None:
+        # The scheduled full collection (``service/app/runtime.py``), between two iterations.
+        # No request may be between its slot and the wire while it holds every thread.
+        collected = collector.maybe_collect(now, lambda: limiter.quiesce(GC_QUIESCE_SECONDS))
+        if collected is not None:
+            found, pause = collected
+            metrics.gc_pause.observe(pause)
+            metrics.gc_unreachable.inc(found)
+            logger.info(
+                "garbage collected",
+                extra={"unreachable": found, "pause_seconds": round(pause, 3)},
+            )
+
+    ports = Ports(
+        consumer=consumer,
+        producer=AckedProducer(producer),
+        readers=kafka_log_reader(settings.consumer_config()),
+        executor=ThreadedExecutor(settings.ac_concurrency, driver.send),
+        requests=limiter,
+        decoder=decoder,
+        clock=clock,
         rng=random.Random(),
-        bulk=bulk,
-        ledger=ledger,
+        housekeeping=housekeeping,
     )
-    holder["runner"] = runner
-    return runner
+    loop = Loop(settings, ports, metrics, hasher)
+    holder["loop"] = loop
+    return loop
 
 
 def ensure_topics(settings: Settings) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -54,11 +54,12 @@ class PendingChange:
     first_seen: float
     due_at: float
     attempts: int = 0
-    last_error: str = ""
     seq: int = field(default=0)
     force_single: bool = False  # AC refused it in an import: learn the exact error per contact
-    plan: Plan = Plan.SET  # decided from the ledger when the change is handed out
+    plan: Plan = Plan.SKIP  # decided from the ledger when the change is handed out
     previous: ListState | None = None  # the ledger's state for the key at that moment
+    contact_id: str | None = None  # learned by an exit's verification (for its unsubscribe)
+    failing_since: float | None = None  # first failure of the current attempt series
 
     @property
     def key(self) -> ChangeKey:
@@ -82,7 +83,7 @@ class Coalescer:
         self._blocked: dict[str, list[tuple[float, int, ChangeKey]]] = {}  # due, email busy
         self._seq = itertools.count()
         self._examined: dict[int, int] = {}  # partition -> last seq ``expedite`` looked at
-        self.superseded_total = 0
+        self.raw_bytes = 0  # of the records pending changes keep (for the DLQ): back-pressure
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -116,6 +117,8 @@ class Coalescer:
     def _insert(self, change: PendingChange) -> None:
         key = change.key
         self._pending[key] = change
+        if change.raw:
+            self.raw_bytes += len(change.raw)
         keys = self._by_email.get(change.email)
         if keys is None:
             self._by_email[change.email] = [key]
@@ -141,17 +144,20 @@ class Coalescer:
         key = (partition, email, target)
         current = self._pending.get(key)
         if current is not None:
+            self.raw_bytes += (len(raw) if raw else 0) - (len(current.raw) if current.raw else 0)
             current.event = event
             current.raw = raw
             current.offsets.append(offset)
             if current.attempts or current.force_single:  # a new event: a fresh start
                 current.attempts = 0
                 current.force_single = False
-            self.superseded_total += 1
+                current.failing_since = None
             return True
         due_at = now + self.window
         change = PendingChange(partition, email, target, event, raw, [offset], now, due_at)
         self._pending[key] = change
+        if raw:
+            self.raw_bytes += len(raw)
         keys = self._by_email.get(email)
         if keys is None:
             self._by_email[email] = [key]
@@ -170,7 +176,7 @@ class Coalescer:
         return head[0][0] if head else None
 
     def take_due(
-        self, now: float, *, limit: int, busy: set[str], flush_all: bool = False
+        self, now: float, *, limit: int, busy: Container[str], flush_all: bool = False
     ) -> list[list[PendingChange]]:
         """Remove and return up to ``limit`` groups of due changes, one group per email."""
         groups: list[list[PendingChange]] = []
@@ -252,7 +258,9 @@ class Coalescer:
         elsewhere = [key for key in keys if key[0] != partition]  # rare: a mis-keyed producer
         if elsewhere:
             self._by_email[email] = elsewhere
-        return [self._pending.pop(key) for key in keys if key[0] == partition]
+        taken = [self._pending.pop(key) for key in keys if key[0] == partition]
+        self.raw_bytes -= sum(len(c.raw) for c in taken if c.raw)
+        return taken
 
     def requeue(self, change: PendingChange, not_before: float) -> None:
         """Put back a change that must be retried. A newer pending change for the key wins and
@@ -270,11 +278,10 @@ class Coalescer:
         dropped = [c for k, c in self._pending.items() if k[0] in gone]
         for change in dropped:
             del self._pending[change.key]
+            if change.raw:
+                self.raw_bytes -= len(change.raw)
         for email in {change.email for change in dropped}:
             kept = [key for key in self._by_email.pop(email, ()) if key[0] not in gone]
             if kept:
                 self._by_email[email] = kept
         return dropped
-
-    def pending(self) -> list[PendingChange]:
-        return list(self._pending.values())

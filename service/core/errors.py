@@ -10,8 +10,10 @@
     └── ApiError                                an ActiveCampaign call did not succeed
         ├── RateLimited(retry_after)            429 (or bulk-import "Rate limit exceeded."): back off
         ├── TransientApiError(status, detail)   5xx, timeout, connection error, non-JSON 2xx: retry
-        ├── AuthRejected(status, detail)        401/402/403 or an HTML login page: stop all traffic
-        └── PermanentApiError(status, code, detail)   4xx about this record: to the DLQ
+        ├── AccountBlocked                      nothing can succeed until an operator acts: stop all
+        │   ├── AuthRejected(status, detail)    401/402/403 or an HTML login page
+        │   └── Redirected(status, detail)      3xx: AC_API_URL is wrong (http -> https, old host)
+        └── PermanentApiError(status, code, detail, pointer)  4xx about this record: to the DLQ
 
 No error message ever contains the API token or a raw email address.
 """
@@ -74,14 +76,27 @@ class TransientApiError(ApiError):
     """A failure that repeating the same request later may fix."""
 
 
-class AuthRejected(ApiError):
-    """The token was refused (or the account is blocked): not a per-record failure."""
+class AccountBlocked(ApiError):
+    """No request can succeed until an operator acts: not a per-record failure. All sending
+    stops; one probe at a time checks whether it is fixed."""
+
+
+class AuthRejected(AccountBlocked):
+    """The token was refused (or the account is blocked for billing)."""
+
+
+class Redirected(AccountBlocked):
+    """AC answered with a redirect: the configured URL is wrong (never followed: the token
+    would go wherever the redirect points)."""
 
 
 class PermanentApiError(ApiError):
     """AC refused this record for a reason that retrying cannot fix (``code`` as AC gave it)."""
 
-    def __init__(self, status: int | None, code: str, detail: str, body: object = None) -> None:
+    def __init__(
+        self, status: int | None, code: str, detail: str, body: object = None, pointer: str = ""
+    ) -> None:
         super().__init__(status, f"{code}: {detail}")
         self.code = code
         self.body = body  # AC's parsed answer (bulk import's failureReasons live here)
+        self.pointer = pointer  # which field AC objected to, e.g. /data/attributes/list

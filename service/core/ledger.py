@@ -7,9 +7,17 @@ ledger holds), ``merged`` (the next entry after an outcome), the Avro codec and 
 Invariants:
 - a ledger entry is written only after AC confirmed every list state it records, and the source
   offsets of those changes complete only on the broker's ack of the write;
-- ``set_by`` SERVICE on status 2 means *this service* unsubscribed the contact: only then may an
-  ENTERED set status 1 again through ``contactLists``. A status 2 set by anyone else (PERSON) or
-  of unknown origin (UNKNOWN) is never overridden;
+- ``set_by`` SERVICE on a *verified* status 2 means this service unsubscribed the contact after
+  reading that AC still had it subscribed: only then may an ENTERED set status 1 again through
+  ``contactLists``. A status 2 set by anyone else (PERSON), of unknown origin (UNKNOWN) or not
+  verified is never overridden (an ENTERED then subscribes the way an import does: never over a
+  status 2 that AC holds);
+- ``verified`` says whether the service knew AC's status when it recorded it. A subscription
+  made by an import is not verified: AC never re-subscribes through an import, so a person who
+  had opted out before stays out, and the ledger's 1 may be AC's 2. An exit of a subscription of
+  ours therefore reads AC first (``Plan.EXIT``);
+- a state recorded for another list id than the list's current one (the list was deleted and
+  created again) is no state at all;
 - a change is skipped only when the ledger already holds its target state, holds the state of
   a later record of the same partition (offset *and* event time both later: a replay), or is an
   exit for a contact the ledger has no subscription of ours for (nothing of ours to undo).
@@ -32,6 +40,10 @@ import fastavro
 from service.core.model import Action
 
 LEDGER_SCHEMA_FILE = "ledger_entry.avsc"
+LEDGER_V1_SCHEMA_FILE = "ledger_entry.v1.avsc"
+# A version-2 value starts with these bytes. A version-1 value cannot: its first byte is the
+# contact id's union index as a zigzag varint, 0x00 or 0x02.
+FORMAT_V2 = b"\xff\x02"
 
 
 class SetBy(enum.IntEnum):
@@ -55,6 +67,8 @@ class ListState(NamedTuple):
     audience_name: str
     campaign_id: str | None = None
     treatment_group: str | None = None
+    verified: bool = False
+    list_id: str | None = None
 
 
 class LedgerEntry(NamedTuple):
@@ -62,11 +76,20 @@ class LedgerEntry(NamedTuple):
     fields_hash: int
     lists: tuple[ListState, ...]
 
-    def state(self, list_label: str) -> ListState | None:
+    def state(self, list_label: str, list_id: str | None = None) -> ListState | None:
+        """The state of one list; with ``list_id``, only if it was recorded for that list id
+        (or for an unknown one: version-1 records)."""
         for item in self.lists:
             if item.list == list_label:
+                if list_id is not None and item.list_id is not None and item.list_id != list_id:
+                    return None  # the list was deleted and created again since
                 return item
         return None
+
+    def newest_offset(self) -> int:
+        """The largest source offset among the states (a version of the entry: one email's
+        events live in one partition, and every write covers the newest change it knows)."""
+        return max((s.source_offset for s in self.lists), default=-1)
 
 
 class Plan(enum.Enum):
@@ -74,8 +97,9 @@ class Plan(enum.Enum):
 
     SKIP = "skip"  # the ledger already holds this state (or a later one): no request
     CONSENT_KEPT = "consent_kept"  # ENTERED, but the person opted out: no request, record it
-    SET = "set"  # write the status (per contact or in an import)
-    RESUBSCRIBE = "resubscribe"  # ENTERED after our own unsubscribe: contactLists status 1
+    EXIT = "exit"  # EXITED of our subscription: read AC's status first (then UNSUBSCRIBE)
+    UNSUBSCRIBE = "unsubscribe"  # AC still had it subscribed when we read: set status 2
+    RESUBSCRIBE = "resubscribe"  # ENTERED after our own verified unsubscribe: contactLists 1
     FIRST_ENTRY = (
         "first_entry"  # ENTERED, no trusted state: subscribe without overriding an opt-out
     )
@@ -99,27 +123,27 @@ def plan_change(
     if action is Action.ENTERED:
         if state.status == 1:
             return Plan.SKIP
-        if state.set_by is SetBy.SERVICE:
+        if state.set_by is SetBy.SERVICE and state.verified:
             return Plan.RESUBSCRIBE
         if state.set_by is SetBy.PERSON:
             return Plan.CONSENT_KEPT
-        return Plan.FIRST_ENTRY
-    return Plan.SKIP if state.status == 2 else Plan.SET
+        return Plan.FIRST_ENTRY  # UNKNOWN, or an unverified SERVICE: never override a 2
+    return Plan.SKIP if state.status == 2 else Plan.EXIT
 
 
-def set_by_after(
-    plan: Plan, action: Action, previous: ListState | None, consent_kept: bool
-) -> SetBy:
-    """Who the recorded status belongs to after a change was applied (or kept)."""
-    if consent_kept:
-        return SetBy.PERSON
-    if action is Action.ENTERED:
-        return SetBy.SERVICE
-    if previous is not None and previous.status == 1:
-        return SetBy.SERVICE  # we subscribed them and now unsubscribe them: ours to reverse
-    if previous is not None:
-        return previous.set_by
-    return SetBy.UNKNOWN  # an exit for a contact we never subscribed: not ours to reverse
+class Known(NamedTuple):
+    """What a change left in AC, as the service knows it: recorded in the ledger."""
+
+    status: int
+    set_by: SetBy
+    verified: bool
+
+
+# What each way of applying a change leaves, by what AC held before (``None``: not asked).
+SUBSCRIBED_BY_IMPORT = Known(1, SetBy.SERVICE, False)  # an import never re-subscribes a 2
+SUBSCRIBED = Known(1, SetBy.SERVICE, True)  # per contact: AC said so after we asked or wrote
+UNSUBSCRIBED_BY_US = Known(2, SetBy.SERVICE, True)  # AC had 1 when we read, we set 2
+OPTED_OUT = Known(2, SetBy.PERSON, True)  # AC had 2 that we did not set: the person's
 
 
 def merged(
@@ -139,6 +163,31 @@ def merged(
     )
 
 
+def newest(older: LedgerEntry | None, newer: LedgerEntry) -> LedgerEntry:
+    """Two records of one email read from the ledger in log order, as one entry: per list the
+    state of the later source record (log order breaks ties). A write can land after a newer
+    one (a replica that lost its partitions while a write was on the wire); compaction would
+    then keep the older. Restore merges and rewrites (``LedgerStore``), so the newest state of
+    every list wins whatever the log order."""
+    if older is None:
+        return newer
+    lists = {s.list: s for s in older.lists}
+    for state in newer.lists:
+        current = lists.get(state.list)
+        if current is None or (state.source_offset, state.applied_at_ms) >= (
+            current.source_offset,
+            current.applied_at_ms,
+        ):
+            lists[state.list] = state
+    newer_wins = newer.newest_offset() >= older.newest_offset()
+    first, second = (older, newer) if newer_wins else (newer, older)
+    return LedgerEntry(
+        second.contact_id or first.contact_id,
+        second.fields_hash if second.fields_hash else first.fields_hash,
+        tuple(lists.values()),
+    )
+
+
 def fields_hash(standard: Mapping[str, str], custom: Mapping[str, str]) -> int:
     """A stable 63-bit hash of the mapped fields (0 means none). Stable across processes,
     unlike ``hash()``, because it is stored."""
@@ -152,8 +201,8 @@ def fields_hash(standard: Mapping[str, str], custom: Mapping[str, str]) -> int:
 # ---- the Avro record ---------------------------------------------------------------------
 
 
-def load_ledger_schema() -> Any:
-    text = resources.files("service").joinpath("schemas", LEDGER_SCHEMA_FILE).read_text("utf-8")
+def load_ledger_schema(name: str = LEDGER_SCHEMA_FILE) -> Any:
+    text = resources.files("service").joinpath("schemas", name).read_text("utf-8")
     schema = json.loads(text)
     for item in schema["fields"][2]["type"]["items"]["fields"]:
         if isinstance(item["type"], dict):
@@ -162,8 +211,12 @@ def load_ledger_schema() -> Any:
 
 
 class LedgerCodec:
+    """Version 2 records are written (``FORMAT_V2`` + Avro); version 1 records (no prefix) are
+    still read, with ``verified`` false and no list id."""
+
     def __init__(self) -> None:
         self.schema = load_ledger_schema()
+        self.schema_v1 = load_ledger_schema(LEDGER_V1_SCHEMA_FILE)
 
     def encode(self, entry: LedgerEntry) -> bytes:
         record = {
@@ -183,16 +236,31 @@ class LedgerCodec:
                     "audience_name": s.audience_name,
                     "campaign_id": s.campaign_id,
                     "treatment_group": s.treatment_group,
+                    "verified": s.verified,
+                    "list_id": s.list_id,
                 }
                 for s in entry.lists
             ],
         }
         out = io.BytesIO()
+        out.write(FORMAT_V2)
         fastavro.schemaless_writer(out, self.schema, record)
         return out.getvalue()
 
     def decode(self, data: bytes) -> LedgerEntry:
-        record: Any = fastavro.schemaless_reader(io.BytesIO(data), self.schema, None)
+        """``ValueError`` for a value that is neither version."""
+        try:
+            if data.startswith(FORMAT_V2):
+                buffer = io.BytesIO(data)
+                buffer.seek(len(FORMAT_V2))
+                record: Any = fastavro.schemaless_reader(buffer, self.schema, None)
+            else:
+                buffer = io.BytesIO(data)
+                record = fastavro.schemaless_reader(buffer, self.schema_v1, None)
+        except Exception as exc:  # fastavro raises many types on garbage
+            raise ValueError(f"not a ledger record: {type(exc).__name__}") from None
+        if buffer.tell() != len(data):
+            raise ValueError("not a ledger record: trailing bytes")
         return LedgerEntry(
             record["contact_id"],
             int(record["fields_hash"]),
@@ -210,6 +278,8 @@ class LedgerCodec:
                     item["audience_name"],
                     item["campaign_id"],
                     item["treatment_group"],
+                    bool(item.get("verified", False)),
+                    item.get("list_id"),
                 )
                 for item in record["lists"]
             ),
@@ -218,10 +288,12 @@ class LedgerCodec:
 
 # ---- the in-memory form --------------------------------------------------------------------
 
-_HEADER = struct.Struct(">QqB")  # contact id (0: unknown), fields hash, number of lists
-# list index, status*4+set_by, context index, event ms, applied ms, partition, offset, id length
-_LIST = struct.Struct(">IBIqqiqH")
-_UUID_MARK = 0xFFFF
+_HEADER = struct.Struct(">QqI")  # contact id (0: unknown), fields hash, number of lists
+# (list, list id) index, status*8+verified*4+set_by, context index, event ms, applied ms,
+# partition, offset, event id length. Every width holds what a valid record can carry: no
+# value that decodes can make ``pack`` fail (a failure there would stop the partition).
+_LIST = struct.Struct(">IBIqqiqI")
+_UUID_MARK = 0xFFFFFFFF
 
 
 class CompactIndex:
@@ -233,8 +305,8 @@ class CompactIndex:
 
     def __init__(self) -> None:
         self.partitions: dict[int, dict[str, bytes]] = {}
-        self._labels: list[str] = []
-        self._label_ids: dict[str, int] = {}
+        self._labels: list[tuple[str, str | None]] = []
+        self._label_ids: dict[tuple[str, str | None], int] = {}
         self._contexts: list[tuple[str, str, str | None, str | None]] = []
         self._context_ids: dict[tuple[str, str, str | None, str | None], int] = {}
 
@@ -255,7 +327,7 @@ class CompactIndex:
         for partition in partitions:
             self.partitions.pop(partition, None)
 
-    def _intern_label(self, label: str) -> int:
+    def _intern_label(self, label: tuple[str, str | None]) -> int:
         index = self._label_ids.get(label)
         if index is None:
             index = self._label_ids[label] = len(self._labels)
@@ -279,8 +351,8 @@ class CompactIndex:
             event_id = _event_id_bytes(s.event_id)
             parts.append(
                 _LIST.pack(
-                    self._intern_label(s.list),
-                    s.status * 4 + int(s.set_by),
+                    self._intern_label((s.list, s.list_id)),
+                    s.status * 8 + (4 if s.verified else 0) + int(s.set_by),
                     self._intern_context(
                         (s.audience_id, s.audience_name, s.campaign_id, s.treatment_group)
                     ),
@@ -310,10 +382,11 @@ class CompactIndex:
                 event_id = packed[pos : pos + id_len].decode()
                 pos += id_len
             audience_id, audience_name, campaign, group = self._contexts[context]
+            name, list_id = self._labels[label]
             lists.append(
                 ListState(
-                    self._labels[label],
-                    code // 4,
+                    name,
+                    code // 8,
                     SetBy(code % 4),
                     event_id,
                     event_ms,
@@ -324,6 +397,8 @@ class CompactIndex:
                     audience_name,
                     campaign,
                     group,
+                    bool(code & 4),
+                    list_id,
                 )
             )
         return LedgerEntry(str(contact) if contact else None, fhash, tuple(lists))
@@ -338,7 +413,4 @@ def _event_id_bytes(event_id: str) -> tuple[bool, bytes]:
             parsed = None
         if parsed is not None and str(parsed) == event_id:
             return True, parsed.bytes
-    raw = event_id.encode()
-    if len(raw) >= _UUID_MARK:
-        raise ValueError("event id longer than 65534 bytes")
-    return False, raw
+    return False, event_id.encode()

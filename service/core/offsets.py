@@ -68,5 +68,7 @@ class OffsetTracker:
         for partition in partitions:
             self._partitions.pop(partition, None)
 
-    def partitions(self) -> list[int]:
-        return list(self._partitions)
+    def __len__(self) -> int:
+        """Tracked offsets not yet committable, over every partition (back-pressure counts
+        them: a stuck head would otherwise let the tracker grow without bound)."""
+        return sum(len(state.tracked) for state in self._partitions.values())

@@ -101,6 +101,8 @@ class _Handler(BaseHTTPRequestHandler):
                 result = {"exclusions": sorted(account.exclusions)}
             elif method == "POST" and path == "self-unsubscribe":
                 result = {"ok": account.self_unsubscribe(data["email"], data["list"])}
+            elif method == "POST" and path == "delete-list":
+                result = {"ok": account.delete_list(data["list"])}
             elif method == "POST" and path == "reset":
                 account.reset()
                 result = {"ok": True}

@@ -54,6 +54,9 @@ class Faults:
     storm_429_until: float = 0.0
     html_login_on_bad_token: bool = False
     auth_failure: bool = False  # every request refused as if the token were revoked
+    import_stuck_ratio: float = 0.0  # share of imports that stay "processing" for good
+    import_info_404_ratio: float = 0.0  # share of import/info answers that forget the batch
+    redirect: bool = False  # every request answered 301 to https (a wrong AC_API_URL)
 
 
 @dataclass
@@ -81,6 +84,7 @@ class ImportBatch:
     status: str = "queued"
     success: list[str] = field(default_factory=list)
     failure: list[str] = field(default_factory=list)
+    stuck: bool = False
 
 
 def _error(status: int, code: str, title: str, pointer: str = "") -> Response:
@@ -92,12 +96,14 @@ def _error(status: int, code: str, title: str, pointer: str = "") -> Response:
 
 _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("GET", re.compile(r"/api/3/lists"), "/lists"),
+    ("GET", re.compile(r"/api/3/lists/(\d+)"), "/lists/{id}"),
     ("POST", re.compile(r"/api/3/lists"), "/lists"),
     ("POST", re.compile(r"/api/3/contact/sync"), "/contact/sync"),
     ("GET", re.compile(r"/api/3/contacts"), "/contacts"),
     ("GET", re.compile(r"/api/3/contacts/(\d+)/contactLists"), "/contacts/{id}/contactLists"),
     ("POST", re.compile(r"/api/3/contactLists"), "/contactLists"),
     ("POST", re.compile(r"/api/3/import/bulk_import"), "/import/bulk_import"),
+    ("GET", re.compile(r"/api/3/import/bulk_import"), "/import/bulk_import"),
     ("GET", re.compile(r"/api/3/import/info"), "/import/info"),
 ]
 
@@ -177,6 +183,8 @@ class Account:
         now: float,
     ) -> Response:
         token = headers.get("api-token", "")
+        if self.faults.redirect:
+            return Response(301, {"message": "Moved Permanently"}, {"Location": "https://elsewhere"})
         if token not in self.tokens or self.faults.auth_failure:
             if self.faults.html_login_on_bad_token:
                 return Response(200, html=LOGIN_PAGE)
@@ -253,6 +261,22 @@ class Account:
         ]
         page = found[offset : offset + limit]
         return Response(200, {"lists": page, "meta": {"total": str(len(found))}})
+
+    def _get_lists_id(self, match: re.Match[str], _q: Any, _p: Any, _n: int, _now: float) -> Response:
+        record = self.lists.get(match.group(1))
+        if record is None:
+            return Response(404, {"message": f"No Result found for List with id {match.group(1)}"})
+        return Response(200, {"list": record})
+
+    def delete_list(self, name: str) -> bool:
+        """An operator deletes a list in AC's interface: its memberships go with it."""
+        list_id = next((i for i, lst in self.lists.items() if lst["name"] == name), None)
+        if list_id is None:
+            return False
+        del self.lists[list_id]
+        for key in [k for k in self.memberships if k[1] == list_id]:
+            del self.memberships[key]
+        return True
 
     def _post_lists(self, _m: Any, _q: Any, payload: Any, _n: int, now: float) -> Response:
         data = payload.get("list") if isinstance(payload, dict) else None
@@ -357,13 +381,25 @@ class Account:
             ids = [i for i in ids if i in allowed]
         list_id = params.get("listid")
         if list_id is not None:
-            status = int(params.get("status", "-1"))
+            try:
+                status = int(params.get("status", "-1"))
+            except ValueError:
+                return _error(400, "invalid", "status must be an integer")
             ids = [
                 i
                 for i in ids
                 if (i, list_id) in self.memberships
                 and (status == -1 or self.memberships[(i, list_id)]["status"] == status)
             ]
+        greater = params.get("id_greater")
+        if greater is not None:
+            try:
+                floor = int(greater)
+            except ValueError:
+                return _error(400, "invalid", "id_greater must be an integer")
+            ids = [i for i in ids if int(i) > floor]
+        if params.get("orders[id]", "").upper() in ("ASC", "DESC"):
+            ids.sort(key=int, reverse=params["orders[id]"].upper() == "DESC")
         total = len(ids)
         try:
             limit = min(max(int(params.get("limit", "20")), 1), 100)
@@ -488,6 +524,7 @@ class Account:
             )
         window.append(now)
         batch = ImportBatch(str(uuid.UUID(int=self.rng.getrandbits(128))), now, contacts)
+        batch.stuck = self.rng.random() < self.faults.import_stuck_ratio
         self.imports[batch.batch_id] = batch
         return Response(
             200,
@@ -506,7 +543,7 @@ class Account:
         if not batch_id:
             return Response(400, {"success": 0, "message": "'batchId' is a required field."})
         batch = self.imports.get(batch_id)
-        if batch is None:
+        if batch is None or self.rng.random() < self.faults.import_info_404_ratio:
             return Response(404, {"message": f"No Result found for Import with id {batch_id}"})
         if batch.status != "completed":
             # AC answers ``status: false`` when asked too early; later it is still not a result.
@@ -515,10 +552,31 @@ class Account:
             200, {"status": "completed", "success": batch.success, "failure": batch.failure}
         )
 
+    def _get_import_bulk_import(
+        self, _m: Any, _q: Any, _p: Any, _n: int, now: float
+    ) -> Response:
+        """The status list: batches and contacts still to process, and recently completed,
+        per day (AC's shape: counts as strings)."""
+        outstanding = [b for b in self.imports.values() if b.status != "completed"]
+        done = [b for b in self.imports.values() if b.status == "completed"]
+        day = "1970-01-01"
+
+        def row(batches: list[ImportBatch]) -> list[dict[str, str]]:
+            if not batches:
+                return []
+            contacts = sum(len(b.contacts) for b in batches)
+            return [{"forDate": day, "batches": str(len(batches)), "contacts": str(contacts)}]
+
+        return Response(200, {"outstanding": row(outstanding), "recentlyCompleted": row(done)})
+
     def process_imports(self, now: float) -> None:
         """Apply every queued import whose delay has passed."""
         for batch in self.imports.values():
-            if batch.status == "completed" or now < batch.queued_at + self.import_delay:
+            if (
+                batch.status == "completed"
+                or batch.stuck
+                or now < batch.queued_at + self.import_delay
+            ):
                 continue
             for contact in batch.contacts:
                 email = normalise_email(contact["email"])

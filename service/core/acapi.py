@@ -1,0 +1,388 @@
+"""ActiveCampaign v3 calls and answers, without I/O (sans-IO).
+
+A call is a generator: it yields ``ApiCall`` values (what to send) and receives ``Reply``
+values (what came back), and returns the parsed result or raises an ``ApiError``. Whoever
+drives it owns the I/O: ``service/adapters/activecampaign.py`` sends over httpx through the
+rate limiter (production); the simulation sends to the emulator's ``Account`` on virtual time.
+So the code that decides what to ask AC, and what an answer means, is the same in both.
+
+``classify_response`` is pure: status, content type, body and Retry-After in, either the parsed
+JSON or an ``ApiError`` out. Rules, in order (AC has no single error envelope, so status first):
+
+=====================================  ==============================================
+answer                                 meaning
+=====================================  ==============================================
+2xx with a JSON object                 success
+2xx HTML login page                    ``AuthRejected`` (field-observed bad-token answer)
+2xx anything else not JSON             ``TransientApiError`` (never success)
+3xx                                    ``Redirected``: AC_API_URL is wrong; stop all traffic
+429                                    ``RateLimited(Retry-After)``
+400 "Rate limit exceeded." (import)    ``RateLimited(60)``: back-pressure, not a bad record
+401, 402, 403                          ``AuthRejected``: stop all traffic
+408, 409, 425, 5xx                     ``TransientApiError`` (503 with Retry-After: ``RateLimited``)
+other 4xx                              ``PermanentApiError(code)`` with AC's own code
+=====================================  ==============================================
+
+Retry-After is bounded (``MAX_RETRY_AFTER``): AC documents whole seconds (examples up to 30);
+a value that is not a finite number, or an absurd one, must not stop all traffic for ever.
+Nothing here ever holds the token or puts a raw email into an error message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+
+from service.core.errors import (
+    ApiError,
+    AuthRejected,
+    PermanentApiError,
+    RateLimited,
+    Redirected,
+    TransientApiError,
+)
+
+PAGE_SIZE = 100  # AC's largest page for list endpoints
+IDS_PER_READ = 100  # ``ids[]`` per request: one page answers them all
+IMPORT_RATE_LIMIT_PAUSE = 60.0
+DEFAULT_RETRY_AFTER = 5.0
+MAX_RETRY_AFTER = 300.0  # a longer pause is treated as this (and shows in readiness/metrics)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ApiCall:
+    """One request to send: ``path`` relative to ``.../api/3/``; ``endpoint`` is the route
+    template used as a metric label (never an id or an email)."""
+
+    method: str
+    endpoint: str
+    path: str
+    params: tuple[tuple[str, str], ...] = ()
+    body: Mapping[str, Any] | None = None
+    urgent: bool = False  # served before normal waiters by the rate limiter (imports)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What came back: an HTTP answer, or ``failure`` (``timeout``, ``conn_error``,
+    ``closed``: shutting down, ``cancelled``: the work's partition was revoked)."""
+
+    status: int | None = None
+    content_type: str = ""
+    body: bytes = b""
+    retry_after: str | None = None
+    failure: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+Call = Generator[ApiCall, Reply, T]
+
+
+def parse_retry_after(value: str | None, default: float, now_wall: float) -> float:
+    """Retry-After in seconds, within [0, ``MAX_RETRY_AFTER``]; an HTTP date is also accepted
+    (relative to ``now_wall``). Anything unreadable or not finite gives ``default``."""
+    if not value:
+        return min(default, MAX_RETRY_AFTER)
+    seconds: float | None = None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - now_wall
+        except (TypeError, ValueError, IndexError, OverflowError):
+            seconds = None
+    if seconds is None or not math.isfinite(seconds):
+        seconds = default
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
+
+
+def pause_after(status: int, retry_after: str | None, now_wall: float) -> float:
+    """Seconds every request must wait after this answer (0: none): a 429, or a 503 with a
+    Retry-After (one integrator saw AC throttle so)."""
+    if status == 429 or (status == 503 and retry_after):
+        return parse_retry_after(retry_after, DEFAULT_RETRY_AFTER, now_wall)
+    return 0.0
+
+
+def _error_code(body: Any) -> tuple[str, str]:
+    """AC's error code and title from any of its error shapes."""
+    if isinstance(body, dict):
+        errors = body.get("errors")
+        if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+            first = errors[0]
+            return str(first.get("code") or "error"), str(first.get("title") or "")[:200]
+        if "message" in body:
+            return "error", str(body["message"])[:200]
+    return "error", ""
+
+
+def _pointer(body: Any) -> str:
+    """The JSON pointer of AC's first validation error (which field it is about)."""
+    if isinstance(body, dict):
+        errors = body.get("errors")
+        if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+            source = errors[0].get("source")
+            if isinstance(source, dict):
+                return str(source.get("pointer") or "")
+    return ""
+
+
+def classify_response(
+    status: int, content_type: str, body: bytes, retry_after: str | None, now_wall: float = 0.0
+) -> dict[str, Any] | ApiError:
+    """Pure classification of one AC answer (see the module docstring)."""
+    parsed: Any = None
+    is_json = False
+    try:
+        parsed = json.loads(body) if body else None
+        is_json = parsed is not None
+    except ValueError:
+        is_json = False
+    if 200 <= status < 300:
+        if is_json and isinstance(parsed, dict):
+            return parsed
+        text = body[:4096].decode("utf-8", "replace").lower()
+        if "html" in content_type.lower() and ("login" in text or "password" in text):
+            return AuthRejected(status, "a 2xx HTML login page instead of JSON: token refused")
+        return TransientApiError(status, f"a {status} answer that is not a JSON object")
+    if 300 <= status < 400:
+        return Redirected(status, "AC answered with a redirect: check AC_API_URL (https, host)")
+    if status == 429:
+        return RateLimited(parse_retry_after(retry_after, DEFAULT_RETRY_AFTER, now_wall), 429)
+    if (
+        status == 400
+        and isinstance(parsed, dict)
+        and parsed.get("message") == "Rate limit exceeded."
+    ):
+        return RateLimited(IMPORT_RATE_LIMIT_PAUSE, 400, "bulk import rate limit exceeded")
+    if status in (401, 402, 403):
+        return AuthRejected(status, "ActiveCampaign refused the token or the account")
+    if status == 503 and retry_after:
+        return RateLimited(parse_retry_after(retry_after, DEFAULT_RETRY_AFTER, now_wall), 503)
+    if status in (408, 409, 425) or status >= 500:
+        return TransientApiError(status, f"server answered {status}")
+    code, title = _error_code(parsed)
+    return PermanentApiError(status, code, title, parsed, pointer=_pointer(parsed))
+
+
+def answer(call: ApiCall, reply: Reply, now_wall: float = 0.0) -> dict[str, Any]:
+    """The JSON object of a successful reply, or the ``ApiError`` it means (raised)."""
+    if reply.failure is not None:
+        raise TransientApiError(None, reply.failure)
+    assert reply.status is not None
+    result = classify_response(
+        reply.status, reply.content_type, reply.body, reply.retry_after, now_wall
+    )
+    if isinstance(result, ApiError):
+        raise result
+    return result
+
+
+def request(call: ApiCall) -> Call[dict[str, Any]]:
+    """Send one call; return its JSON object or raise its ``ApiError``."""
+    reply = yield call
+    return answer(call, reply)
+
+
+def run_sync(call: Call[T], send: Any) -> T:
+    """Drive ``call`` with a blocking ``send(ApiCall) -> Reply`` (tools, tests)."""
+    try:
+        step = next(call)
+        while True:
+            step = call.send(send(step))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+# ---- lists ------------------------------------------------------------------------------------
+
+
+def find_list(name: str) -> Call[str | None]:
+    """The id of the list named exactly ``name`` (AC's filter is a contains match)."""
+    offset = 0
+    while True:
+        page = yield from request(
+            ApiCall(
+                "GET",
+                "/lists",
+                "lists",
+                (("filters[name]", name), ("limit", str(PAGE_SIZE)), ("offset", str(offset))),
+            )
+        )
+        lists = page.get("lists") or []
+        for item in lists:
+            if isinstance(item, dict) and item.get("name") == name:
+                return str(item["id"])
+        if len(lists) < PAGE_SIZE:
+            return None
+        offset += PAGE_SIZE
+
+
+def list_exists(list_id: str) -> Call[bool]:
+    """Does the list still exist (``GET /lists/{id}``)? A 404 says no."""
+    try:
+        yield from request(ApiCall("GET", "/lists/{id}", f"lists/{list_id}"))
+    except PermanentApiError as error:
+        if error.status == 404:
+            return False
+        raise
+    return True
+
+
+def create_list(name: str, stringid: str, sender_url: str, sender_reminder: str) -> Call[str]:
+    body = {
+        "list": {
+            "name": name,
+            "stringid": stringid,
+            "sender_url": sender_url,
+            "sender_reminder": sender_reminder,
+        }
+    }
+    created = yield from request(ApiCall("POST", "/lists", "lists", body=body))
+    return str(created["list"]["id"])
+
+
+# ---- contacts ---------------------------------------------------------------------------------
+
+
+def sync_contact(email: str, fields: Mapping[str, str], custom: Mapping[str, str]) -> Call[str]:
+    contact: dict[str, Any] = {"email": email, **fields}
+    if custom:
+        contact["fieldValues"] = [{"field": k, "value": v} for k, v in custom.items()]
+    synced = yield from request(
+        ApiCall("POST", "/contact/sync", "contact/sync", body={"contact": contact})
+    )
+    return str(synced["contact"]["id"])
+
+
+def contact_lists(contact_id: str) -> Call[dict[str, int]]:
+    """List id -> status for one contact."""
+    found = yield from request(
+        ApiCall("GET", "/contacts/{id}/contactLists", f"contacts/{contact_id}/contactLists")
+    )
+    return {
+        str(row["list"]): int(row["status"])
+        for row in found.get("contactLists") or []
+        if isinstance(row, dict)
+    }
+
+
+def set_list_status(contact_id: str, list_id: str, status: int) -> Call[None]:
+    body = {"contactList": {"list": list_id, "contact": contact_id, "status": str(status)}}
+    yield from request(ApiCall("POST", "/contactLists", "contactLists", body=body))
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of contacts: normalised email -> contact id, and AC's total (-1: unknown)."""
+
+    contacts: dict[str, str]
+    total: int
+    last_id: int  # the largest id on the page (keyset paging), -1 when empty
+
+
+def contacts_page(
+    *,
+    list_id: str | None = None,
+    status: int | None = None,
+    ids: Sequence[str] = (),
+    email: str | None = None,
+    id_greater: int | None = None,
+    limit: int = PAGE_SIZE,
+) -> Call[Page]:
+    """``GET /contacts`` filtered by list and status, by ``ids[]`` and/or by email, ordered by
+    id (keyset paging with ``id_greater``: stable while the set changes between pages)."""
+    params: list[tuple[str, str]] = []
+    if list_id is not None:
+        params.append(("listid", list_id))
+    if status is not None:
+        params.append(("status", str(status)))
+    params += [("ids[]", i) for i in ids]
+    if email is not None:
+        params.append(("email", email))
+    if id_greater is not None:
+        params.append(("id_greater", str(id_greater)))
+    params += [("orders[id]", "ASC"), ("limit", str(limit))]
+    page = yield from request(ApiCall("GET", "/contacts", "contacts", tuple(params)))
+    found: dict[str, str] = {}
+    last = -1
+    contacts = page.get("contacts") or []
+    for item in contacts:
+        if isinstance(item, dict) and item.get("email") and item.get("id") is not None:
+            found[str(item["email"]).strip().lower()] = str(item["id"])
+            with contextlib.suppress(TypeError, ValueError):
+                last = max(last, int(item["id"]))
+    meta = page.get("meta")
+    try:
+        total = int(meta["total"]) if isinstance(meta, dict) else -1
+    except (KeyError, TypeError, ValueError):
+        total = -1
+    return Page(found, total, last)
+
+
+def members(list_id: str, status: int, *, max_pages: int = 100_000) -> Call[dict[str, str]]:
+    """Every contact with ``status`` on a list (email -> id), by keyset pages of 100."""
+    result: dict[str, str] = {}
+    after: int | None = None
+    for _ in range(max_pages):
+        page = yield from contacts_page(list_id=list_id, status=status, id_greater=after)
+        result.update(page.contacts)
+        if len(page.contacts) < PAGE_SIZE or page.last_id < 0:
+            return result
+        after = page.last_id
+    raise TransientApiError(None, "list too long to read")
+
+
+# ---- bulk import ------------------------------------------------------------------------------
+
+
+def bulk_import(payload: Mapping[str, Any]) -> Call[str]:
+    # Urgent: imports are the scarce resource (100 a minute); reads can wait a slot.
+    queued = yield from request(
+        ApiCall("POST", "/import/bulk_import", "import/bulk_import", body=payload, urgent=True)
+    )
+    batch = queued.get("batchId")
+    if not isinstance(batch, str | int) or not str(batch):
+        raise TransientApiError(200, "bulk_import answered without a batchId")
+    return str(batch)
+
+
+@dataclass(frozen=True)
+class ImportStatus:
+    completed: bool
+    success_ids: list[str]
+    failed_emails: list[str]
+
+
+def import_info(batch_id: str) -> Call[ImportStatus]:
+    info = yield from request(
+        ApiCall("GET", "/import/info", "import/info", (("batchId", batch_id),))
+    )
+    if info.get("status") != "completed":
+        return ImportStatus(False, [], [])
+    return ImportStatus(
+        True,
+        [str(i) for i in info.get("success") or []],
+        [str(e) for e in info.get("failure") or []],
+    )
+
+
+def imports_outstanding() -> Call[int]:
+    """How many import batches AC still has to process, account-wide
+    (``GET /import/bulk_import``: ``outstanding`` per day)."""
+    summary = yield from request(ApiCall("GET", "/import/bulk_import", "import/bulk_import"))
+    total = 0
+    for row in summary.get("outstanding") or []:
+        if isinstance(row, dict):
+            try:
+                total += int(row.get("batches") or 0)
+            except (TypeError, ValueError):
+                raise TransientApiError(200, "unreadable import summary") from None
+    return total

@@ -1,0 +1,321 @@
+"""What becomes of a change once AC answered: recorded, parked, retried, or held at the gate.
+
+- **Recorded**: the ledger entry is updated (decisions see it at once) and written; the change's
+  source offsets complete only on the broker's ack of that write (or of a later one of the same
+  email). A change that needed no request completes the same way, without a write when the
+  entry is unchanged.
+- **Parked**: AC refused this change for good (or it kept failing while AC worked for others):
+  the source record goes to the dead-letter topic with the reason; its offsets complete on the
+  broker's ack.
+- **Retried**: back to the coalescer after a capped exponential back-off with jitter (or AC's
+  Retry-After). A newer event for the key replaces it and starts afresh.
+- **The gate**: AC refuses the account (token, URL): every change waits, nothing is parked, one
+  probe at a time checks whether it is fixed; the gate opens only when a request succeeds.
+
+Every result is applied only if its partition is still owned in the same generation as when
+the work started (``Ownership.owns``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from service.adapters.dlq import DeadLetter, DeadLetterQueue
+from service.adapters.ledger_store import LedgerStore
+from service.core.backoff import backoff_delay
+from service.core.coalesce import Coalescer, ListRef, PendingChange
+from service.core.errors import ApiError, PermanentApiError, PoisonMessage
+from service.core.ledger import Known, LedgerEntry, ListState, Plan, merged
+from service.core.offsets import OffsetTracker
+from service.core.outcome import Outcome, OutcomeKind, outcome_for_error
+from service.metrics import Metrics
+from service.pipeline.ownership import Ownership
+
+logger = logging.getLogger(__name__)
+
+GATE_PROBE_SECONDS = 15.0
+
+
+@dataclass
+class Gate:
+    """AC refuses the account: all sending stops; one probe every ``probe_every`` seconds."""
+
+    probe_every: float = GATE_PROBE_SECONDS
+    closed: bool = False
+    probe_at: float = 0.0
+    reason: str = ""
+
+    def close(self, now: float, reason: str) -> None:
+        self.closed = True
+        self.reason = reason
+        self.probe_at = max(self.probe_at, now + self.probe_every)
+
+    def may_probe(self, now: float) -> bool:
+        return now >= self.probe_at
+
+    def probed(self, now: float) -> None:
+        self.probe_at = now + self.probe_every
+
+
+@dataclass
+class Confirmer:
+    topic: str
+    coalescer: Coalescer
+    tracker: OffsetTracker
+    ledger: LedgerStore
+    dlq: DeadLetterQueue
+    ownership: Ownership
+    metrics: Metrics
+    hasher: Callable[[str], str]
+    wall: Callable[[], float]
+    rng: random.Random
+    retry_cap: float
+    give_up_after: float
+    gate: Gate = field(default_factory=Gate)
+    last_success: float = float("-inf")  # monotonic: when AC last confirmed any change
+    forgotten_contacts: set[str] = field(default_factory=set)  # ledger ids AC no longer has
+
+    # ---- recorded ------------------------------------------------------------------------
+
+    def record(
+        self,
+        changes: list[PendingChange],
+        known: Mapping[int, Known | None],
+        generation: int,
+        *,
+        contact_id: str | None = None,
+        fields_hash: int | None = None,
+        list_ids: Mapping[ListRef, str] | None = None,
+    ) -> None:
+        """One email's changes (one partition) that AC now holds (``known[i]`` for
+        ``changes[i]``; None: the state is unchanged). Offsets complete on the ledger's ack."""
+        if not changes:
+            return
+        email, partition = changes[0].email, changes[0].partition
+        if not self.ownership.owns(partition, generation):
+            return  # the partition moved on: the new owner repeats the work
+        entry = self.ledger.get(partition, email)
+        applied_ms = int(self.wall() * 1000)
+        states: list[ListState] = []
+        applied: list[PendingChange] = []
+        for index, change in enumerate(changes):
+            state = known.get(index)
+            if change.plan is Plan.CONSENT_KEPT or (
+                state is not None and state.status == 2 and change.event.action.status == 1
+            ):
+                self.metrics.consent_kept.inc()
+                logger.info(
+                    "the person's own unsubscribe is kept",
+                    extra={"email_hash": self.hasher(email), "partition": partition},
+                )
+            if state is None:
+                if change.plan is Plan.SKIP:
+                    self.metrics.changes_skipped.inc()
+                continue
+            if state.status == change.event.action.status:
+                applied.append(change)
+            event = change.event
+            states.append(
+                ListState(
+                    change.target.label(),
+                    state.status,
+                    state.set_by,
+                    event.event_id,
+                    event.occurred_at_ms,
+                    applied_ms,
+                    change.partition,
+                    change.offsets[-1],
+                    event.audience_id,
+                    event.audience_name,
+                    event.campaign_id,
+                    event.treatment_group,
+                    state.verified,
+                    (list_ids or {}).get(change.target),
+                )
+            )
+        if contact_id:
+            self.forgotten_contacts.discard(email)
+        new_entry = merged(entry, states, contact_id, fields_hash or None)
+
+        def written() -> None:
+            if not self.ownership.owns(partition, generation):
+                return  # the partition moved on; the new owner restores this write
+            for change in changes:
+                for offset in change.offsets:
+                    self.tracker.complete(change.partition, offset)
+            for change in applied:
+                self.metrics.changes_applied.labels(change.event.action.value.lower()).inc()
+                age = self.wall() - change.event.occurred_at_ms / 1000.0
+                self.metrics.event_to_applied.observe(max(0.0, age))
+
+        if new_entry == entry or (entry is None and new_entry == LedgerEntry(None, 0, ())):
+            written()  # nothing new to record: a replay, or an exit of a contact never ours
+            return
+        self.metrics.ledger_writes.inc()
+        self.ledger.write(partition, email, new_entry, written)
+
+    def settle(
+        self,
+        outcomes: list[Outcome],
+        generation: int,
+        now: float,
+        *,
+        fields_hash: int | None = None,
+        list_ids: Mapping[ListRef, str] | None = None,
+    ) -> None:
+        """The outcomes of one email's per-contact work."""
+        applied = [o for o in outcomes if o.kind is OutcomeKind.APPLIED]
+        if applied:
+            self.last_success = now
+            contact_id = next((o.contact_id for o in applied if o.contact_id), None)
+            self.record(
+                [o.change for o in applied],
+                {i: o.known for i, o in enumerate(applied)},
+                generation,
+                contact_id=contact_id,
+                fields_hash=fields_hash,
+                list_ids=list_ids,
+            )
+        for outcome in outcomes:
+            if outcome.kind is not OutcomeKind.APPLIED:
+                self.failed(outcome, generation, now)
+
+    # ---- not applied ---------------------------------------------------------------------
+
+    def failed(self, outcome: Outcome, generation: int, now: float) -> None:
+        change = outcome.change
+        if not self.ownership.owns(change.partition, generation):
+            return
+        if outcome.contact_gone:
+            self.forgotten_contacts.add(change.email)
+        if outcome.kind is OutcomeKind.PERMANENT:
+            assert isinstance(outcome.error, PermanentApiError)
+            self.park(change, outcome.error, generation)
+        elif outcome.kind is OutcomeKind.BLOCKED:
+            if not self.gate.closed:
+                logger.error(
+                    "ActiveCampaign refuses the account: all sending stops until it accepts it",
+                    extra={"ac_status": outcome.error.status if outcome.error else None},
+                )
+            self.gate.close(now, type(outcome.error).__name__ if outcome.error else "blocked")
+            self.metrics.auth_rejected.set(1)
+            self.coalescer.requeue(change, self.gate.probe_at)
+        else:
+            self.retry(outcome, generation, now)
+
+    def retry(self, outcome: Outcome, generation: int, now: float) -> None:
+        change = outcome.change
+        if change.failing_since is None:
+            change.failing_since = now
+        elif (
+            now - change.failing_since > self.give_up_after
+            and self.last_success > change.failing_since
+        ):
+            # AC has worked for other changes all along; this one keeps failing: park it with
+            # its reason rather than hold its partition's commit point for ever.
+            error = outcome.error or ApiError(None, "failed")
+            self.park(
+                change,
+                PermanentApiError(error.status, "retries_exhausted", error.detail),
+                generation,
+                reason="retries_exhausted",
+            )
+            return
+        change.attempts += 1
+        delay = backoff_delay(change.attempts - 1, self.rng.random(), cap=self.retry_cap)
+        delay = max(delay, outcome.retry_after)
+        reason = "rate_limited" if outcome.retry_after else "transient"
+        self.metrics.ac_retries.labels(reason).inc()
+        self.coalescer.requeue(change, now + delay)
+
+    def fail_all(
+        self, changes: list[PendingChange], error: ApiError, generation: int, now: float
+    ) -> None:
+        for change in changes:
+            self.failed(outcome_for_error(change, error), generation, now)
+
+    def requeue(
+        self, changes: list[PendingChange], stamp: Mapping[int, int], now: float, *, single: bool
+    ) -> None:
+        for change in changes:
+            if self.ownership.owns(change.partition, stamp.get(change.partition, -1)):
+                change.force_single = change.force_single or single
+                self.coalescer.requeue(change, now)
+
+    def opened(self) -> None:
+        """A request succeeded: the account works again."""
+        if self.gate.closed:
+            logger.info("ActiveCampaign accepts the account again")
+        self.gate.closed = False
+        self.metrics.auth_rejected.set(0)
+
+    # ---- parked ---------------------------------------------------------------------------
+
+    def park(
+        self,
+        change: PendingChange,
+        error: PermanentApiError,
+        generation: int,
+        *,
+        reason: str | None = None,
+    ) -> None:
+        logger.info(
+            "ActiveCampaign refused a change; to dead-letter topic",
+            extra={
+                "email_hash": self.hasher(change.email),
+                "ac_status": error.status,
+                "ac_code": error.code,
+                "partition": change.partition,
+            },
+        )
+        reason = reason or ("list_missing" if error.code == "list_missing" else "ac_rejected")
+        letter = DeadLetter(
+            change.email.encode(),
+            change.raw,
+            reason,
+            type(error).__name__,
+            error.detail,
+            self.topic,
+            change.partition,
+            change.offsets[-1],
+            covered_offsets=tuple(change.offsets),
+            ac_status=error.status,
+            ac_code=error.code,
+        )
+        self._send(letter, change.partition, generation, tuple(change.offsets))
+
+    def park_record(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int,
+        offset: int,
+        poison: PoisonMessage,
+        generation: int,
+    ) -> None:
+        letter = DeadLetter(
+            key,
+            value,
+            poison.reason,
+            type(poison).__name__,
+            poison.detail,
+            self.topic,
+            partition,
+            offset,
+        )
+        self._send(letter, partition, generation, (offset,))
+
+    def _send(
+        self, letter: DeadLetter, partition: int, generation: int, offsets: tuple[int, ...]
+    ) -> None:
+        def parked() -> None:
+            if not self.ownership.owns(partition, generation):
+                return
+            self.metrics.dlq_records.labels(letter.reason).inc()
+            for offset in offsets:
+                self.tracker.complete(partition, offset)
+
+        self.dlq.send(letter, parked)

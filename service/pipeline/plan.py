@@ -1,0 +1,73 @@
+"""What one email's due changes need from AC, decided from the ledger. Pure.
+
+``plan_group`` sets each change's ``plan`` (``service/core/ledger.py:plan_change``) and sorts
+the group into one of four routes:
+
+- ``settled``: nothing to send (every change is a state the ledger holds, a kept opt-out, or an
+  exit of a contact never ours) and no field changed: record it now, no request;
+- ``verify``: an exit of a subscription of ours: AC is asked first whether the person is still
+  subscribed (they may have opted out since; see ``service/core/bulk.py:verify_exits``);
+- ``single``: per contact (``contactLists``): a re-entry after the service's own verified
+  unsubscribe (an import never re-subscribes), or a change AC refused in an import;
+- ``bulk``: may go in an import (a first entry, a verified unsubscribe, fields).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from service.core.coalesce import ListRef, PendingChange
+from service.core.contact import contact_fields
+from service.core.ledger import LedgerEntry, Plan, fields_hash, plan_change
+
+
+class Route(enum.Enum):
+    SETTLED = "settled"
+    VERIFY = "verify"
+    SINGLE = "single"
+    BULK = "bulk"
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    route: Route
+    fields: tuple[dict[str, str], dict[str, str]] | None  # to send; None: unchanged
+    fields_hash: int
+
+
+def plan_group(
+    group: list[PendingChange],
+    entry: LedgerEntry | None,
+    list_ids: Mapping[ListRef, str],
+    attribute_map: Mapping[str, str],
+    field_map: Mapping[str, str],
+) -> GroupPlan:
+    """Decide every change of one email (one partition) and the group's route. Changes whose
+    plan was already settled by a verification (``UNSUBSCRIBE``) keep it."""
+    for change in group:
+        if change.plan is Plan.UNSUBSCRIBE:
+            continue
+        change.previous = (
+            entry.state(change.target.label(), list_ids.get(change.target)) if entry else None
+        )
+        change.plan = plan_change(
+            change.previous,
+            change.event.action,
+            change.partition,
+            change.offsets[-1],
+            change.event.occurred_at_ms,
+        )
+    standard, custom = contact_fields(group, attribute_map, field_map)
+    value = fields_hash(standard, custom)
+    changed = value != 0 and (entry is None or entry.fields_hash != value)
+    fields = (standard, custom) if changed else None
+    plans = {c.plan for c in group}
+    if plans <= {Plan.SKIP, Plan.CONSENT_KEPT} and not changed:
+        return GroupPlan(Route.SETTLED, None, value)
+    if Plan.EXIT in plans:
+        return GroupPlan(Route.VERIFY, fields, value)
+    if Plan.RESUBSCRIBE in plans or any(c.force_single for c in group):
+        return GroupPlan(Route.SINGLE, fields, value)
+    return GroupPlan(Route.BULK, fields, value)
