@@ -1,26 +1,29 @@
-"""The bulk importer against the emulator over sockets, every request checked against AC's OpenAPI."""
+"""AC's calls (``service/core/acapi.py``, ``bulk.py``, ``lists.py``) driven over HTTP against
+the emulator, every request and answer checked against AC's OpenAPI description."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.adapters.activecampaign import ActiveCampaignClient
-from service.adapters.bulk import BulkImporter, Group
-from service.adapters.lists import ListDirectory
+from service.adapters.ac_http import HttpDriver
 from service.adapters.ratelimit import RateLimitedTransport, RateLimiter
-from service.core.coalesce import ListRef, PendingChange
-from service.core.errors import RateLimited
-from service.core.ledger import Plan
-from service.core.model import Action, MembershipEvent
+from service.core import acapi
+from service.core.bulk import contact_entry, submit_import, verify_exits
+from service.core.coalesce import ListRef
+from service.core.errors import PermanentApiError, RateLimited
+from service.core.lists import resolve_list
 from service.devtools.emulator.server import Emulator
 from service.metrics import Metrics
 from tests.conftest import TOKEN
 from tests.support.openapi import ValidatingTransport
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -32,209 +35,162 @@ def fast() -> Iterator[Emulator]:
         emu.stop()
 
 
+class Ac:
+    def __init__(self, emu: Emulator) -> None:
+        self.validating = ValidatingTransport(httpx.HTTPTransport())
+        transport = RateLimitedTransport(self.validating, RateLimiter(1000, guard=0.0))
+        self.http = httpx.Client(base_url=emu.url + "/api/3/", transport=transport, timeout=10)
+        self.driver = HttpDriver(self.http, lambda: TOKEN, Metrics(CollectorRegistry()))
+
+    def __call__(self, work: acapi.Call[T]) -> T:
+        return acapi.run_sync(work, self.driver.send)
+
+    def list_id(self, name: str) -> str:
+        return self(
+            resolve_list(
+                ListRef(name=name), create=True, sender_url="https://x.test", sender_reminder="r"
+            )
+        )
+
+
 @pytest.fixture
-def importer(fast: Emulator) -> Iterator[tuple[BulkImporter, ValidatingTransport]]:
-    validating = ValidatingTransport(httpx.HTTPTransport())
-    transport = RateLimitedTransport(validating, RateLimiter(1000))
-    with httpx.Client(base_url=fast.url + "/api/3/", transport=transport, timeout=10) as http:
-        client = ActiveCampaignClient(http, lambda: TOKEN, Metrics(CollectorRegistry()))
-        yield (
-            BulkImporter(
-                client, ListDirectory(client, create=True), {"first_name": "firstName"}, {}
-            ),
-            validating,
-        )
+def ac(fast: Emulator) -> Iterator[Ac]:
+    client = Ac(fast)
+    yield client
+    client.http.close()
+    assert client.validating.errors == []
 
 
-def group(email: str, action: Action = Action.ENTERED, lists: tuple[str, ...] = ("VIP",)) -> Group:
-    changes = [
-        PendingChange(
-            0,
-            email,
-            ListRef(name=name),
-            MembershipEvent("e", 0, email, "a", name, action, attributes={"first_name": "Pat"}),
-            None,
-            [i],
-            0.0,
-            0.0,
-        )
-        for i, name in enumerate(lists)
-    ]
-    return Group(email, changes)
-
-
-def completed(importer: BulkImporter, batch_id: str) -> tuple[list[str], list[str]]:
+def completed(ac: Ac, batch_id: str) -> acapi.ImportStatus:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        status = importer.client.import_info(batch_id)
+        status = ac(acapi.import_info(batch_id))
         if status.completed:
-            return status.success_ids, status.failed_emails
+            return status
         time.sleep(0.1)
     raise AssertionError("import never completed")
 
 
 def members(emu: Emulator, name: str) -> dict[str, int]:
-    return httpx.get(emu.url + "/_emulator/state").json()["lists"][name]["members"]  # type: ignore[no-any-return]
+    with emu.account.lock:
+        return emu.account.snapshot(time.monotonic())["lists"][name]["members"]  # type: ignore[no-any-return]
 
 
-def test_import_applies_lists_and_validates_against_openapi(
-    fast: Emulator, importer: tuple[BulkImporter, ValidatingTransport]
-) -> None:
-    bulk, validating = importer
-    groups = [group(f"p{i}@example.com", lists=("VIP", "News")) for i in range(20)]
-    groups += [group(f"q{i}@example.com", Action.EXITED) for i in range(5)]
-    result = bulk.submit(groups)
-    assert result.error is None and result.batch_id
-    assert len(result.sent) == 25
-    success, failure = completed(bulk, result.batch_id)
-    assert len(success) == 25 and failure == []
+def entry(email: str, lists: dict[str, int], **fields: str) -> dict[str, Any]:
+    return contact_entry(email, lists, fields, {})
+
+
+def test_import_applies_lists_and_validates_against_openapi(fast: Emulator, ac: Ac) -> None:
+    vip, news = ac.list_id("VIP"), ac.list_id("News")
+    entries = [entry(f"p{i}@example.com", {vip: 1, news: 1}, firstName="P") for i in range(20)]
+    entries += [entry(f"q{i}@example.com", {vip: 2}) for i in range(5)]
+    result = ac(submit_import(entries))
+    assert result.error is None and result.batch_id and result.sent == list(range(25))
+    status = completed(ac, result.batch_id)
+    assert len(status.success_ids) == 25 and status.failed_emails == []
     assert members(fast, "VIP") == {
         **{f"p{i}@example.com": 1 for i in range(20)},
         **{f"q{i}@example.com": 2 for i in range(5)},
     }
-    assert validating.errors == []
-    assert validating.checked >= 4
+    assert ac.validating.checked >= 4
 
 
-def test_one_malformed_email_is_set_aside_and_the_rest_sent_again(
-    fast: Emulator, importer: tuple[BulkImporter, ValidatingTransport]
-) -> None:
+def test_one_malformed_email_is_set_aside_and_the_rest_sent_again(fast: Emulator, ac: Ac) -> None:
     """AC's validator may be stricter than ours: its 400 names the contact by index."""
-    bulk, _ = importer
-    groups = [group(f"p{i}@example.com") for i in range(12)]
-    groups.insert(5, group("not-an-email"))
-    result = bulk.submit(groups)
-    assert [g.email for g in result.rejected] == ["not-an-email"]
-    assert result.batch_id and len(result.sent) == 12
-    completed(bulk, result.batch_id)
+    vip = ac.list_id("VIP")
+    entries = [entry(f"p{i}@example.com", {vip: 1}) for i in range(12)]
+    entries.insert(5, entry("not-an-email", {vip: 1}))
+    result = ac(submit_import(entries))
+    assert result.rejected == [5] and result.batch_id and len(result.sent) == 12
+    completed(ac, result.batch_id)
     assert len(members(fast, "VIP")) == 12
-    statuses = [
-        r["status"]
-        for r in httpx.get(fast.url + "/_emulator/requests").json()["requests"]
-        if r["endpoint"] == "/import/bulk_import"
-    ]
-    assert statuses == [400, 200]
+    statuses = [r.status for r in fast.account.log if r.endpoint == "/import/bulk_import"]
+    assert statuses[-2:] == [400, 200]
 
 
-def test_what_does_not_fit_under_400000_bytes_waits_for_the_next_import(
-    fast: Emulator, importer: tuple[BulkImporter, ValidatingTransport]
-) -> None:
-    """250 contacts with long names (~2 KB each) are over AC's size limit, which would refuse
-    the whole import: the importer sends what fits and hands back the rest, none refused."""
-    bulk, _ = importer
-    groups = [group(f"p{i}@example.com") for i in range(250)]
-    for g in groups:
-        g.changes[0].event = g.changes[0].event._replace(attributes={"first_name": "P" * 2000})
-    result = bulk.submit(groups)
-    assert result.batch_id and result.requests == 1
-    assert 150 < len(result.sent) < 250
-    assert [g.email for g in result.sent + result.unsent] == [g.email for g in groups]
-    assert result.rejected == [] and result.failed == [] and result.error is None
-    completed(bulk, result.batch_id)
-    assert len(members(fast, "VIP")) == len(result.sent)
-
-
-def test_import_rate_limit_is_backpressure(
-    fast: Emulator, importer: tuple[BulkImporter, ValidatingTransport]
-) -> None:
-    bulk, _ = importer
+def test_import_rate_limit_is_backpressure(ac: Ac) -> None:
+    vip = ac.list_id("VIP")
     for i in range(100):
-        assert bulk.submit([group(f"a{i}@example.com"), group(f"b{i}@example.com")]).batch_id
-    result = bulk.submit([group("late@example.com"), group("later@example.com")])
-    assert isinstance(result.error, RateLimited)
-    assert result.error.status == 400
-    assert result.rejected == [] and result.failed == []
-    assert [g.email for g in result.sent] == ["late@example.com", "later@example.com"]
+        pair = [entry(f"a{i}@example.com", {vip: 1}), entry(f"b{i}@example.com", {vip: 1})]
+        assert ac(submit_import(pair)).batch_id
+    result = ac(
+        submit_import([entry("late@example.com", {vip: 1}), entry("l2@example.com", {vip: 1})])
+    )
+    assert isinstance(result.error, RateLimited) and result.error.status == 400
+    assert result.rejected == [] and result.sent == [0, 1]
 
 
-def test_excluded_email_is_reported_as_a_failure(
-    fast: Emulator, importer: tuple[BulkImporter, ValidatingTransport]
-) -> None:
-    bulk, _ = importer
-    httpx.post(fast.url + "/_emulator/exclusions", json={"emails": ["p3@example.com"]})
-    result = bulk.submit([group(f"p{i}@example.com") for i in range(10)])
-    assert result.batch_id
-    _, failure = completed(bulk, result.batch_id)
-    assert failure == ["p3@example.com"]
-
-
-def first_entry(email: str) -> Group:
-    g = group(email)
-    for change in g.changes:
-        change.plan = Plan.FIRST_ENTRY
-    return g
-
-
-def opted_out_after_import(
-    bulk: BulkImporter, fast: Emulator, list_name: str, others: int
-) -> tuple[set[str], int]:
-    """A person who opted out of ``list_name`` enters it again, with ``others`` new contacts,
-    in one import. Returns what ``opted_out`` finds and the GET /contacts calls it made."""
-    client = bulk.client
-    target = ListRef(name=list_name)
-    list_id = bulk.lists.list_id(target)
-    opted_out = client.sync_contact("optout@example.com", {}, {})
-    client.set_list_status(opted_out, list_id, 1)
+def test_excluded_email_is_reported_as_a_failure(fast: Emulator, ac: Ac) -> None:
+    vip = ac.list_id("VIP")
     with fast.account.lock:
-        assert fast.account.self_unsubscribe("optout@example.com", list_name)
-    groups = [first_entry("optout@example.com")] + [
-        first_entry(f"new{i}@example.com") for i in range(others)
-    ]
-    for g in groups:
-        for change in g.changes:
-            change.target = target
-    submitted = bulk.submit(groups)
-    assert submitted.batch_id is not None
-    success, failure = completed(bulk, submitted.batch_id)
-    assert failure == [] and len(success) == others + 1
-    before = len(httpx.get(fast.url + "/_emulator/requests").json()["requests"])
-    kept = bulk.opted_out(target, {g.email for g in groups}, success)
-    log = httpx.get(fast.url + "/_emulator/requests").json()["requests"][before:]
-    return kept, sum(1 for r in log if r["endpoint"] == "/contacts")
+        fast.account.exclusions.add("p3@example.com")
+    result = ac(submit_import([entry(f"p{i}@example.com", {vip: 1}) for i in range(10)]))
+    assert result.batch_id
+    assert completed(ac, result.batch_id).failed_emails == ["p3@example.com"]
 
 
-def test_opted_out_reads_one_page_of_a_fresh_list(
-    importer: tuple[BulkImporter, ValidatingTransport], fast: Emulator
-) -> None:
-    bulk, validating = importer
-    kept, reads = opted_out_after_import(bulk, fast, "VIP", 11)
-    assert kept == {"optout@example.com"}
-    assert reads == 1  # the list's whole unsubscribed set, whatever the number of contacts
-    assert validating.errors == []
+def test_import_summary_counts_what_is_still_to_process(fast: Emulator, ac: Ac) -> None:
+    vip = ac.list_id("VIP")
+    with fast.account.lock:
+        fast.account.faults.import_stuck_ratio = 1.0
+    ac(submit_import([entry(f"p{i}@example.com", {vip: 1}) for i in range(3)]))
+    assert ac(acapi.imports_outstanding()) == 1
+    with fast.account.lock:
+        for batch in fast.account.imports.values():
+            batch.stuck = False
+    time.sleep(0.3)
+    assert ac(acapi.imports_outstanding()) == 0
 
 
-def test_opted_out_asks_by_id_when_the_list_has_many_unsubscribed(
-    importer: tuple[BulkImporter, ValidatingTransport], fast: Emulator
-) -> None:
-    bulk, validating = importer
-    client = bulk.client
-    list_id = bulk.lists.list_id(ListRef(name="Old"))
-    for i in range(120):  # more unsubscribed members than one page holds
-        contact = client.sync_contact(f"gone{i}@example.com", {}, {})
-        client.set_list_status(contact, list_id, 2)
-    kept, reads = opted_out_after_import(bulk, fast, "Old", 240)
-    assert kept == {"optout@example.com"}
-    assert reads == 1 + 1  # the page that showed 121 unsubscribed, then one query by 241 ids
-    assert bulk.unsubscribed[list_id] == 121
-    kept, reads = opted_out_after_import(bulk, fast, "Old", 10)
-    assert kept == {"optout@example.com"} and reads == 1  # known to be large: ids at once
-    assert validating.errors == []
+def test_verify_exits_finds_who_is_still_subscribed(fast: Emulator, ac: Ac) -> None:
+    vip = ac.list_id("VIP")
+    ids = {}
+    for i in range(130):
+        email = f"m{i}@example.com"
+        ids[email] = ac(acapi.sync_contact(email, {}, {}))
+        ac(acapi.set_list_status(ids[email], vip, 1))
+    for i in range(0, 130, 10):  # every tenth opted out themselves
+        with fast.account.lock:
+            assert fast.account.self_unsubscribe(f"m{i}@example.com", "VIP")
+    asked: dict[str, str | None] = {e: cid for e, cid in ids.items()}
+    asked["m1@example.com"] = None  # id unknown: asked by email
+    before = len(fast.account.log)
+    found = ac(verify_exits(vip, asked))
+    assert set(found.subscribed) == {f"m{i}@example.com" for i in range(130) if i % 10}
+    assert found.subscribed["m1@example.com"] == ids["m1@example.com"]
+    assert len(fast.account.log) - before == found.reads == 2 + 1
 
 
-def test_list_members_pages_and_narrows_by_id(
-    importer: tuple[BulkImporter, ValidatingTransport], fast: Emulator
-) -> None:
-    bulk, validating = importer
-    client = bulk.client
-    list_id = bulk.lists.list_id(ListRef(name="Big"))
+def test_members_pages_by_id_and_lists_are_found_or_created_once(fast: Emulator, ac: Ac) -> None:
+    big = ac.list_id("Big")
+    assert ac.list_id("Big") == big  # found, not created again
     ids = {}
     for i in range(230):
         email = f"m{i}@example.com"
-        ids[email] = client.sync_contact(email, {}, {})
-        client.set_list_status(ids[email], list_id, 1 if i % 3 else 2)
-    subscribed = client.list_members(list_id, 1)
-    assert set(subscribed) == {e for i, e in enumerate(ids) if i % 3}  # three pages of 100
-    assert subscribed == {e: ids[e] for e in subscribed}
-    some = [ids["m0@example.com"], ids["m1@example.com"], ids["m3@example.com"]]
-    assert set(client.list_members(list_id, 2, some)) == {"m0@example.com", "m3@example.com"}
-    assert validating.errors == []
+        ids[email] = ac(acapi.sync_contact(email, {}, {}))
+        ac(acapi.set_list_status(ids[email], big, 1 if i % 3 else 2))
+    subscribed = ac(acapi.members(big, 1))
+    assert subscribed == {e: ids[e] for i, e in enumerate(ids) if i % 3}  # pages of 100
+    assert ac(acapi.list_exists(big)) is True
+    with fast.account.lock:
+        assert fast.account.delete_list("Big")
+    assert ac(acapi.list_exists(big)) is False
+
+
+def test_a_list_that_cannot_be_created_is_refused_clearly(ac: Ac) -> None:
+    with pytest.raises(PermanentApiError) as refused:
+        ac(
+            resolve_list(
+                ListRef(name="Nope"), create=False, sender_url="https://x.test", sender_reminder="r"
+            )
+        )
+    assert refused.value.code == "list_missing"
+    with pytest.raises(PermanentApiError):
+        ac(
+            resolve_list(
+                ListRef(list_id="999"),
+                create=True,
+                sender_url="https://x.test",
+                sender_reminder="r",
+            )
+        )

@@ -2,8 +2,15 @@ import json
 
 import pytest
 
-from service.adapters.activecampaign import classify_response
-from service.core.errors import AuthRejected, PermanentApiError, RateLimited, TransientApiError
+from service.core.acapi import classify_response
+from service.core.errors import (
+    AccountBlocked,
+    AuthRejected,
+    PermanentApiError,
+    RateLimited,
+    Redirected,
+    TransientApiError,
+)
 
 JSON = "application/json"
 
@@ -78,3 +85,25 @@ def test_422_is_permanent_with_acs_code() -> None:
 def test_404_message_shape() -> None:
     result = classify_response(404, JSON, body({"message": "No Result found"}), None)
     assert isinstance(result, PermanentApiError)
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_blocks_the_account_instead_of_parking_records(status: int) -> None:
+    """An http -> https redirect once parked every change as ac_rejected: it says the URL is
+    wrong, which no record can fix, and the token must never follow it."""
+    result = classify_response(status, JSON, body({"message": "Moved"}), None)
+    assert isinstance(result, Redirected) and isinstance(result, AccountBlocked)
+
+
+def test_a_validation_error_names_its_field() -> None:
+    answer = {
+        "errors": [
+            {
+                "title": "x",
+                "code": "related_missing",
+                "source": {"pointer": "/data/attributes/list"},
+            }
+        ]
+    }
+    result = classify_response(422, JSON, body(answer), None)
+    assert isinstance(result, PermanentApiError) and result.pointer == "/data/attributes/list"

@@ -18,8 +18,8 @@ from service.core.ledger import (
     SetBy,
     fields_hash,
     merged,
+    newest,
     plan_change,
-    set_by_after,
 )
 from service.core.model import Action
 
@@ -27,9 +27,15 @@ E, X = Action.ENTERED, Action.EXITED
 
 
 def state(
-    status: int, set_by: SetBy = SetBy.SERVICE, offset: int = 10, at: int = 1000
+    status: int,
+    set_by: SetBy = SetBy.SERVICE,
+    offset: int = 10,
+    at: int = 1000,
+    verified: bool = True,
 ) -> ListState:
-    return ListState("VIP", status, set_by, "ev-1", at, at + 5, 0, offset, "aud", "VIP")
+    return ListState(
+        "VIP", status, set_by, "ev-1", at, at + 5, 0, offset, "aud", "VIP", None, None, verified
+    )
 
 
 @pytest.mark.parametrize(
@@ -38,8 +44,11 @@ def state(
         (None, E, Plan.FIRST_ENTRY),  # no record of ours: never override an opt-out
         (None, X, Plan.SKIP),  # nothing of ours to undo
         (state(1), E, Plan.SKIP),
-        (state(1), X, Plan.SET),
+        (state(1), X, Plan.EXIT),  # verified first: the person may have opted out since
+        (state(1, verified=False), X, Plan.EXIT),
         (state(2, SetBy.SERVICE), E, Plan.RESUBSCRIBE),  # our own unsubscribe: reversible
+        # not known to be ours (a version-1 record, or an exit not checked): never override
+        (state(2, SetBy.SERVICE, verified=False), E, Plan.FIRST_ENTRY),
         (state(2, SetBy.SERVICE), X, Plan.SKIP),
         (state(2, SetBy.PERSON), E, Plan.CONSENT_KEPT),
         (state(2, SetBy.PERSON), X, Plan.SKIP),
@@ -59,14 +68,6 @@ def test_a_replay_of_older_records_is_skipped_whatever_its_action() -> None:
     assert plan_change(recorded, E, 0, 11, 900) is Plan.RESUBSCRIBE  # a later record
 
 
-def test_who_owns_the_recorded_status() -> None:
-    assert set_by_after(Plan.FIRST_ENTRY, E, None, consent_kept=True) is SetBy.PERSON
-    assert set_by_after(Plan.FIRST_ENTRY, E, None, consent_kept=False) is SetBy.SERVICE
-    assert set_by_after(Plan.SET, X, state(1), consent_kept=False) is SetBy.SERVICE
-    assert set_by_after(Plan.SET, X, state(2, SetBy.PERSON), consent_kept=False) is SetBy.PERSON
-    assert set_by_after(Plan.SET, X, None, consent_kept=False) is SetBy.UNKNOWN
-
-
 def test_merged_replaces_only_the_lists_it_names() -> None:
     other = state(1)._replace(list="Other")
     entry = LedgerEntry("7", 99, (state(1), other))
@@ -74,6 +75,23 @@ def test_merged_replaces_only_the_lists_it_names() -> None:
     assert new.contact_id == "7" and new.fields_hash == 99
     assert new.state("VIP") == state(2) and new.state("Other") == other
     assert merged(None, [state(1)], "3", 5) == LedgerEntry("3", 5, (state(1),))
+
+
+def test_a_state_of_a_deleted_list_is_no_state() -> None:
+    entry = LedgerEntry("7", 0, (state(1)._replace(list_id="5"),))
+    assert entry.state("VIP", "5") is not None
+    assert entry.state("VIP", "6") is None  # the list was deleted and created again
+    assert LedgerEntry("7", 0, (state(1),)).state("VIP", "6") is not None  # no id recorded
+
+
+def test_newest_keeps_the_latest_source_record_of_each_list_whatever_the_log_order() -> None:
+    older = LedgerEntry("7", 1, (state(1, offset=10), state(1, offset=3)._replace(list="B")))
+    newer = LedgerEntry(None, 2, (state(2, offset=20),))
+    for merged_entry in (newest(older, newer), newest(newer, older)):
+        assert merged_entry.state("VIP") == state(2, offset=20)
+        assert merged_entry.state("B") is not None
+        assert merged_entry.contact_id == "7"
+    assert newest(older, newer).fields_hash == 2 == newest(newer, older).fields_hash
 
 
 def test_fields_hash_is_stable_and_zero_only_without_fields() -> None:
@@ -99,6 +117,8 @@ list_states = st.builds(
     audience_name=text,
     campaign_id=st.none() | text,
     treatment_group=st.none() | text,
+    verified=st.booleans(),
+    list_id=st.none() | st.integers(1, 10**9).map(str),
 )
 entries = st.builds(
     LedgerEntry,
@@ -106,6 +126,55 @@ entries = st.builds(
     fields_hash=st.integers(0, 2**63 - 1),
     lists=st.lists(list_states, max_size=4, unique_by=lambda s: s.list).map(tuple),
 )
+
+
+def test_any_valid_entry_packs_however_many_lists_and_however_long_its_ids() -> None:
+    """The packed index once capped lists per email at 255 and event ids under 64 KiB: a write
+    past either raised on the main loop, and the replica crashed on the same record for ever."""
+    lists = tuple(state(1)._replace(list=f"L{i}", event_id="x" * 70_000) for i in range(300))
+    entry = LedgerEntry("1", 0, lists)
+    index = CompactIndex()
+    index.put(0, "a@example.com", entry)
+    assert index.get(0, "a@example.com") == entry
+    codec = LedgerCodec()
+    assert codec.decode(codec.encode(entry)) == entry
+
+
+def test_version_1_records_are_read_as_unverified() -> None:
+    import io
+
+    import fastavro
+
+    from service.core.ledger import LEDGER_V1_SCHEMA_FILE, load_ledger_schema
+
+    old = {
+        "contact_id": "5",
+        "fields_hash": 0,
+        "lists": [
+            {
+                "list": "VIP",
+                "status": 2,
+                "set_by": "SERVICE",
+                "event_id": "e",
+                "event_time": 1,
+                "applied_at": 2,
+                "source_partition": 0,
+                "source_offset": 3,
+                "audience_id": "a",
+                "audience_name": "VIP",
+                "campaign_id": None,
+                "treatment_group": None,
+            }
+        ],
+    }
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, load_ledger_schema(LEDGER_V1_SCHEMA_FILE), old)
+    entry = LedgerCodec().decode(out.getvalue())
+    assert entry.state("VIP") is not None and entry.state("VIP").verified is False  # type: ignore[union-attr]
+    # a version-1 exit of ours is not trusted to be ours: a re-entry never overrides it
+    assert plan_change(entry.state("VIP"), E, 0, 50, 2000) is Plan.FIRST_ENTRY
+    with pytest.raises(ValueError, match="not a ledger record"):
+        LedgerCodec().decode(b"\xff\x02garbage")
 
 
 @given(entries)

@@ -1,14 +1,20 @@
-import threading
-import time
+import json
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.adapters.lists import ListDirectory, list_for_event, stringid_for
-from service.app.settings import ListTarget
+from service.core.acapi import ApiCall, Reply, run_sync
 from service.core.coalesce import ListRef
 from service.core.errors import PermanentApiError, PoisonMessage
+from service.core.lists import (
+    ListDirectory,
+    ListTarget,
+    list_for_event,
+    resolve_list,
+    stringid_for,
+)
 from service.core.model import Action, MembershipEvent
 
 
@@ -55,59 +61,85 @@ def test_stringid_is_url_safe_and_unique_per_name() -> None:
     assert all(ch.isalnum() or ch == "-" for ch in a)
 
 
-class SlowApi:
-    def __init__(self) -> None:
-        self.created: list[str] = []
+def scripted(*replies: Reply) -> tuple[Callable[[ApiCall], Reply], list[ApiCall]]:
+    sent: list[ApiCall] = []
+    queue = list(replies)
 
-    def find_list(self, name: str) -> str | None:
-        time.sleep(0.01)
-        return None
+    def send(call: ApiCall) -> Reply:
+        sent.append(call)
+        return queue.pop(0)
 
-    def create_list(self, name: str, stringid: str) -> str:
-        self.created.append(name)
-        return str(len(self.created))
+    return send, sent
 
 
-def test_concurrent_workers_create_a_list_once() -> None:
-    api = SlowApi()
-    directory = ListDirectory(api, create=True)
-    threads = [
-        threading.Thread(target=directory.list_id, args=(ListRef(name="X"),)) for _ in range(8)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert api.created == ["X"]
+def answer(status: int, body: object) -> Reply:
+    return Reply(status, "application/json", json.dumps(body).encode())
+
+
+NO_LISTS = answer(200, {"lists": [], "meta": {"total": "0"}})
+
+
+def resolve(ref: ListRef, send: Callable[[ApiCall], Reply], create: bool = True) -> str:
+    return run_sync(
+        resolve_list(ref, create=create, sender_url="https://s.test", sender_reminder="r"), send
+    )
+
+
+def test_an_exact_name_is_found_not_a_longer_one() -> None:
+    send, sent = scripted(
+        answer(200, {"lists": [{"id": "3", "name": "X Buyers"}, {"id": "4", "name": "X"}]})
+    )
+    assert resolve(ListRef(name="X"), send) == "4"
+    assert len(sent) == 1
+
+
+def test_a_missing_list_is_created_with_the_fields_ac_requires() -> None:
+    send, sent = scripted(NO_LISTS, answer(201, {"list": {"id": "9"}}))
+    assert resolve(ListRef(name="X"), send) == "9"
+    body = sent[1].body["list"]  # type: ignore[index]
+    assert {"name", "stringid", "sender_url", "sender_reminder"} <= set(body)
 
 
 def test_creation_turned_off() -> None:
+    send, _ = scripted(NO_LISTS)
     with pytest.raises(PermanentApiError) as info:
-        ListDirectory(SlowApi(), create=False).list_id(ListRef(name="X"))
+        resolve(ListRef(name="X"), send, create=False)
     assert info.value.code == "list_missing"
 
 
-class RacingApi(SlowApi):
-    """Another replica creates the list between our lookup and our create."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.finds = 0
-
-    def find_list(self, name: str) -> str | None:
-        self.finds += 1
-        return None if self.finds == 1 else "77"
-
-    def create_list(self, name: str, stringid: str) -> str:
-        raise PermanentApiError(422, "duplicate", "The stringid is already in use")
-
-
 def test_losing_a_creation_race_uses_the_winners_list() -> None:
-    assert ListDirectory(RacingApi(), create=True).list_id(ListRef(name="X")) == "77"
+    duplicate = answer(
+        422, {"errors": [{"title": "in use", "code": "duplicate", "source": {"pointer": "/x"}}]}
+    )
+    send, _ = scripted(NO_LISTS, duplicate, answer(200, {"lists": [{"id": "77", "name": "X"}]}))
+    assert resolve(ListRef(name="X"), send) == "77"
+
+
+def test_a_mapped_list_id_is_checked_to_exist() -> None:
+    send, _ = scripted(answer(200, {"list": {"id": "12"}}))
+    assert resolve(ListRef(list_id="12"), send) == "12"
+    send, _ = scripted(answer(404, {"message": "No Result found"}))
+    with pytest.raises(PermanentApiError):
+        resolve(ListRef(list_id="12"), send)
+
+
+def test_the_directory_trusts_an_id_for_a_while_and_forgets_a_deleted_one() -> None:
+    directory = ListDirectory(verify_after=60.0, max_lists=2)
+    vip, news = ListRef(name="VIP"), ListRef(name="News")
+    directory.learn(vip, "1", now=100.0)
+    assert directory.get(vip) == "1" and not directory.stale(vip, 150.0)
+    assert directory.stale(vip, 161.0)
+    directory.confirm(vip, 161.0)
+    assert not directory.stale(vip, 200.0)
+    directory.learn(news, "2", now=100.0)
+    assert directory.full()
+    assert directory.forget_id("1") == [vip]
+    assert directory.get(vip) is None and directory.get(news) == "2"
+    assert not directory.full()
 
 
 def test_list_namer_caches_and_matches_the_pure_function() -> None:
-    from service.adapters.lists import ListNamer
+    from service.core.lists import ListNamer
 
     namer = ListNamer("{audience_name} {treatment_group}", {})
     assert namer(ev()) == list_for_event(ev(), "{audience_name} {treatment_group}", {})
@@ -144,7 +176,7 @@ def test_list_namer_answers_what_the_pure_function_answers(
 ) -> None:
     """The cache key holds only the fields that decide the list; it must never merge two events
     that the pure function names differently (a mapping makes the audience id decide too)."""
-    from service.adapters.lists import ListNamer
+    from service.core.lists import ListNamer
 
     mapping = {"a2": ListTarget(list_id="12")} if mapped else {}
     namer = ListNamer(template, mapping)

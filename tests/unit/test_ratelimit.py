@@ -10,14 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.adapters.ratelimit import (
-    ImportBudget,
-    LeakyBucket,
-    LimiterClosed,
-    RateLimitedTransport,
-    RateLimiter,
-    parse_retry_after,
-)
+from service.adapters.ratelimit import LimiterClosed, RateLimitedTransport, RateLimiter
+from service.core.acapi import MAX_RETRY_AFTER, parse_retry_after
+from service.core.budget import TOOLS, ImportBudget, LeakyBucket
 
 
 def test_no_burst_one_slot_per_interval() -> None:
@@ -36,9 +31,9 @@ def test_idle_bucket_does_not_bank_slots() -> None:
 def test_pause_voids_slots_and_blocks_until_retry_after() -> None:
     b = LeakyBucket(5, guard=0)
     b.reserve(0.0)
-    epoch = b.pause_epoch
+    epoch = b.epoch
     b.pause(30.0)
-    assert b.pause_epoch == epoch + 1
+    assert b.epoch == epoch + 1
     assert b.paused(10.0)
     assert b.reserve(1.0) == 30.0
     assert b.reserve(1.0) == pytest.approx(30.2)
@@ -82,7 +77,7 @@ def test_transport_pauses_everyone_on_429() -> None:
     def answer(request: httpx.Request) -> httpx.Response:
         return httpx.Response(429, headers={"Retry-After": "7"})
 
-    limiter = RateLimiter(1000)
+    limiter = RateLimiter(1000, clock=time.monotonic)
     transport = RateLimitedTransport(httpx.MockTransport(answer), limiter)
     with httpx.Client(transport=transport, base_url="http://ac") as client:
         assert client.get("/x").status_code == 429
@@ -90,10 +85,18 @@ def test_transport_pauses_everyone_on_429() -> None:
 
 
 def test_parse_retry_after() -> None:
-    assert parse_retry_after("30", 5) == 30
-    assert parse_retry_after(None, 5) == 5
-    assert parse_retry_after("soon", 5) == 5
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 5) == 0
+    now = 1_700_000_000.0
+    assert parse_retry_after("30", 5, now) == 30
+    assert parse_retry_after(None, 5, now) == 5
+    assert parse_retry_after("soon", 5, now) == 5
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 5, now) == 0
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e12", "1e400", "99999999999"])
+def test_retry_after_is_bounded_whatever_ac_says(value: str) -> None:
+    """``inf`` once raised OverflowError in the limiter; ``1e12`` paused all traffic for ever."""
+    waited = parse_retry_after(value, 5, 0.0)
+    assert 0 <= waited <= MAX_RETRY_AFTER and math.isfinite(waited)
 
 
 def test_shared_ticks_belong_to_owned_partitions() -> None:
@@ -102,7 +105,36 @@ def test_shared_ticks_belong_to_owned_partitions() -> None:
     starts = [b.reserve(0.0) for _ in range(3)]
     # ticks of 0.2 s; tick k belongs to partition k % 3: ours are 1, 4, 7
     assert starts == pytest.approx([0.2, 0.8, 1.4])
-    assert b.share_ratio == pytest.approx(1 / 3)
+    assert b.rate == pytest.approx(5 / 3)
+
+
+def test_a_replica_owning_nothing_or_not_knowing_the_count_sends_nothing() -> None:
+    b = LeakyBucket(5, guard=0)
+    b.share(frozenset(), total=3)
+    assert b.reserve(0.0) == math.inf
+    b.share(frozenset({0, 1}), total=0)  # the partition count could not be read
+    assert b.reserve(0.0) == math.inf and b.rate == 0
+
+
+def test_tools_keep_every_nth_tick_and_partitions_share_the_rest() -> None:
+    tools, service = LeakyBucket(5, guard=0, tools_every=4), LeakyBucket(5, guard=0, tools_every=4)
+    tools.share(frozenset({TOOLS}), 1)
+    service.share(frozenset({0, 1}), 2)
+    tool_ticks = [round(tools.reserve(0.0) / 0.2) for _ in range(3)]
+    service_ticks = [round(service.reserve(0.0) / 0.2) for _ in range(9)]
+    assert tool_ticks == [3, 7, 11]
+    assert service_ticks == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+    assert tools.rate == pytest.approx(5 / 4) and service.rate == pytest.approx(5 * 3 / 4)
+
+
+def test_a_new_share_voids_a_booked_slot() -> None:
+    b = LeakyBucket(5, guard=0)
+    b.share(frozenset({0}), total=2)
+    epoch = b.epoch
+    b.share(frozenset({1}), total=2)
+    assert b.epoch != epoch  # the waiter that booked under the old share books again
+    b.share(frozenset({1}), total=2)
+    assert b.epoch == epoch + 1  # the same share again changes nothing
 
 
 @given(

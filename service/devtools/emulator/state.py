@@ -184,7 +184,9 @@ class Account:
     ) -> Response:
         token = headers.get("api-token", "")
         if self.faults.redirect:
-            return Response(301, {"message": "Moved Permanently"}, {"Location": "https://elsewhere"})
+            return Response(
+                301, {"message": "Moved Permanently"}, {"Location": "https://elsewhere"}
+            )
         if token not in self.tokens or self.faults.auth_failure:
             if self.faults.html_login_on_bad_token:
                 return Response(200, html=LOGIN_PAGE)
@@ -262,7 +264,9 @@ class Account:
         page = found[offset : offset + limit]
         return Response(200, {"lists": page, "meta": {"total": str(len(found))}})
 
-    def _get_lists_id(self, match: re.Match[str], _q: Any, _p: Any, _n: int, _now: float) -> Response:
+    def _get_lists_id(
+        self, match: re.Match[str], _q: Any, _p: Any, _n: int, _now: float
+    ) -> Response:
         record = self.lists.get(match.group(1))
         if record is None:
             return Response(404, {"message": f"No Result found for List with id {match.group(1)}"})
@@ -552,9 +556,7 @@ class Account:
             200, {"status": "completed", "success": batch.success, "failure": batch.failure}
         )
 
-    def _get_import_bulk_import(
-        self, _m: Any, _q: Any, _p: Any, _n: int, now: float
-    ) -> Response:
+    def _get_import_bulk_import(self, _m: Any, _q: Any, _p: Any, _n: int, now: float) -> Response:
         """The status list: batches and contacts still to process, and recently completed,
         per day (AC's shape: counts as strings)."""
         outstanding = [b for b in self.imports.values() if b.status != "completed"]
