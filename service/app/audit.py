@@ -57,7 +57,15 @@ def state_json(state: ListState) -> dict[str, Any]:
 
 
 def explain_json(email: str, entry: LedgerEntry | None, list_label: str | None) -> dict[str, Any]:
-    states = [] if entry is None else [s for s in entry.lists if list_label in (None, s.list)]
+    states = (
+        []
+        if entry is None
+        else [
+            s
+            for s in entry.lists
+            if list_label in (None, s.list) and entry.state(s.list) is not None
+        ]
+    )
     return {
         "email": email,
         "found": entry is not None,

@@ -8,7 +8,10 @@ its id is needed and unknown; then per list, as the change's ``plan`` says:
 - ``RESUBSCRIBE``: the ledger says this service unsubscribed them after checking: status 1;
 - ``UNSUBSCRIBE``: AC still had them subscribed when the exit was verified: status 2;
 - ``EXIT`` (not verified yet: a lone exit): read the contact's lists; 1 -> status 2, else
-  nothing (a 2 there is not ours).
+  nothing (a 2 there is not ours);
+- ``RECHECK``: the ledger holds a write of ours that was never confirmed (a crash came
+  between the write and its record): read the contact's lists, learn whether it landed
+  (``rechecked``), and decide the change from that (``plan_known``).
 
 An exit never creates a contact: its id comes from the ledger, from the verification, or from
 a lookup by email (no ``contact/sync``: a person deleted in AC must not come back because they
@@ -37,11 +40,16 @@ from service.core.ledger import (
     Known,
     Plan,
     SetBy,
+    plan_known,
+    rechecked,
 )
+from service.core.model import Action
 from service.core.outcome import Outcome, OutcomeKind, outcome_for_error
 
 NOT_A_MEMBER = Known(2, SetBy.UNKNOWN, True)  # AC has no membership (or no contact): not ours
+NOT_SUBSCRIBED = Known(2, SetBy.UNKNOWN, True)  # a 2 we did not set (or cannot tell)
 _WRITES = (Plan.FIRST_ENTRY, Plan.RESUBSCRIBE)
+_READS_FIRST = (Plan.FIRST_ENTRY, Plan.EXIT, Plan.RECHECK)
 
 
 def split_attributes(
@@ -78,11 +86,16 @@ def apply_contact(
     every list the changes name; ``contact_id`` is the ledger's (or the verification's);
     ``fields`` are the mapped attributes to send (None: unchanged, send nothing)."""
     standard, custom = fields if fields is not None else ({}, {})
-    needs_write = fields is not None or any(c.plan in _WRITES for c in changes)
+    needs_write = fields is not None or any(
+        c.plan in _WRITES or (c.plan is Plan.RECHECK and c.event.action is Action.ENTERED)
+        for c in changes
+    )
     try:
         if needs_write and (contact_id is None or fields is not None):
             contact_id = yield from sync_contact(email, standard, custom)
-        elif contact_id is None and any(c.plan in (Plan.EXIT, Plan.UNSUBSCRIBE) for c in changes):
+        elif contact_id is None and any(
+            c.plan in _READS_FIRST + (Plan.UNSUBSCRIBE,) for c in changes
+        ):
             found = yield from contacts_page(email=email, limit=1)
             contact_id = found.contacts.get(email)
     except ApiError as error:
@@ -100,23 +113,36 @@ def apply_contact(
                 outcomes.append(Outcome(change, OutcomeKind.APPLIED, NOT_A_MEMBER))
                 continue
             assert list_id is not None, "lists are resolved before their changes are sent"
-            if change.plan in (Plan.FIRST_ENTRY, Plan.EXIT):
+            plan: Plan = change.plan
+            current: int | None = None
+            if plan in _READS_FIRST:
                 if statuses is None:
                     statuses = yield from contact_lists(contact_id)
                 current = statuses.get(list_id)
-                if change.plan is Plan.FIRST_ENTRY and current in (1, 2):
-                    known = SUBSCRIBED if current == 1 else OPTED_OUT
+            if plan is Plan.RECHECK:
+                # A write of ours may have landed before a crash: what AC holds now says.
+                assert change.previous is not None
+                known = rechecked(change.previous, current)
+                plan = plan_known(known, change.event.action)
+                if plan in (Plan.SKIP, Plan.CONSENT_KEPT):
                     outcomes.append(
-                        Outcome(change, OutcomeKind.APPLIED, known, contact_id=contact_id)
+                        Outcome(
+                            change,
+                            OutcomeKind.APPLIED,
+                            known or NOT_A_MEMBER,
+                            contact_id=contact_id,
+                        )
                     )
                     continue
-                if change.plan is Plan.EXIT and current != 1:
-                    known = OPTED_OUT if current == 2 else NOT_A_MEMBER
-                    outcomes.append(
-                        Outcome(change, OutcomeKind.APPLIED, known, contact_id=contact_id)
-                    )
-                    continue
-            status = 1 if change.plan in _WRITES else 2
+            if plan is Plan.FIRST_ENTRY and current in (1, 2):
+                known = SUBSCRIBED if current == 1 else OPTED_OUT
+                outcomes.append(Outcome(change, OutcomeKind.APPLIED, known, contact_id=contact_id))
+                continue
+            if plan is Plan.EXIT and current != 1:
+                known = NOT_A_MEMBER if current is None else NOT_SUBSCRIBED
+                outcomes.append(Outcome(change, OutcomeKind.APPLIED, known, contact_id=contact_id))
+                continue
+            status = 1 if plan in _WRITES else 2
             yield from set_list_status(contact_id, list_id, status)
             known = SUBSCRIBED if status == 1 else UNSUBSCRIBED_BY_US
             outcomes.append(Outcome(change, OutcomeKind.APPLIED, known, contact_id=contact_id))

@@ -69,6 +69,21 @@ class ListState(NamedTuple):
     treatment_group: str | None = None
     verified: bool = False
     list_id: str | None = None
+    pending: int = 0  # see PENDING_IMPORT; 0: the status is what AC confirmed
+
+    @property
+    def pending_status(self) -> int:
+        """The status being set and not confirmed (0: none)."""
+        return self.pending % PENDING_IMPORT if self.pending else 0
+
+    @property
+    def pending_import(self) -> bool:
+        return self.pending > PENDING_IMPORT
+
+
+# ``pending`` = status + PENDING_IMPORT when the write goes through an import (it may land
+# long after it was sent: the email waits until no import can still land).
+PENDING_IMPORT = 10
 
 
 class LedgerEntry(NamedTuple):
@@ -81,6 +96,8 @@ class LedgerEntry(NamedTuple):
         (or for an unknown one: version-1 records)."""
         for item in self.lists:
             if item.list == list_label:
+                if item.status == 0 and not item.pending:
+                    return None  # a write-ahead taken back: no state (kept so it wins a merge)
                 if list_id is not None and item.list_id is not None and item.list_id != list_id:
                     return None  # the list was deleted and created again since
                 return item
@@ -98,6 +115,7 @@ class Plan(enum.Enum):
     SKIP = "skip"  # the ledger already holds this state (or a later one): no request
     CONSENT_KEPT = "consent_kept"  # ENTERED, but the person opted out: no request, record it
     EXIT = "exit"  # EXITED of our subscription: read AC's status first (then UNSUBSCRIBE)
+    RECHECK = "recheck"  # a write of ours may or may not have landed: read AC, then decide
     UNSUBSCRIBE = "unsubscribe"  # AC still had it subscribed when we read: set status 2
     RESUBSCRIBE = "resubscribe"  # ENTERED after our own verified unsubscribe: contactLists 1
     FIRST_ENTRY = (
@@ -109,6 +127,9 @@ def plan_change(
     state: ListState | None, action: Action, partition: int, offset: int, event_time_ms: int
 ) -> Plan:
     """The decision table (pure). ``offset`` is the change's last source offset."""
+    if state is not None and state.pending:
+        # A crash came between a write of ours and its confirmation: the state is uncertain.
+        return Plan.RECHECK
     if state is None:
         # An exit for a contact this service never subscribed: nothing of ours to undo. Writing a
         # status 2 here would make it look like ours, and a later entry would then override an
@@ -137,6 +158,32 @@ class Known(NamedTuple):
     status: int
     set_by: SetBy
     verified: bool
+
+
+def rechecked(state: ListState, ac_status: int | None) -> Known | None:
+    """What an uncertain state (``pending``) means, now that AC says ``ac_status`` (None: not a
+    member): the write landed (AC holds what we were setting: ours), or it did not (AC holds
+    what we had recorded), or someone else changed it. None: nothing of ours there."""
+    if ac_status is not None and ac_status == state.pending_status:
+        return Known(ac_status, SetBy.SERVICE, True)
+    if ac_status == state.status:
+        return Known(state.status, state.set_by, state.verified)
+    if ac_status is None:
+        return None
+    return Known(ac_status, SetBy.SERVICE if ac_status == 1 else SetBy.UNKNOWN, True)
+
+
+def plan_known(known: Known | None, action: Action) -> Plan:
+    """The decision table on a state just read from AC (after a recheck)."""
+    if known is None:
+        return Plan.FIRST_ENTRY if action is Action.ENTERED else Plan.SKIP
+    if action is Action.ENTERED:
+        if known.status == 1:
+            return Plan.SKIP
+        if known.set_by is SetBy.SERVICE and known.verified:
+            return Plan.RESUBSCRIBE
+        return Plan.CONSENT_KEPT if known.set_by is SetBy.PERSON else Plan.FIRST_ENTRY
+    return Plan.SKIP if known.status == 2 else Plan.UNSUBSCRIBE
 
 
 # What each way of applying a change leaves, by what AC held before (``None``: not asked).
@@ -238,6 +285,7 @@ class LedgerCodec:
                     "treatment_group": s.treatment_group,
                     "verified": s.verified,
                     "list_id": s.list_id,
+                    "pending": s.pending,
                 }
                 for s in entry.lists
             ],
@@ -280,6 +328,7 @@ class LedgerCodec:
                     item["treatment_group"],
                     bool(item.get("verified", False)),
                     item.get("list_id"),
+                    int(item.get("pending", 0)),
                 )
                 for item in record["lists"]
             ),
@@ -289,10 +338,10 @@ class LedgerCodec:
 # ---- the in-memory form --------------------------------------------------------------------
 
 _HEADER = struct.Struct(">QqI")  # contact id (0: unknown), fields hash, number of lists
-# (list, list id) index, status*8+verified*4+set_by, context index, event ms, applied ms,
+# (list, list id) index, status*8+verified*4+set_by, pending, context index, event ms, applied ms,
 # partition, offset, event id length. Every width holds what a valid record can carry: no
 # value that decodes can make ``pack`` fail (a failure there would stop the partition).
-_LIST = struct.Struct(">IBIqqiqI")
+_LIST = struct.Struct(">IBBIqqiqI")
 _UUID_MARK = 0xFFFFFFFF
 
 
@@ -353,6 +402,7 @@ class CompactIndex:
                 _LIST.pack(
                     self._intern_label((s.list, s.list_id)),
                     s.status * 8 + (4 if s.verified else 0) + int(s.set_by),
+                    s.pending,
                     self._intern_context(
                         (s.audience_id, s.audience_name, s.campaign_id, s.treatment_group)
                     ),
@@ -371,7 +421,7 @@ class CompactIndex:
         pos = _HEADER.size
         lists = []
         for _ in range(count):
-            label, code, context, event_ms, applied_ms, partition, offset, id_len = (
+            label, code, pending, context, event_ms, applied_ms, partition, offset, id_len = (
                 _LIST.unpack_from(packed, pos)
             )
             pos += _LIST.size
@@ -399,6 +449,7 @@ class CompactIndex:
                     group,
                     bool(code & 4),
                     list_id,
+                    pending,
                 )
             )
         return LedgerEntry(str(contact) if contact else None, fhash, tuple(lists))

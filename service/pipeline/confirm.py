@@ -28,7 +28,15 @@ from service.adapters.ledger_store import LedgerStore
 from service.core.backoff import backoff_delay
 from service.core.coalesce import Coalescer, ListRef, PendingChange
 from service.core.errors import ApiError, PermanentApiError, PoisonMessage
-from service.core.ledger import Known, LedgerEntry, ListState, Plan, merged
+from service.core.ledger import (
+    PENDING_IMPORT,
+    Known,
+    LedgerEntry,
+    ListState,
+    Plan,
+    SetBy,
+    merged,
+)
 from service.core.offsets import OffsetTracker
 from service.core.outcome import Outcome, OutcomeKind, outcome_for_error
 from service.metrics import Metrics
@@ -183,6 +191,84 @@ class Confirmer:
             if outcome.kind is not OutcomeKind.APPLIED:
                 self.failed(outcome, generation, now)
 
+    # ---- write-ahead -------------------------------------------------------------------------
+
+    def write_pending(
+        self,
+        changes: list[PendingChange],
+        generation: int,
+        list_ids: Mapping[ListRef, str],
+        on_written: Callable[[], None],
+        *,
+        via_import: bool = False,
+    ) -> bool:
+        """Before AC is asked to set a status, record that it is about to be set (``pending``):
+        a crash before the outcome is recorded then leaves the state *uncertain* in the ledger
+        (the next owner asks AC first) instead of wrong. ``on_written`` runs on the broker's
+        ack. False when nothing needed announcing (``on_written`` is not called)."""
+        if not changes:
+            return False
+        email, partition = changes[0].email, changes[0].partition
+        if not self.ownership.owns(partition, generation):
+            return False
+        entry = self.ledger.get(partition, email)
+        states: list[ListState] = []
+        for change in changes:
+            target = _target(change.plan, change.event.action.status)
+            if target == 0:
+                continue
+            label = change.target.label()
+            current = entry.state(label) if entry else None
+            pending = target + (PENDING_IMPORT if via_import else 0)
+            if current is not None:
+                states.append(current._replace(pending=pending))
+            else:
+                event = change.event
+                states.append(
+                    ListState(
+                        label,
+                        0,
+                        SetBy.UNKNOWN,
+                        event.event_id,
+                        event.occurred_at_ms,
+                        0,
+                        -1,
+                        -1,
+                        event.audience_id,
+                        event.audience_name,
+                        event.campaign_id,
+                        event.treatment_group,
+                        False,
+                        list_ids.get(change.target),
+                        pending,
+                    )
+                )
+        if not states:
+            return False
+        self.ledger.write(partition, email, merged(entry, states, None, None), on_written)
+        return True
+
+    def clear_pending(self, changes: list[PendingChange], generation: int) -> None:
+        """The write was refused for sure (it never reached AC's data): the state is what it
+        was before the write-ahead."""
+        if not changes:
+            return
+        email, partition = changes[0].email, changes[0].partition
+        if not self.ownership.owns(partition, generation):
+            return
+        entry = self.ledger.get(partition, email)
+        if entry is None:
+            return
+        labels = {c.target.label() for c in changes}
+        # A state that was only the write-ahead (status 0) stays as a marker of "none": a
+        # restore merges records per list, and a dropped state would come back from the older
+        # record.
+        kept = tuple(
+            s._replace(pending=0) if s.list in labels and s.pending else s for s in entry.lists
+        )
+        if kept != entry.lists:
+            self.ledger.write(partition, email, entry._replace(lists=kept), lambda: None)
+
     # ---- not applied ---------------------------------------------------------------------
 
     def failed(self, outcome: Outcome, generation: int, now: float) -> None:
@@ -193,6 +279,7 @@ class Confirmer:
             self.forgotten_contacts.add(change.email)
         if outcome.kind is OutcomeKind.PERMANENT:
             assert isinstance(outcome.error, PermanentApiError)
+            self.clear_pending([change], generation)  # AC refused it: nothing landed
             self.park(change, outcome.error, generation)
         elif outcome.kind is OutcomeKind.BLOCKED:
             if not self.gate.closed:
@@ -319,3 +406,14 @@ class Confirmer:
                 self.tracker.complete(partition, offset)
 
         self.dlq.send(letter, parked)
+
+
+def _target(plan: Plan, action_status: int) -> int:
+    """The status a change may set in AC (0: it sets none)."""
+    if plan in (Plan.FIRST_ENTRY, Plan.RESUBSCRIBE):
+        return 1
+    if plan in (Plan.UNSUBSCRIBE, Plan.EXIT):
+        return 2
+    if plan is Plan.RECHECK:
+        return action_status
+    return 0

@@ -121,6 +121,7 @@ class Delivery:
     ownership: Ownership
     metrics: Metrics
     wall: Callable[[], float]
+    clock_now: Callable[[], float]
     held: set[str] = field(default_factory=set)
     waiting_lists: dict[ListRef, list[tuple[int, list[PendingChange]]]] = field(
         default_factory=dict
@@ -132,6 +133,7 @@ class Delivery:
     ready_bulk: deque[_Ready] = field(default_factory=deque)
     adopted: set[str] = field(default_factory=set)  # emails adopted imports still block
     preparing: dict[str, list[_Ready]] = field(default_factory=dict)  # import id -> its groups
+    writing_ahead: int = 0  # per-contact tasks waiting for their write-ahead's ack
     lists_wanted: set[ListRef] = field(default_factory=set)
 
     # ---- queries ---------------------------------------------------------------------------
@@ -163,7 +165,7 @@ class Delivery:
         self._start_singles(now)
 
     def _room(self, *, polling: bool = False) -> int:
-        free = self.dispatcher.free
+        free = self.dispatcher.free - self.writing_ahead
         if self.confirm.gate.closed:
             return 1 if free == self.settings.concurrency else 0
         if polling:
@@ -508,6 +510,15 @@ class Delivery:
         imp, actions = self.lifecycle.prepare(groups, entries, stamp, now, wall)
         self.preparing[imp.import_id] = readies
         self.metrics.imports.labels("prepared").inc()
+        for ready in readies:
+            if self.confirm.write_pending(
+                ready.changes,
+                ready.generation,
+                self._list_ids(ready.changes),
+                self._on_intent(imp.import_id, now),
+                via_import=True,
+            ):
+                imp.acks_due += 1
         self.apply(actions, now)
 
     def _entry(self, ready: _Ready) -> dict[str, Any]:
@@ -563,14 +574,24 @@ class Delivery:
                     fields_hash=self._import_hash(group),
                 )
             elif isinstance(action, lifecycle_mod.Requeue):
+                if action.not_queued:
+                    self._clear_pending(action.changes, action.stamp)
                 self.confirm.requeue(action.changes, action.stamp, now, single=action.force_single)
             elif isinstance(action, lifecycle_mod.Fail):
+                self._clear_pending(action.changes, action.stamp)
                 for change in action.changes:
                     generation = action.stamp.get(change.partition, -1)
                     self.confirm.fail_all([change], action.error, generation, now)
             elif isinstance(action, lifecycle_mod.Release):
                 self._release(action.emails)
                 self.adopted -= action.emails
+
+    def _clear_pending(self, changes: list[PendingChange], stamp: Mapping[int, int]) -> None:
+        by_email: dict[tuple[str, int], list[PendingChange]] = {}
+        for change in changes:
+            by_email.setdefault((change.email, change.partition), []).append(change)
+        for (_, partition), group in by_email.items():
+            self.confirm.clear_pending(group, stamp.get(partition, -1))
 
     def _import_hash(self, group: Group) -> int | None:
         from service.core.contact import contact_fields
@@ -635,23 +656,33 @@ class Delivery:
             if not self.ownership.owns(ready.partition, ready.generation):
                 self._release({ready.email})
                 continue
-            contact_id = next((c.contact_id for c in ready.changes if c.contact_id), None)
-            contact_id = contact_id or self._contact_id(ready)
-            task = ApplyTask(
-                ready.email,
-                ready.partition,
-                ready.generation,
-                ready.changes,
-                ready.plan.fields_hash if ready.plan.fields else 0,
-            )
-            call = apply_contact(
-                ready.email,
-                ready.changes,
-                self._list_ids(ready.changes),
-                contact_id,
-                ready.plan.fields,
-            )
-            self._submit(task, call, now)
+            list_ids = self._list_ids(ready.changes)
+            if self.confirm.write_pending(
+                ready.changes, ready.generation, list_ids, self._on_written_ahead(ready)
+            ):
+                self.writing_ahead += 1
+            else:
+                self._start_single(ready, now)
+
+    def _on_written_ahead(self, ready: _Ready) -> Callable[[], None]:
+        def written() -> None:
+            self.writing_ahead -= 1
+            if self.ownership.owns(ready.partition, ready.generation):
+                self._start_single(ready, self.clock_now())
+            else:
+                self._release({ready.email})
+
+        return written
+
+    def _start_single(self, ready: _Ready, now: float) -> None:
+        contact_id = next((c.contact_id for c in ready.changes if c.contact_id), None)
+        contact_id = contact_id or self._contact_id(ready)
+        fields_hash = ready.plan.fields_hash if ready.plan.fields else 0
+        task = ApplyTask(ready.email, ready.partition, ready.generation, ready.changes, fields_hash)
+        call = apply_contact(
+            ready.email, ready.changes, self._list_ids(ready.changes), contact_id, ready.plan.fields
+        )
+        self._submit(task, call, now)
 
     def applied(self, task: ApplyTask, result: Any, now: float) -> None:
         if isinstance(result, BaseException):

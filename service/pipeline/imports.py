@@ -130,11 +130,13 @@ class Requeue:
     changes: list[PendingChange]
     stamp: dict[int, int]
     force_single: bool = False
+    not_queued: bool = False  # AC surely did not take them: their write-ahead is void
 
 
 @dataclass
 class Fail:
-    """Every change of the import gets this error (refused for good, or a blocked account)."""
+    """Every change of the import gets this error (refused for good, or a blocked account):
+    AC did not take them."""
 
     changes: list[PendingChange]
     error: ApiError
@@ -188,6 +190,7 @@ class ImportLifecycle:
         now: float,
         wall: float,
     ) -> tuple[Import, list[Action]]:
+        """(The caller adds to ``acks_due`` the write-ahead records it writes itself.)"""
         """Charge the budget and write ahead: the intents and the budget history, per
         partition. The import leaves once every write is acknowledged (``acked``)."""
         charge, charged = self.budget.take(wall)
@@ -234,8 +237,8 @@ class ImportLifecycle:
     ) -> list[Action]:
         """The bulk_import request returned (or crashed)."""
         imp = self.imports.get(import_id)
-        if imp is None:
-            return []
+        if imp is None or imp.adopted or imp.state is not State.SUBMITTING:
+            return []  # handed over meanwhile (a restored intent of the same id is followed)
         actions: list[Action] = []
         requests = result.requests if isinstance(result, Submitted) else 1
         changed = set(self.budget.settle(imp.charge, wall))  # AC counted it by now
@@ -250,7 +253,7 @@ class ImportLifecycle:
         rejected = [imp.groups[i] for i in result.rejected]
         if rejected:
             changes = [c for g in rejected for c in g.changes]
-            actions.append(Requeue(changes, imp.stamp, force_single=True))
+            actions.append(Requeue(changes, imp.stamp, force_single=True, not_queued=True))
         if result.error is not None and not result.sent:
             # Nothing of it was queued (AC refused every contact): no intent is needed.
             return actions + self._close(imp, release=True)
@@ -461,7 +464,8 @@ class ImportLifecycle:
             released = {e for p in gone for e in imp.emails[p]}
             for partition in gone:
                 del imp.emails[partition]
-            imp.groups = [g for g in imp.groups if g.partition not in partitions]
+            # ``groups`` stays as sent (a submission's answer refers to it by index); what it
+            # holds of these partitions is no longer applied (``Ownership.owns`` says no).
             actions.append(Release(released))
             if not imp.emails:
                 del self.imports[imp.import_id]

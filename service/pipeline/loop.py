@@ -134,6 +134,7 @@ class Loop:
             self.ownership,
             metrics,
             clock.wall,
+            clock.monotonic,
         )
         self.source = Source(
             self.topic,

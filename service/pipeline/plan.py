@@ -8,7 +8,8 @@ the group into one of four routes:
 - ``verify``: an exit of a subscription of ours: AC is asked first whether the person is still
   subscribed (they may have opted out since; see ``service/core/bulk.py:verify_exits``);
 - ``single``: per contact (``contactLists``): a re-entry after the service's own verified
-  unsubscribe (an import never re-subscribes), or a change AC refused in an import;
+  unsubscribe (an import never re-subscribes), a change AC refused in an import, or a state
+  left uncertain by a crash (``RECHECK``: AC is read first);
 - ``bulk``: may go in an import (a first entry, a verified unsubscribe, fields).
 """
 
@@ -68,6 +69,6 @@ def plan_group(
         return GroupPlan(Route.SETTLED, None, value)
     if Plan.EXIT in plans:
         return GroupPlan(Route.VERIFY, fields, value)
-    if Plan.RESUBSCRIBE in plans or any(c.force_single for c in group):
+    if plans & {Plan.RESUBSCRIBE, Plan.RECHECK} or any(c.force_single for c in group):
         return GroupPlan(Route.SINGLE, fields, value)
     return GroupPlan(Route.BULK, fields, value)

@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.adapters.ledger_store import read_entries
+from service.adapters.kafka import kafka_log_reader
+from service.adapters.ledger_store import read_all
 from service.core.codec import encode_event, load_reader_schema
 from service.devtools.emulator.server import Emulator
 from service.devtools.localbroker import LocalBroker
@@ -78,7 +79,8 @@ def self_unsubscribe(emulator: Emulator, email: str, list_name: str) -> None:
 
 def ledger_entries(bootstrap: str, topic: str) -> dict[str, Any]:
     """The ledger as the broker holds it (assigned reads to the end, no consumer group)."""
-    return read_entries({"bootstrap.servers": bootstrap}, f"{topic}.ledger", list(range(6)))
+    readers = kafka_log_reader({"bootstrap.servers": bootstrap})
+    return read_all(readers, f"{topic}.ledger", list(range(6)))
 
 
 def list_id_of(emulator: Emulator, name: str) -> str:
@@ -396,6 +398,7 @@ def test_import_budget_history_travels_in_the_ledger_and_stays_out_of_its_entrie
     never see it."""
     from confluent_kafka import Producer
 
+    from service.adapters.kafka import AckedProducer
     from service.adapters.ledger_store import LedgerStore
     from service.core.ledger import LedgerEntry, ListState, SetBy
     from service.devtools.localbroker import create_topics
@@ -403,8 +406,9 @@ def test_import_budget_history_travels_in_the_ledger_and_stays_out_of_its_entrie
     name = f"ledger-{uuid.uuid4().hex[:8]}"
     create_topics(bootstrap, {name: 2}, {"cleanup.policy": "compact"})
     config = {"bootstrap.servers": bootstrap, "group.id": f"g-{name}"}
-    producer = Producer({"bootstrap.servers": bootstrap})
-    store = LedgerStore(name, producer, config)
+    producer = AckedProducer(Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True}))
+    readers = kafka_log_reader(config)
+    store = LedgerStore(name, producer, readers)
     entry = LedgerEntry(
         "42", 0, (ListState("VIP", 1, SetBy.SERVICE, str(uuid.uuid4()), 1, 2, 0, 3, "a", "VIP"),)
     )
@@ -412,12 +416,15 @@ def test_import_budget_history_travels_in_the_ledger_and_stays_out_of_its_entrie
     store.write_budget(0, [(1000.25, 0.5)])
     store.write(0, "pat@example.com", entry, lambda: written.append("entry"))
     store.write_budget(0, [(1000.25, 0.5), (1001.5, 1.0)])  # the latest wins
-    store.flush(10)
+    assert producer.flush(10)
     assert written == ["entry"]
 
-    next_owner = LedgerStore(name, producer, config)
-    stats = next_owner.restore([0, 1])
+    next_owner = LedgerStore(name, producer, readers)
+    next_owner.start_restore([0, 1])
+    stats = None
+    while stats is None:
+        stats = next_owner.restore_step(1.0)
     assert next_owner.budgets == {0: [(1000.25, 0.5), (1001.5, 1.0)]}
     assert stats.emails == 1
     assert next_owner.get(0, "pat@example.com") == entry
-    assert read_entries(config, name, [0, 1]) == {"pat@example.com": entry}
+    assert read_all(readers, name, [0, 1]) == {"pat@example.com": entry}
