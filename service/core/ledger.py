@@ -69,21 +69,33 @@ class ListState(NamedTuple):
     treatment_group: str | None = None
     verified: bool = False
     list_id: str | None = None
-    pending: int = 0  # see PENDING_IMPORT; 0: the status is what AC confirmed
+    pending: int = 0  # writes of ours not confirmed yet (``pending_bits``); 0: none
 
     @property
-    def pending_status(self) -> int:
-        """The status being set and not confirmed (0: none)."""
-        return self.pending % PENDING_IMPORT if self.pending else 0
+    def pending_statuses(self) -> frozenset[int]:
+        """The statuses a write of ours may have set in AC without its outcome being recorded
+        (a crash came between): if AC shows one of them, it is ours."""
+        bits = self.pending % PENDING_IMPORT
+        return frozenset(s for s in (1, 2) if bits & pending_bit(s))
 
     @property
     def pending_import(self) -> bool:
-        return self.pending > PENDING_IMPORT
+        return self.pending >= PENDING_IMPORT
 
 
-# ``pending`` = status + PENDING_IMPORT when the write goes through an import (it may land
-# long after it was sent: the email waits until no import can still land).
+# ``pending`` = the bits of the statuses being set (1 -> 1, 2 -> 2), plus PENDING_IMPORT when
+# one goes through an import (it may land long after it was sent). A new write-ahead adds its
+# bit to an unresolved one: it never erases an uncertainty.
 PENDING_IMPORT = 10
+
+
+def pending_bit(status: int) -> int:
+    return 1 if status == 1 else 2
+
+
+def with_pending(pending: int, status: int, *, via_import: bool) -> int:
+    bits = (pending % PENDING_IMPORT) | pending_bit(status)
+    return bits + (PENDING_IMPORT if via_import or pending >= PENDING_IMPORT else 0)
 
 
 class LedgerEntry(NamedTuple):
@@ -164,7 +176,7 @@ def rechecked(state: ListState, ac_status: int | None) -> Known | None:
     """What an uncertain state (``pending``) means, now that AC says ``ac_status`` (None: not a
     member): the write landed (AC holds what we were setting: ours), or it did not (AC holds
     what we had recorded), or someone else changed it. None: nothing of ours there."""
-    if ac_status is not None and ac_status == state.pending_status:
+    if ac_status is not None and ac_status in state.pending_statuses:
         return Known(ac_status, SetBy.SERVICE, True)
     if ac_status == state.status:
         return Known(state.status, state.set_by, state.verified)

@@ -29,13 +29,13 @@ from service.core.backoff import backoff_delay
 from service.core.coalesce import Coalescer, ListRef, PendingChange
 from service.core.errors import ApiError, PermanentApiError, PoisonMessage
 from service.core.ledger import (
-    PENDING_IMPORT,
     Known,
     LedgerEntry,
     ListState,
     Plan,
     SetBy,
     merged,
+    with_pending,
 )
 from service.core.offsets import OffsetTracker
 from service.core.outcome import Outcome, OutcomeKind, outcome_for_error
@@ -219,7 +219,7 @@ class Confirmer:
                 continue
             label = change.target.label()
             current = entry.state(label) if entry else None
-            pending = target + (PENDING_IMPORT if via_import else 0)
+            pending = with_pending(current.pending if current else 0, target, via_import=via_import)
             if current is not None:
                 states.append(current._replace(pending=pending))
             else:

@@ -54,6 +54,7 @@ from service.pipeline.dispatch import (
     ImportTask,
     ListTask,
     PollTask,
+    ProbeTask,
     SummaryTask,
     Task,
     VerifyTask,
@@ -157,6 +158,10 @@ class Delivery:
     # ---- the turn --------------------------------------------------------------------------
 
     def step(self, now: float, *, flush: bool = False) -> None:
+        if self.confirm.gate.closed:
+            self._probe(now)
+            self._take(now, flush=flush)  # decided and held meanwhile; sent once it opens
+            return
         self._start_polls(now)
         self._start_lists(now)
         self._take(now, flush=flush)
@@ -166,22 +171,33 @@ class Delivery:
 
     def _room(self, *, polling: bool = False) -> int:
         free = self.dispatcher.free - self.writing_ahead
-        if self.confirm.gate.closed:
-            return 1 if free == self.settings.concurrency else 0
         if polling:
             # Polls never hold every worker: one is left for new work.
             return max(0, min(free, self.settings.concurrency - 1 - self.dispatcher.polling))
         return free
 
     def _submit(self, task: Task, call: acapi.Call[Any], now: float) -> None:
-        if self.confirm.gate.closed:
-            self.confirm.gate.probed(now)
         self.dispatcher.submit(task, call)
 
     def _gate_allows(self, now: float) -> bool:
-        return not self.confirm.gate.closed or (
-            self.confirm.gate.may_probe(now) and not self.dispatcher.inflight
-        )
+        return not self.confirm.gate.closed
+
+    def _probe(self, now: float) -> None:
+        """The account is refused: one cheap request at a time tells when it is fixed."""
+        gate = self.confirm.gate
+        if gate.may_probe(now) and not any(self.dispatcher.tasks(ProbeTask)):
+            gate.probed(now)
+            call = acapi.request(acapi.ApiCall("GET", "/lists", "lists", (("limit", "1"),)))
+            self.dispatcher.submit(ProbeTask(), call)
+
+    def probed(self, task: ProbeTask, result: Any, now: float) -> None:
+        if isinstance(result, dict):
+            self.confirm.opened()
+        elif isinstance(result, BaseException) and not _blocked(
+            result if isinstance(result, ApiError) else ApiError(None, "")
+        ):
+            if isinstance(result, ApiError):
+                self.confirm.opened()  # an answer that is not a refusal: the account works
 
     # ---- 1. take ---------------------------------------------------------------------------
 
@@ -722,6 +738,8 @@ class Delivery:
             self.summarized(task, result, now)
         elif isinstance(task, VerifyTask):
             self.verified(task, result, now)
+        elif isinstance(task, ProbeTask):
+            self.probed(task, result, now)
         elif isinstance(task, ListTask):
             if self.directory.known(task.ref):
                 self.list_checked(task, result, now)

@@ -86,6 +86,11 @@ class SummaryTask(Task):
 
 
 @dataclass(eq=False)
+class ProbeTask(Task):
+    """While AC refuses the account: one cheap request to see whether it is fixed."""
+
+
+@dataclass(eq=False)
 class ListTask(Task):
     ref: ListRef
 

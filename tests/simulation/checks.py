@@ -231,7 +231,10 @@ class Checks:
                 p: len(sim.cluster.log("cdp.audience", p)) - sim.committed.get(p, 0)
                 for p in range(sim.profile.partitions)
             }
-            self._fail("5 progress", f"not drained after {sim.profile.drain_limit:.0f}s: lag {lag}")
+            self._fail(
+                "5 progress",
+                f"not drained after {sim.profile.drain_limit:.0f}s: lag {lag}\n{self.loops()}",
+            )
         account = sim.account.account
         snapshot = account.snapshot(sim.world.now)
         members = {name: data["members"] for name, data in snapshot["lists"].items()}
@@ -268,6 +271,28 @@ class Checks:
                     wrong.append(f"{email}: ledger contact {entry.contact_id}, AC {actual}")
         if wrong:
             self._fail("4 ledger = AC", f"{len(wrong)} differ, e.g. {wrong[:3]}")
+
+    def loops(self) -> str:
+        """What each live replica holds (to see why a partition does not move)."""
+        lines = []
+        for name, replica in self.sim.replicas.items():
+            if not replica.actor.alive:
+                continue
+            loop = replica.loop
+            d = loop.delivery
+            heads = {
+                p: (s.tracked[0] if s.tracked else None, len(s.tracked))
+                for p, s in loop.tracker._partitions.items()
+            }
+            imports = [(i.import_id, i.state.name, i.adopted, len(i.all_emails())) for i in d.lifecycle.imports.values()]
+            lines.append(
+                f"  {name}: assigned {sorted(loop.ownership.assigned)} restoring {sorted(loop.ownership.restoring)} "
+                f"pauses {loop.pauses.reasons} heads {heads} pending {len(loop.coalescer)} held {len(d.held)} "
+                f"adopted {len(d.adopted)} waiting_lists {list(d.waiting_lists)} verify {[len(q) for q in d.to_verify.values()]} "
+                f"ready {len(d.ready_single)}/{len(d.ready_bulk)} preparing {list(d.preparing)} inflight {len(loop.dispatcher.inflight)} "
+                f"imports {imports} gate {loop.confirm.gate.closed} source-held {loop.source.held_records()}"
+            )
+        return "\n".join(lines)
 
     def rates(self) -> None:
         arrivals = sorted(a.at for a in self.sim.account.arrivals)
