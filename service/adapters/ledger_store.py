@@ -298,6 +298,16 @@ class LedgerStore:
     def delete_intent(self, partition: int, intent_id: str) -> None:
         self._write(partition, INTENT_PREFIX + intent_id, None, lambda: None)
 
+    def when_written(self, partition: int, email: str, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once every write of ``email`` made so far is on the broker (now,
+        if none is in flight): a decision taken from the index is only as durable as the
+        writes the index already shows."""
+        state = self._keys.get((partition, email))
+        if state is None or state.acked >= state.sent:
+            callback()
+        else:
+            state.waiting.append((state.sent, callback))
+
     def pending_writes(self, partitions: set[int]) -> int:
         return sum(1 for (p, _), k in self._keys.items() if p in partitions and k.waiting)
 

@@ -35,6 +35,7 @@ import json
 import math
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
@@ -262,16 +263,63 @@ def sync_contact(email: str, fields: Mapping[str, str], custom: Mapping[str, str
     return str(synced["contact"]["id"])
 
 
-def contact_lists(contact_id: str) -> Call[dict[str, int]]:
-    """List id -> status for one contact."""
+@dataclass(frozen=True)
+class Membership:
+    status: int
+    unsubscribed_at: float | None  # AC's ``udate`` (to the second), epoch seconds
+
+
+def contact_lists(contact_id: str) -> Call[dict[str, Membership]]:
+    """List id -> membership (status and when it was last unsubscribed) for one contact."""
     found = yield from request(
         ApiCall("GET", "/contacts/{id}/contactLists", f"contacts/{contact_id}/contactLists")
     )
-    return {
-        str(row["list"]): int(row["status"])
-        for row in found.get("contactLists") or []
-        if isinstance(row, dict)
-    }
+    result: dict[str, Membership] = {}
+    for row in found.get("contactLists") or []:
+        if not isinstance(row, dict):
+            continue
+        try:
+            status = int(row["status"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        result[str(row.get("list"))] = Membership(status, _ac_time(row.get("udate")))
+    return result
+
+
+def memberships(
+    email: str, contact_id: str | None
+) -> Call[tuple[str | None, dict[str, Membership]]]:
+    """A contact's id and list memberships, by its id when known (looked up by email otherwise;
+    never created). (None, {}) when AC has no such contact."""
+    if contact_id is None:
+        found = yield from contacts_page(email=email, limit=1)
+        contact_id = found.contacts.get(email)
+        if contact_id is None:
+            return None, {}
+    try:
+        lists = yield from contact_lists(contact_id)
+    except PermanentApiError as error:
+        if error.status != 404:
+            raise
+        found = yield from contacts_page(email=email, limit=1)  # the id changed: look it up
+        contact_id = found.contacts.get(email)
+        if contact_id is None:
+            return None, {}
+        lists = yield from contact_lists(contact_id)
+    return contact_id, lists
+
+
+def _ac_time(value: Any) -> float | None:
+    """An AC timestamp (ISO 8601 with an offset, or "YYYY-MM-DD HH:MM:SS") in epoch seconds."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace(" ", "T"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return None  # no offset: which zone is unknown, so it proves nothing
+    return parsed.timestamp()
 
 
 def set_list_status(contact_id: str, list_id: str, status: int) -> Call[None]:

@@ -59,6 +59,7 @@ class PendingChange:
     plan: Plan = Plan.SKIP  # decided from the ledger when the change is handed out
     previous: ListState | None = None  # the ledger's state for the key at that moment
     contact_id: str | None = None  # learned by an exit's verification (for its unsubscribe)
+    verified_at: float = 0.0  # when the exit's verification read said "still subscribed"
     failing_since: float | None = None  # first failure of the current attempt series
 
     @property

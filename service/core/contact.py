@@ -9,9 +9,8 @@ its id is needed and unknown; then per list, as the change's ``plan`` says:
 - ``UNSUBSCRIBE``: AC still had them subscribed when the exit was verified: status 2;
 - ``EXIT`` (not verified yet: a lone exit): read the contact's lists; 1 -> status 2, else
   nothing (a 2 there is not ours);
-- ``RECHECK``: the ledger holds a write of ours that was never confirmed (a crash came
-  between the write and its record): read the contact's lists, learn whether it landed
-  (``rechecked``), and decide the change from that (``plan_known``).
+- a state the ledger holds as uncertain (``RECHECK``) never comes here: it is read and
+  resolved first (``service/pipeline/deliver.py``).
 
 An exit never creates a contact: its id comes from the ledger, from the verification, or from
 a lookup by email (no ``contact/sync``: a person deleted in AC must not come back because they
@@ -24,7 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from service.core.acapi import Call, contact_lists, contacts_page, set_list_status, sync_contact
+from service.core.acapi import (
+    Call,
+    Membership,
+    contact_lists,
+    contacts_page,
+    set_list_status,
+    sync_contact,
+)
 from service.core.coalesce import ListRef, PendingChange
 from service.core.errors import (
     AccountBlocked,
@@ -40,16 +46,13 @@ from service.core.ledger import (
     Known,
     Plan,
     SetBy,
-    plan_known,
-    rechecked,
 )
-from service.core.model import Action
 from service.core.outcome import Outcome, OutcomeKind, outcome_for_error
 
 NOT_A_MEMBER = Known(2, SetBy.UNKNOWN, True)  # AC has no membership (or no contact): not ours
 NOT_SUBSCRIBED = Known(2, SetBy.UNKNOWN, True)  # a 2 we did not set (or cannot tell)
 _WRITES = (Plan.FIRST_ENTRY, Plan.RESUBSCRIBE)
-_READS_FIRST = (Plan.FIRST_ENTRY, Plan.EXIT, Plan.RECHECK)
+_READS_FIRST = (Plan.FIRST_ENTRY, Plan.EXIT)
 
 
 def split_attributes(
@@ -86,10 +89,7 @@ def apply_contact(
     every list the changes name; ``contact_id`` is the ledger's (or the verification's);
     ``fields`` are the mapped attributes to send (None: unchanged, send nothing)."""
     standard, custom = fields if fields is not None else ({}, {})
-    needs_write = fields is not None or any(
-        c.plan in _WRITES or (c.plan is Plan.RECHECK and c.event.action is Action.ENTERED)
-        for c in changes
-    )
+    needs_write = fields is not None or any(c.plan in _WRITES for c in changes)
     try:
         if needs_write and (contact_id is None or fields is not None):
             contact_id = yield from sync_contact(email, standard, custom)
@@ -101,7 +101,7 @@ def apply_contact(
     except ApiError as error:
         return [outcome_for_error(c, error) for c in changes]
     outcomes: list[Outcome] = []
-    statuses: dict[str, int] | None = None  # the contact's lists, read once if needed
+    statuses: dict[str, Membership] | None = None  # the contact's lists, read once if needed
     for index, change in enumerate(changes):
         list_id = list_ids.get(change.target)
         try:
@@ -118,22 +118,9 @@ def apply_contact(
             if plan in _READS_FIRST:
                 if statuses is None:
                     statuses = yield from contact_lists(contact_id)
-                current = statuses.get(list_id)
-            if plan is Plan.RECHECK:
-                # A write of ours may have landed before a crash: what AC holds now says.
-                assert change.previous is not None
-                known = rechecked(change.previous, current)
-                plan = plan_known(known, change.event.action)
-                if plan in (Plan.SKIP, Plan.CONSENT_KEPT):
-                    outcomes.append(
-                        Outcome(
-                            change,
-                            OutcomeKind.APPLIED,
-                            known or NOT_A_MEMBER,
-                            contact_id=contact_id,
-                        )
-                    )
-                    continue
+                membership = statuses.get(list_id)
+                if membership is not None:
+                    current = membership.status
             if plan is Plan.FIRST_ENTRY and current in (1, 2):
                 known = SUBSCRIBED if current == 1 else OPTED_OUT
                 outcomes.append(Outcome(change, OutcomeKind.APPLIED, known, contact_id=contact_id))

@@ -70,6 +70,7 @@ class ListState(NamedTuple):
     verified: bool = False
     list_id: str | None = None
     pending: int = 0  # writes of ours not confirmed yet (``pending_bits``); 0: none
+    pending_since_ms: int = 0  # when a pending unsubscribe was first announced (wall clock)
 
     @property
     def pending_statuses(self) -> frozenset[int]:
@@ -172,16 +173,33 @@ class Known(NamedTuple):
     verified: bool
 
 
-def rechecked(state: ListState, ac_status: int | None) -> Known | None:
+CLOCK_MARGIN_SECONDS = 2.0  # AC's timestamps are to the second; clocks differ a little
+
+
+def rechecked(
+    state: ListState, ac_status: int | None, unsubscribed_at: float | None = None
+) -> Known | None:
     """What an uncertain state (``pending``) means, now that AC says ``ac_status`` (None: not a
     member): the write landed (AC holds what we were setting: ours), or it did not (AC holds
-    what we had recorded), or someone else changed it. None: nothing of ours there."""
-    if ac_status is not None and ac_status in state.pending_statuses:
+    what we had recorded), or someone else changed it. None: nothing of ours there.
+
+    A status 2 that AC dates (``udate``) clearly before our write-ahead (or does not date) was
+    not shown to be set by it: the person's (the one case the service would otherwise
+    override). A 2 set after it is taken as ours: a person who opts out in that window (between
+    the write-ahead and the next owner's check, seconds unless a crash) cannot be told apart
+    from the service's own exit."""
+    before_us = ac_status == 2 and (
+        unsubscribed_at is None  # AC did not say when: it cannot be shown to be ours
+        or unsubscribed_at + CLOCK_MARGIN_SECONDS <= state.pending_since_ms / 1000
+    )
+    if ac_status is not None and ac_status in state.pending_statuses and not before_us:
         return Known(ac_status, SetBy.SERVICE, True)
     if ac_status == state.status:
         return Known(state.status, state.set_by, state.verified)
     if ac_status is None:
         return None
+    if before_us:
+        return Known(2, SetBy.PERSON, True)
     return Known(ac_status, SetBy.SERVICE if ac_status == 1 else SetBy.UNKNOWN, True)
 
 
@@ -298,6 +316,7 @@ class LedgerCodec:
                     "verified": s.verified,
                     "list_id": s.list_id,
                     "pending": s.pending,
+                    "pending_since": s.pending_since_ms,
                 }
                 for s in entry.lists
             ],
@@ -341,6 +360,7 @@ class LedgerCodec:
                     bool(item.get("verified", False)),
                     item.get("list_id"),
                     int(item.get("pending", 0)),
+                    int(item.get("pending_since", 0)),
                 )
                 for item in record["lists"]
             ),
@@ -351,9 +371,10 @@ class LedgerCodec:
 
 _HEADER = struct.Struct(">QqI")  # contact id (0: unknown), fields hash, number of lists
 # (list, list id) index, status*8+verified*4+set_by, pending, context index, event ms, applied ms,
+# pending since ms,
 # partition, offset, event id length. Every width holds what a valid record can carry: no
 # value that decodes can make ``pack`` fail (a failure there would stop the partition).
-_LIST = struct.Struct(">IBBIqqiqI")
+_LIST = struct.Struct(">IBBIqqqiqI")
 _UUID_MARK = 0xFFFFFFFF
 
 
@@ -420,6 +441,7 @@ class CompactIndex:
                     ),
                     s.event_time_ms,
                     s.applied_at_ms,
+                    s.pending_since_ms,
                     s.source_partition,
                     s.source_offset,
                     _UUID_MARK if event_id[0] else len(event_id[1]),
@@ -433,9 +455,18 @@ class CompactIndex:
         pos = _HEADER.size
         lists = []
         for _ in range(count):
-            label, code, pending, context, event_ms, applied_ms, partition, offset, id_len = (
-                _LIST.unpack_from(packed, pos)
-            )
+            (
+                label,
+                code,
+                pending,
+                context,
+                event_ms,
+                applied_ms,
+                since,
+                partition,
+                offset,
+                id_len,
+            ) = _LIST.unpack_from(packed, pos)
             pos += _LIST.size
             if id_len == _UUID_MARK:
                 event_id = str(uuid.UUID(bytes=packed[pos : pos + 16]))
@@ -462,6 +493,7 @@ class CompactIndex:
                     bool(code & 4),
                     list_id,
                     pending,
+                    since,
                 )
             )
         return LedgerEntry(str(contact) if contact else None, fhash, tuple(lists))

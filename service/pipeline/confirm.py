@@ -160,7 +160,9 @@ class Confirmer:
                 self.metrics.event_to_applied.observe(max(0.0, age))
 
         if new_entry == entry or (entry is None and new_entry == LedgerEntry(None, 0, ())):
-            written()  # nothing new to record: a replay, or an exit of a contact never ours
+            # Nothing new to record (a replay, an exit of a contact never ours): done once what
+            # the index already shows for the email is on the broker.
+            self.ledger.when_written(partition, email, written)
             return
         self.metrics.ledger_writes.inc()
         self.ledger.write(partition, email, new_entry, written)
@@ -220,8 +222,13 @@ class Confirmer:
             label = change.target.label()
             current = entry.state(label) if entry else None
             pending = with_pending(current.pending if current else 0, target, via_import=via_import)
+            # When an unsubscribe of ours was first announced (AC's udate is compared with it):
+            # kept while one is pending, so a later announcement never moves it forward.
+            since = current.pending_since_ms if current is not None and current.pending else 0
+            if target == 2 and not (current is not None and 2 in current.pending_statuses):
+                since = int(self.wall() * 1000)
             if current is not None:
-                states.append(current._replace(pending=pending))
+                states.append(current._replace(pending=pending, pending_since_ms=since))
             else:
                 event = change.event
                 states.append(
@@ -241,12 +248,50 @@ class Confirmer:
                         False,
                         list_ids.get(change.target),
                         pending,
+                        since,
                     )
                 )
         if not states:
             return False
         self.ledger.write(partition, email, merged(entry, states, None, None), on_written)
         return True
+
+    def resolve(
+        self,
+        email: str,
+        partition: int,
+        generation: int,
+        known: Mapping[str, Known | None],
+        contact_id: str | None,
+    ) -> None:
+        """Uncertain states (``pending``) resolved by reading AC: ``known`` by list label. The
+        event a state records is kept (nothing new was applied); the change is decided again."""
+        if not self.ownership.owns(partition, generation):
+            return
+        entry = self.ledger.get(partition, email)
+        if entry is None:
+            return
+        lists = []
+        for state in entry.lists:
+            if state.list not in known or not state.pending:
+                lists.append(state)
+                continue
+            now_known = known[state.list]
+            if now_known is None:
+                lists.append(state._replace(status=0, pending=0, pending_since_ms=0))
+            else:
+                lists.append(
+                    state._replace(
+                        status=now_known.status,
+                        set_by=now_known.set_by,
+                        verified=now_known.verified,
+                        pending=0,
+                        pending_since_ms=0,
+                    )
+                )
+        resolved = entry._replace(lists=tuple(lists), contact_id=contact_id or entry.contact_id)
+        if resolved != entry:
+            self.ledger.write(partition, email, resolved, lambda: None)
 
     def clear_pending(self, changes: list[PendingChange], generation: int) -> None:
         """The write was refused for sure (it never reached AC's data): the state is what it
@@ -414,6 +459,4 @@ def _target(plan: Plan, action_status: int) -> int:
         return 1
     if plan in (Plan.UNSUBSCRIBE, Plan.EXIT):
         return 2
-    if plan is Plan.RECHECK:
-        return action_status
     return 0

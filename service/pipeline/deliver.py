@@ -42,7 +42,7 @@ from service.core.bulk import (
 from service.core.coalesce import Coalescer, ListRef, PendingChange
 from service.core.contact import apply_contact
 from service.core.errors import ApiError, PermanentApiError
-from service.core.ledger import Known, Plan, SetBy
+from service.core.ledger import Known, Plan, SetBy, rechecked
 from service.core.lists import ListDirectory, resolve_list
 from service.core.outcome import Outcome, OutcomeKind
 from service.metrics import Metrics
@@ -55,6 +55,7 @@ from service.pipeline.dispatch import (
     ListTask,
     PollTask,
     ProbeTask,
+    RecheckTask,
     SummaryTask,
     Task,
     VerifyTask,
@@ -68,6 +69,7 @@ logger = logging.getLogger(__name__)
 IMPORT_GATHER_SECONDS = 0.2  # the bulk path takes due changes once the first is this late
 VERIFY_GATHER_SECONDS = 0.2
 VERIFY_READS_PER_TASK = 4
+VERIFY_FRESH_SECONDS = 10.0  # an exit's "still subscribed" is trusted this long
 LIST_RETRY_SECONDS = 5.0
 NOT_SUBSCRIBED = Known(2, SetBy.UNKNOWN, True)  # an exit found nothing of ours to undo
 
@@ -131,6 +133,7 @@ class Delivery:
     list_retry_at: dict[ListRef, float] = field(default_factory=dict)
     to_verify: dict[ListRef, deque[_Ready]] = field(default_factory=dict)
     ready_single: deque[_Ready] = field(default_factory=deque)
+    to_recheck: deque[_Ready] = field(default_factory=deque)
     ready_bulk: deque[_Ready] = field(default_factory=deque)
     adopted: set[str] = field(default_factory=set)  # emails adopted imports still block
     preparing: dict[str, list[_Ready]] = field(default_factory=dict)  # import id -> its groups
@@ -146,8 +149,8 @@ class Delivery:
         """Changes taken and not yet in a task (for back-pressure and gauges)."""
         waiting = sum(len(c) for groups in self.waiting_lists.values() for _, c in groups)
         verify = sum(len(r.changes) for q in self.to_verify.values() for r in q)
-        ready = sum(len(r.changes) for r in self.ready_single) + sum(
-            len(r.changes) for r in self.ready_bulk
+        ready = sum(
+            len(r.changes) for q in (self.ready_single, self.ready_bulk, self.to_recheck) for r in q
         )
         imports = sum(len(g.changes) for i in self.lifecycle.imports.values() for g in i.groups)
         return waiting + verify + ready + imports
@@ -165,6 +168,7 @@ class Delivery:
         self._start_polls(now)
         self._start_lists(now)
         self._take(now, flush=flush)
+        self._start_rechecks(now)
         self._start_verifies(now, flush=flush)
         self._start_imports(now, flush=flush)
         self._start_singles(now)
@@ -230,14 +234,21 @@ class Delivery:
         entry = self.ledger.get(partition, email)
         list_ids = self._list_ids(group)
         plan = plan_group(
-            group, entry, list_ids, self.settings.attribute_map, self.settings.field_map
+            group,
+            entry,
+            list_ids,
+            self.settings.attribute_map,
+            self.settings.field_map,
+            verified_after=now - VERIFY_FRESH_SECONDS,
         )
         if plan.route is Route.SETTLED:
             self.confirm.record(group, {}, generation, list_ids=list_ids)
             self._release({email})
             return
         ready = _Ready(generation, group, plan, now)
-        if plan.route is Route.VERIFY:
+        if plan.route is Route.RECHECK:
+            self.to_recheck.append(ready)
+        elif plan.route is Route.VERIFY:
             target = next(c.target for c in group if c.plan is Plan.EXIT)
             self.to_verify.setdefault(target, deque()).append(ready)
         elif plan.route is Route.BULK and self.settings.bulk:
@@ -344,6 +355,49 @@ class Delivery:
                 "a list was deleted in AC; resolving it again", extra={"list": ref.label()}
             )
 
+    # ---- 3b. uncertain states -----------------------------------------------------------------
+
+    def _start_rechecks(self, now: float) -> None:
+        """A write of ours was never confirmed (a crash came between): read what AC holds,
+        before anything is decided (and before any new write is announced)."""
+        while self.to_recheck and self._room() > 0:
+            ready = self.to_recheck.popleft()
+            if not self.ownership.owns(ready.partition, ready.generation):
+                self._release({ready.email})
+                continue
+            task = RecheckTask(ready.email, ready.partition, ready.generation, ready.changes)
+            self._submit(task, acapi.memberships(ready.email, self._contact_id(ready)), now)
+
+    def rechecked(self, task: RecheckTask, result: Any, now: float) -> None:
+        if isinstance(result, BaseException):
+            error = result if isinstance(result, ApiError) else ApiError(None, "crash")
+            if not isinstance(result, ApiError):
+                logger.error("recheck crashed", exc_info=result)
+            kind = OutcomeKind.BLOCKED if _blocked(error) else OutcomeKind.RETRY
+            for change in task.changes:
+                self.confirm.failed(Outcome(change, kind, error=error), task.generation, now)
+            self._release({task.email})
+            return
+        self._opened(task)
+        contact_id, lists = result
+        known: dict[str, Known | None] = {}
+        for change in task.changes:
+            state = change.previous
+            if state is None or not state.pending:
+                continue
+            list_id = self.directory.get(change.target)
+            membership = lists.get(list_id) if list_id is not None else None
+            known[state.list] = rechecked(
+                state,
+                membership.status if membership else None,
+                membership.unsubscribed_at if membership else None,
+            )
+        self.confirm.resolve(task.email, task.partition, task.generation, known, contact_id)
+        if self.ownership.owns(task.partition, task.generation):
+            self._route(task.generation, task.changes, now)
+        else:
+            self._release({task.email})
+
     # ---- 4. verify exits -------------------------------------------------------------------
 
     def _start_verifies(self, now: float, *, flush: bool) -> None:
@@ -384,6 +438,25 @@ class Delivery:
                 if ref not in self.to_verify:
                     break
 
+    def _stale_verification(self, ready: _Ready, now: float) -> bool:
+        """An unsubscribe waited too long since AC said "still subscribed" (an import slot, a
+        retry): the person may have opted out meanwhile. Ask again rather than unsubscribe on
+        an old answer (the window a person's own opt-out could be taken for ours stays short)."""
+        stale = [
+            c
+            for c in ready.changes
+            if c.plan is Plan.UNSUBSCRIBE and now - c.verified_at > VERIFY_FRESH_SECONDS
+        ]
+        if not stale:
+            return False
+        for change in stale:
+            change.plan = Plan.EXIT
+        target = stale[0].target
+        self.to_verify.setdefault(target, deque()).append(
+            _Ready(ready.generation, ready.changes, ready.plan, now)
+        )
+        return True
+
     def _contact_id(self, ready: _Ready) -> str | None:
         if ready.email in self.confirm.forgotten_contacts:
             return None
@@ -416,6 +489,7 @@ class Delivery:
                     if contact_id is not None:
                         change.plan = Plan.UNSUBSCRIBE
                         change.contact_id = contact_id
+                        change.verified_at = now
                     else:
                         done.append(change)
             if done:
@@ -510,6 +584,8 @@ class Delivery:
             ready = self.ready_bulk.popleft()
             if not self.ownership.owns(ready.partition, ready.generation):
                 self._release({ready.email})
+                continue
+            if self._stale_verification(ready, now):
                 continue
             readies.append(ready)
             entries.append(self._entry(ready))
@@ -672,6 +748,8 @@ class Delivery:
             if not self.ownership.owns(ready.partition, ready.generation):
                 self._release({ready.email})
                 continue
+            if self._stale_verification(ready, now):
+                continue
             list_ids = self._list_ids(ready.changes)
             if self.confirm.write_pending(
                 ready.changes, ready.generation, list_ids, self._on_written_ahead(ready)
@@ -740,6 +818,8 @@ class Delivery:
             self.verified(task, result, now)
         elif isinstance(task, ProbeTask):
             self.probed(task, result, now)
+        elif isinstance(task, RecheckTask):
+            self.rechecked(task, result, now)
         elif isinstance(task, ListTask):
             if self.directory.known(task.ref):
                 self.list_checked(task, result, now)
@@ -763,7 +843,12 @@ class Delivery:
                 self.waiting_lists[ref] = kept
             else:
                 del self.waiting_lists[ref]
-        for queue in [self.ready_single, self.ready_bulk, *self.to_verify.values()]:
+        for queue in [
+            self.ready_single,
+            self.ready_bulk,
+            self.to_recheck,
+            *self.to_verify.values(),
+        ]:
             for ready in [r for r in queue if mine(r.partition)]:
                 queue.remove(ready)
                 self._release({ready.email})

@@ -56,6 +56,22 @@ class ApplyTask(Task):
 
 
 @dataclass(eq=False)
+class RecheckTask(Task):
+    """A write of ours may have landed before a crash: read what AC holds for the email."""
+
+    email: str
+    partition: int
+    generation: int
+    changes: list[PendingChange]
+
+    def partitions(self) -> set[int]:
+        return {self.partition}
+
+    def emails(self) -> set[str]:
+        return {self.email}
+
+
+@dataclass(eq=False)
 class ImportTask(Task):
     import_id: str
     stamp: dict[int, int]

@@ -7,9 +7,10 @@ the group into one of four routes:
   exit of a contact never ours) and no field changed: record it now, no request;
 - ``verify``: an exit of a subscription of ours: AC is asked first whether the person is still
   subscribed (they may have opted out since; see ``service/core/bulk.py:verify_exits``);
+- ``recheck``: a state left uncertain by a crash (a write of ours not confirmed): AC is read
+  first, the state resolved in the ledger, and the group decided again;
 - ``single``: per contact (``contactLists``): a re-entry after the service's own verified
-  unsubscribe (an import never re-subscribes), a change AC refused in an import, or a state
-  left uncertain by a crash (``RECHECK``: AC is read first);
+  unsubscribe (an import never re-subscribes), or a change AC refused in an import;
 - ``bulk``: may go in an import (a first entry, a verified unsubscribe, fields).
 """
 
@@ -26,6 +27,7 @@ from service.core.ledger import LedgerEntry, Plan, fields_hash, plan_change
 
 class Route(enum.Enum):
     SETTLED = "settled"
+    RECHECK = "recheck"
     VERIFY = "verify"
     SINGLE = "single"
     BULK = "bulk"
@@ -44,11 +46,13 @@ def plan_group(
     list_ids: Mapping[ListRef, str],
     attribute_map: Mapping[str, str],
     field_map: Mapping[str, str],
+    verified_after: float = float("-inf"),
 ) -> GroupPlan:
     """Decide every change of one email (one partition) and the group's route. Changes whose
-    plan was already settled by a verification (``UNSUBSCRIBE``) keep it."""
+    plan was settled by a verification (``UNSUBSCRIBE``) since ``verified_after`` keep it; an
+    older verification is asked again."""
     for change in group:
-        if change.plan is Plan.UNSUBSCRIBE:
+        if change.plan is Plan.UNSUBSCRIBE and change.verified_at >= verified_after:
             continue
         change.previous = (
             entry.state(change.target.label(), list_ids.get(change.target)) if entry else None
@@ -67,8 +71,10 @@ def plan_group(
     plans = {c.plan for c in group}
     if plans <= {Plan.SKIP, Plan.CONSENT_KEPT} and not changed:
         return GroupPlan(Route.SETTLED, None, value)
+    if Plan.RECHECK in plans:
+        return GroupPlan(Route.RECHECK, fields, value)
     if Plan.EXIT in plans:
         return GroupPlan(Route.VERIFY, fields, value)
-    if plans & {Plan.RESUBSCRIBE, Plan.RECHECK} or any(c.force_single for c in group):
+    if Plan.RESUBSCRIBE in plans or any(c.force_single for c in group):
         return GroupPlan(Route.SINGLE, fields, value)
     return GroupPlan(Route.BULK, fields, value)

@@ -68,7 +68,9 @@ class SimAccount:
         self.arrivals: list[Arrival] = []
         self.on_arrival: Callable[[Arrival, dict[str, Any]], None] = lambda arrival, body: None
 
-    def handle(self, replica: str, request: httpx.Request) -> tuple[int, dict[str, str], bytes, float]:
+    def handle(
+        self, replica: str, request: httpx.Request
+    ) -> tuple[int, dict[str, str], bytes, float]:
         now = self.world.now
         body = request.content
         headers = {k.lower(): v for k, v in request.headers.items()}
@@ -83,7 +85,12 @@ class SimAccount:
                 payload = {}
         contacts = len(payload.get("contacts") or []) if "bulk_import" in request.url.path else 0
         arrival = Arrival(
-            now, replica, request.method, request.url.path, response.status, contacts,
+            now,
+            replica,
+            request.method,
+            request.url.path,
+            response.status,
+            contacts,
             {"query": parse_qs(request.url.query.decode())},
         )
         self.arrivals.append(arrival)
@@ -107,8 +114,14 @@ class SimLimiter:
     """The request budget of one replica (the ``requests`` port of the loop)."""
 
     def __init__(
-        self, world: World, wall: Callable[[], float], rate: float, guard: float, tools_every: int,
-        network: Network, owner: Actor | None = None,
+        self,
+        world: World,
+        wall: Callable[[], float],
+        rate: float,
+        guard: float,
+        tools_every: int,
+        network: Network,
+        owner: Actor | None = None,
     ) -> None:
         self.world = world
         self.wall = wall
@@ -249,7 +262,9 @@ class SimExecutor:
             reply = Reply(failure="cancelled")
         self.limiter.acquire(request.urgent, lambda: self._send(call, request, cancel, handle))
 
-    def _send(self, call: Call[Any], api: ApiCall, cancel: threading.Event, handle: SimHandle) -> None:
+    def _send(
+        self, call: Call[Any], api: ApiCall, cancel: threading.Event, handle: SimHandle
+    ) -> None:
         self.requests += 1
         request = self.http.build_request(
             api.method,
@@ -260,7 +275,11 @@ class SimExecutor:
         )
         sent = self.world.now
         net = self.network
-        upload = net.upload + self.world.uniform(0.0, net.jitter) + len(request.content) / 1024 * net.per_kb
+        upload = (
+            net.upload
+            + self.world.uniform(0.0, net.jitter)
+            + len(request.content) / 1024 * net.per_kb
+        )
 
         def arrive() -> None:
             status, headers, content, delay = self.account.handle(self.replica, request)
@@ -272,7 +291,9 @@ class SimExecutor:
                     self.owner,
                 )
                 return
-            reply = Reply(status, headers.get("content-type", ""), content, headers.get("retry-after"))
+            reply = Reply(
+                status, headers.get("content-type", ""), content, headers.get("retry-after")
+            )
 
             def back() -> None:
                 pause = pause_after(status, reply.retry_after, self.limiter.wall())

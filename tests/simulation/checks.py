@@ -67,7 +67,9 @@ class Checks:
         note = f"{now} {arrival.replica} {arrival.method} {path.removeprefix('/api/3/')} -> {arrival.status}"
         if isinstance(body, dict):
             if "contact" in body and isinstance(body["contact"], dict):
-                self.journal.setdefault(str(body["contact"].get("email", "")).lower(), []).append(note)
+                self.journal.setdefault(str(body["contact"].get("email", "")).lower(), []).append(
+                    note
+                )
             if "contactList" in body and isinstance(body["contactList"], dict):
                 row = body["contactList"]
                 contact = account.contacts.get(str(row.get("contact")), {})
@@ -76,8 +78,14 @@ class Checks:
                 self.journal.setdefault(email, []).append(f"{note} {list_name}={row.get('status')}")
             for entry in body.get("contacts") or []:
                 if isinstance(entry, dict):
-                    subs = [account.lists.get(str(s.get("listid")), {}).get("name") for s in entry.get("subscribe", [])]
-                    uns = [account.lists.get(str(s.get("listid")), {}).get("name") for s in entry.get("unsubscribe", [])]
+                    subs = [
+                        account.lists.get(str(s.get("listid")), {}).get("name")
+                        for s in entry.get("subscribe", [])
+                    ]
+                    uns = [
+                        account.lists.get(str(s.get("listid")), {}).get("name")
+                        for s in entry.get("unsubscribe", [])
+                    ]
                     self.journal.setdefault(str(entry.get("email", "")).lower(), []).append(
                         f"{note} import +{subs} -{uns}"
                     )
@@ -87,7 +95,9 @@ class Checks:
         for cid in query.get("ids[]", []):
             contact = account.contacts.get(cid)
             if contact:
-                self.journal.setdefault(contact["email"].lower(), []).append(f"{note} ids[] listid={query.get('listid')} status={query.get('status')}")
+                self.journal.setdefault(contact["email"].lower(), []).append(
+                    f"{note} ids[] listid={query.get('listid')} status={query.get('status')}"
+                )
         if "contactLists" in path:
             cid = path.split("/")[-2]
             contact = account.contacts.get(cid)
@@ -102,13 +112,17 @@ class Checks:
                 if event.email == email and event.audience == audience:
                     lines.append(f"  event p{partition}@{index} {event.action}")
         if (email, audience) in sim.oracle.opted_out:
-            lines.append(f"  opted out at {sim.oracle.opted_out[(email, audience)] - 1_000_000:.3f}")
+            lines.append(
+                f"  opted out at {sim.oracle.opted_out[(email, audience)] - 1_000_000:.3f}"
+            )
         lines += ["  AC: " + n for n in self.journal.get(email, [])]
         for partition in range(sim.profile.partitions):
             for record in sim.cluster.log("cdp.audience.ledger", partition):
                 if record.key == email.encode() and record.value:
                     state = sim.codec.decode(record.value).state(audience)
-                    lines.append(f"  ledger @{record.timestamp_ms / 1000 - 1_000_000:.3f} {record.producer}: {state}")
+                    lines.append(
+                        f"  ledger @{record.timestamp_ms / 1000 - 1_000_000:.3f} {record.producer}: {state}"
+                    )
         lines.append(f"  committed {sim.committed}")
         return "\n".join(lines)
 
@@ -124,11 +138,15 @@ class Checks:
             if list_id is None:
                 list_id = account._new_id()
                 account.lists[list_id] = {
-                    "id": list_id, "name": audience, "stringid": f"pre-{list_id}",
-                    "sender_url": "https://x", "sender_reminder": "r", "cdate": "0",
+                    "id": list_id,
+                    "name": audience,
+                    "stringid": f"pre-{list_id}",
+                    "sender_url": "https://x",
+                    "sender_reminder": "r",
+                    "cdate": "0",
                 }
             contact_id, _ = account._upsert_contact({"email": email})
-            account.memberships[(contact_id, list_id)] = {"status": 2, "by": "self"}
+            account._set_membership(contact_id, list_id, 2, "self", start - 60.0)
             sim.oracle.opted_out.setdefault((email, audience), start - 1.0)
         for at in sim.workload.opt_out_times:
             sim.world.at(start + at, self._opt_out)
@@ -192,7 +210,9 @@ class Checks:
             elif state.status in intents or (1 in intents and state.set_by is not SetBy.SERVICE):
                 continue  # the ledger already held it (a skip), or a kept opt-out
             event = records[index]
-            held = f"status {state.status} from offset {state.source_offset}" if state else "nothing"
+            held = (
+                f"status {state.status} from offset {state.source_offset}" if state else "nothing"
+            )
             self._fail(
                 "3 commit",
                 f"p{partition}@{index} ({event.action} {key[1]}) committed; the ledger holds {held}",
@@ -244,15 +264,22 @@ class Checks:
             status = members.get(audience, {}).get(email)
             if (status == 1) != subscribed:
                 opted = (email, audience) in sim.oracle.opted_out
-                wrong.append(f"{email} {audience}: AC {status}, want {'1' if subscribed else 'not 1'}"
-                             f"{' (opted out)' if opted else ''}")
+                wrong.append(
+                    f"{email} {audience}: AC {status}, want {'1' if subscribed else 'not 1'}"
+                    f"{' (opted out)' if opted else ''}"
+                )
         if wrong:
             email, audience = wrong[0].split(" ", 1)[0], wrong[0].split(" ", 1)[1].split(":")[0]
-            self._fail("1 final state", f"{len(wrong)} wrong, e.g. {wrong[:3]}\n{self.explain(email, audience)}")
+            self._fail(
+                "1 final state",
+                f"{len(wrong)} wrong, e.g. {wrong[:3]}\n{self.explain(email, audience)}",
+            )
         sim.cluster.compact("cdp.audience.ledger")
         from service.adapters.ledger_store import read_all
 
-        ledger = read_all(sim.cluster.readers(), "cdp.audience.ledger", list(range(sim.profile.partitions)))
+        ledger = read_all(
+            sim.cluster.readers(), "cdp.audience.ledger", list(range(sim.profile.partitions))
+        )
         for email, entry in ledger.items():
             for state in entry.lists:
                 if entry.state(state.list) is None or state.pending:
@@ -284,7 +311,10 @@ class Checks:
                 p: (s.tracked[0] if s.tracked else None, len(s.tracked))
                 for p, s in loop.tracker._partitions.items()
             }
-            imports = [(i.import_id, i.state.name, i.adopted, len(i.all_emails())) for i in d.lifecycle.imports.values()]
+            imports = [
+                (i.import_id, i.state.name, i.adopted, len(i.all_emails()))
+                for i in d.lifecycle.imports.values()
+            ]
             lines.append(
                 f"  {name}: assigned {sorted(loop.ownership.assigned)} restoring {sorted(loop.ownership.restoring)} "
                 f"pauses {loop.pauses.reasons} heads {heads} pending {len(loop.coalescer)} held {len(d.held)} "

@@ -146,8 +146,12 @@ class Replica:
         self.producer = sim.cluster.producer(name)
         s = sim.settings
         self.limiter = SimLimiter(
-            world, self.clock.wall, s.ac_rate_limit_per_second, s.ac_rate_guard_seconds,
-            s.ac_tools_tick_every, sim.network,
+            world,
+            self.clock.wall,
+            s.ac_rate_limit_per_second,
+            s.ac_rate_guard_seconds,
+            s.ac_tools_tick_every,
+            sim.network,
         )
         self.executor = SimExecutor(
             world, sim.account, self.limiter, name, s.ac_request_timeout_seconds, sim.network
@@ -186,6 +190,7 @@ class Simulation:
         self.network = Network()
         self.cluster = SimCluster(self.world)
         self.account = SimAccount(self.world, TOKEN, import_delay=rng.choice([0.5, 3.0]))
+        self.account.account.clock = lambda: self.world.now
         self.report = Report(seed, self.profile)
         self.oracle = Oracle()
         self.replicas: dict[str, Replica] = {}
@@ -202,8 +207,11 @@ class Simulation:
         self.cluster.on_commit = self._commit
         self.workload: Workload = make_workload(
             random.Random(rng.getrandbits(64)),
-            events=p.events, emails=p.emails, audiences=p.audiences,
-            duration=p.duration, backlog=p.backlog,
+            events=p.events,
+            emails=p.emails,
+            audiences=p.audiences,
+            duration=p.duration,
+            backlog=p.backlog,
         )
         self.oracle.excluded = set(self.workload.excluded)
         self.account.account.exclusions |= self.workload.excluded
@@ -232,7 +240,9 @@ class Simulation:
     def _commit(self, group: str, partition: int, offset: int) -> None:
         previous = self.committed.get(partition, 0)
         if offset < previous:
-            raise Violation(self.seed, "3 commits", f"partition {partition} went back {previous} -> {offset}")
+            raise Violation(
+                self.seed, "3 commits", f"partition {partition} went back {previous} -> {offset}"
+            )
         self.committed[partition] = offset
         self.report.commits += 1
         self.checks.commit(partition, previous, offset)
@@ -296,4 +306,3 @@ class Simulation:
 
 def run_history(seed: int, profile: Profile | None = None) -> Report:
     return Simulation(seed, profile).run()
-

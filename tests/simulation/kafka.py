@@ -109,7 +109,9 @@ class _Partitions:
 class _Metadata:
     def __init__(self, topics: dict[str, _Partitions]) -> None:
         self.topics = {
-            name: type("T", (), {"partitions": {i: None for i in range(t.count())}, "error": None})()
+            name: type(
+                "T", (), {"partitions": {i: None for i in range(t.count())}, "error": None}
+            )()
             for name, t in topics.items()
         }
 
@@ -394,7 +396,9 @@ class SimConsumer:
         self.cluster.commit(self.group, self.member, offsets)
         return offsets
 
-    def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]:
+    def committed(
+        self, partitions: list[TopicPartition], timeout: float = -1
+    ) -> list[TopicPartition]:
         assert self.group is not None
         return [
             TopicPartition(tp.topic, tp.partition, self.group.committed.get(tp.partition, -1001))

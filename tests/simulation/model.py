@@ -63,8 +63,16 @@ class Workload:
     opt_out_times: list[float]  # when a random subscribed person opts out
 
 
-def make_workload(rng: random.Random, *, events: int, emails: int, audiences: int,
-                  duration: float, backlog: float, poison: float = 0.01) -> Workload:
+def make_workload(
+    rng: random.Random,
+    *,
+    events: int,
+    emails: int,
+    audiences: int,
+    duration: float,
+    backlog: float,
+    poison: float = 0.01,
+) -> Workload:
     pool = [f"p{i}.{rng.randrange(10**6)}@example.com" for i in range(emails)]
     hot = pool[: max(1, emails // 10)]
     names = [f"Audience {chr(65 + i)}" for i in range(audiences)]
@@ -83,7 +91,12 @@ def make_workload(rng: random.Random, *, events: int, emails: int, audiences: in
         state[(email, audience)] = action
         attributes = {"first_name": rng.choice(["Ann", "Bo", "Cy"])} if rng.random() < 0.3 else {}
         event = Event(
-            email, audience, action, start_ms + n, attributes, str(uuid.UUID(int=rng.getrandbits(128)))
+            email,
+            audience,
+            action,
+            start_ms + n,
+            attributes,
+            str(uuid.UUID(int=rng.getrandbits(128))),
         )
         roll = rng.random()
         if roll < poison / 2:

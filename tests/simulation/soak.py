@@ -65,8 +65,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add(totals: Counter[str], faults: Counter[str], report: Report) -> None:
-    for name in ("events", "requests", "imports", "commits", "crashes", "restarts", "rebalances",
-                 "lost", "checks"):
+    for name in (
+        "events",
+        "requests",
+        "imports",
+        "commits",
+        "crashes",
+        "restarts",
+        "rebalances",
+        "lost",
+        "checks",
+    ):
         totals[name] += getattr(report, name)
     totals["virtual"] += int(report.virtual_seconds)
     faults.update(report.faults)

@@ -50,9 +50,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         headers = {k.lower(): v for k, v in self.headers.items()}
         with account.lock:
-            response = account.handle(
-                method, parts.path, parts.query, headers, body, time.monotonic()
-            )
+            response = account.handle(method, parts.path, parts.query, headers, body, time.time())
         if response.delay > 0:
             time.sleep(response.delay)
         self._send(response)
@@ -77,7 +75,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _inspect(self, method: str, path: str, query: str, body: bytes) -> None:
         account = self.server.account
-        now = time.monotonic()
+        now = time.time()
         params = {k: v[-1] for k, v in parse_qs(query).items()}
         try:
             data = json.loads(body) if body else {}

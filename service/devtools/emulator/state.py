@@ -20,10 +20,12 @@ import math
 import random
 import re
 import threading
+import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -33,6 +35,12 @@ MAX_IMPORT_CONTACTS = 250
 MAX_IMPORT_BYTES = 400_000
 IMPORT_MULTI_PER_MINUTE = 100
 IMPORT_SINGLE_PER_MINUTE = 20
+
+
+def _ac_time(now: float) -> str:
+    """AC's timestamps: ISO 8601 to the second, with the account's UTC offset (here UTC)."""
+    return datetime.fromtimestamp(math.floor(now), UTC).isoformat()
+
 
 LOGIN_PAGE = (
     "<!DOCTYPE html><html><head><title>Login | ActiveCampaign</title></head>"
@@ -125,6 +133,8 @@ class Account:
         self.faults = Faults()
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
+        # The time of the account's own clock (wall seconds; the simulation sets virtual time).
+        self.clock: Callable[[], float] = time.time
         self.reset()
 
     def reset(self) -> None:
@@ -141,6 +151,19 @@ class Account:
         self._imports_single: deque[float] = deque()
         self._next_id = 1
         self.faults = Faults()
+
+    def _set_membership(
+        self, contact_id: str, list_id: str, status: int, by: str, now: float
+    ) -> None:
+        """AC keeps when a membership was subscribed (``sdate``) and unsubscribed (``udate``),
+        to the second, in the account's time zone."""
+        row = self.memberships.setdefault((contact_id, list_id), {"sdate": None, "udate": None})
+        if status == 1 and row.get("status") != 1:
+            row["sdate"] = _ac_time(now)
+        if status == 2 and row.get("status") != 2:
+            row["udate"] = _ac_time(now)
+        row["status"] = status
+        row["by"] = by
 
     def _new_id(self) -> str:
         value = str(self._next_id)
@@ -425,7 +448,14 @@ class Account:
                 404, {"message": f"No Result found for Subscriber with id {contact_id}"}
             )
         rows = [
-            {"contact": cid, "list": lid, "status": str(m["status"]), "id": f"{cid}-{lid}"}
+            {
+                "contact": cid,
+                "list": lid,
+                "status": str(m["status"]),
+                "sdate": m.get("sdate"),
+                "udate": m.get("udate"),
+                "id": f"{cid}-{lid}",
+            }
             for (cid, lid), m in self.memberships.items()
             if cid == contact_id
         ]
@@ -449,7 +479,7 @@ class Account:
                 "The related contact does not exist",
                 "/data/attributes/contact",
             )
-        self.memberships[(contact_id, list_id)] = {"status": int(status), "by": "api"}
+        self._set_membership(contact_id, list_id, int(status), "api", _now)
         row = {
             "contact": contact_id,
             "list": list_id,
@@ -605,11 +635,11 @@ class Account:
                     current = self.memberships.get((contact_id, list_id))
                     if current is not None and current["status"] == 2:
                         continue  # documented: an import never re-subscribes
-                    self.memberships[(contact_id, list_id)] = {"status": 1, "by": "import"}
+                    self._set_membership(contact_id, list_id, 1, "import", now)
                 for item in contact.get("unsubscribe", []):
                     list_id = str(item.get("listid"))
                     if list_id in self.lists:
-                        self.memberships[(contact_id, list_id)] = {"status": 2, "by": "import"}
+                        self._set_membership(contact_id, list_id, 2, "import", now)
                 batch.success.append(contact_id)
             batch.status = "completed"
 
@@ -644,7 +674,7 @@ class Account:
         list_id = next((i for i, lst in self.lists.items() if lst["name"] == list_name), None)
         if contact_id is None or list_id is None:
             return False
-        self.memberships[(contact_id, list_id)] = {"status": 2, "by": "self"}
+        self._set_membership(contact_id, list_id, 2, "self", self.clock())
         return True
 
     def set_faults(self, values: Mapping[str, Any], now: float) -> Faults:
