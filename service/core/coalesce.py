@@ -149,7 +149,10 @@ class Coalescer:
             current.event = event
             current.raw = raw
             current.offsets.append(offset)
-            if current.attempts or current.force_single:  # a new event: a fresh start
+            # A new event: what was decided for the old one (an exit checked and found still
+            # subscribed, a back-off) no longer holds.
+            current.verified_at = 0.0
+            if current.attempts or current.force_single:
                 current.attempts = 0
                 current.force_single = False
                 current.failing_since = None

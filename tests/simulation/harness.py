@@ -199,6 +199,7 @@ class Simulation:
         self.codec = LedgerCodec()
         self.ledger_view: dict[int, dict[str, LedgerEntry]] = {}
         self.parked: set[tuple[int, int]] = set()
+        self.last_state: dict[tuple[str, str], Any] = {}
         self.committed: dict[int, int] = {}
         p = self.profile
         for topic in (TOPIC, TOPIC + ".dlq", TOPIC + ".ledger"):
@@ -229,7 +230,15 @@ class Simulation:
                 if record.value is None:
                     view.pop(key, None)
                 else:
-                    view[key] = newest(view.get(key), self.codec.decode(record.value))
+                    entry = self.codec.decode(record.value)
+                    view[key] = newest(view.get(key), entry)
+                    for state in entry.lists:
+                        seen = self.last_state.get((key, state.list))
+                        self.last_state[(key, state.list)] = state
+                        if state != seen and not state.pending and state.status:
+                            self.checks.confirmed.setdefault((key, state.list), []).append(
+                                self.world.now
+                            )
         elif topic == TOPIC + ".dlq":
             headers = dict(record.headers or [])
             source = int(headers["dlq.source.partition"])
