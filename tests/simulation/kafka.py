@@ -125,6 +125,7 @@ class Member:
     to_assign: set[int] = field(default_factory=set)
     to_lose: set[int] = field(default_factory=set)
     alive: bool = True
+    in_callback: bool = False  # inside on_assign/on_revoke/on_lost (the rebalance waits)
 
 
 @dataclass
@@ -222,6 +223,9 @@ class SimCluster:
         """The member missed its session (a long pause): its partitions are lost and go to the
         others at once; it hears about it at its next ``consume``."""
         group = self.groups[group_name]
+        if any(m.in_callback for m in group.members):
+            self.world.after(0.5, lambda: self.lose(group_name, member_name))
+            return
         for member in group.members:
             if member.name == member_name and member.owned:
                 member.to_lose |= member.owned
@@ -234,6 +238,10 @@ class SimCluster:
         revoked (the next call after the revokes completes the move)."""
         live = [m for m in group.members if m.alive]
         if not live:
+            return
+        if any(m.in_callback for m in group.members):
+            # A member is handing partitions over: the coordinator waits for it.
+            self.world.after(0.2, lambda: self.rebalance(group))
             return
         total = self.topics[group.topic].count()
         owner = {p: m for m in group.members for p in m.owned | m.to_revoke}
@@ -318,6 +326,13 @@ class SimConsumer:
         return [TopicPartition(self.topic, p) for p in sorted(partitions)]
 
     def _callbacks(self) -> None:
+        self.member.in_callback = True
+        try:
+            self._run_callbacks()
+        finally:
+            self.member.in_callback = False
+
+    def _run_callbacks(self) -> None:
         member, group = self.member, self.group
         assert group is not None
         if member.to_lose:
