@@ -94,7 +94,7 @@ def apply_contact(
         if needs_write and (contact_id is None or fields is not None):
             contact_id = yield from sync_contact(email, standard, custom)
         elif contact_id is None and any(
-            c.plan in _READS_FIRST + (Plan.UNSUBSCRIBE,) for c in changes
+            c.plan in (*_READS_FIRST, Plan.UNSUBSCRIBE) for c in changes
         ):
             found = yield from contacts_page(email=email, limit=1)
             contact_id = found.contacts.get(email)

@@ -109,6 +109,7 @@ class ProbeTask(Task):
 @dataclass(eq=False)
 class ListTask(Task):
     ref: ListRef
+    checking: bool = False  # does a known id still exist (before an import uses it)?
 
 
 @dataclass(eq=False)
@@ -116,8 +117,6 @@ class VerifyTask(Task):
     ref: ListRef
     list_id: str
     groups: list[tuple[int, list[PendingChange]]]  # (generation, one email's changes)
-    fields: dict[str, tuple[dict[str, str], dict[str, str]] | None]
-    hashes: dict[str, int]
 
     def partitions(self) -> set[int]:
         return {changes[0].partition for _, changes in self.groups}

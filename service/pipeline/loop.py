@@ -47,7 +47,8 @@ from service.metrics import Metrics
 from service.pipeline import flow
 from service.pipeline.commit import CommitSchedule, Committer
 from service.pipeline.confirm import Confirmer
-from service.pipeline.deliver import Delivery, DeliverySettings
+from service.pipeline.deliver import Delivery
+from service.pipeline.desk import DeliverySettings, Desk
 from service.pipeline.dispatch import Dispatcher
 from service.pipeline.imports import ImportLifecycle
 from service.pipeline.ownership import Ownership
@@ -114,7 +115,7 @@ class Loop:
             s.ac_imports_per_minute, in_flight=max(60.0, 2 * s.ac_request_timeout_seconds)
         )
         self.dispatcher = Dispatcher(ports.executor, s.ac_concurrency)
-        self.delivery = Delivery(
+        desk = Desk(
             DeliverySettings(
                 s.ac_concurrency,
                 s.ac_bulk_import,
@@ -128,7 +129,6 @@ class Loop:
             self.coalescer,
             self.ledger,
             ListDirectory(verify_after=s.list_verify_seconds, max_lists=s.max_lists),
-            ImportLifecycle(budget, s.import_timeout_seconds, ports.rng, ports.new_id),
             self.dispatcher,
             self.confirm,
             self.ownership,
@@ -136,6 +136,8 @@ class Loop:
             clock.wall,
             clock.monotonic,
         )
+        lifecycle = ImportLifecycle(budget, s.import_timeout_seconds, ports.rng, ports.new_id)
+        self.delivery = Delivery(desk, lifecycle)
         self.source = Source(
             self.topic,
             self.tracker,
@@ -148,7 +150,7 @@ class Loop:
             clock.wall,
             self.pauses.hold,
             self.pauses.release,
-            self.delivery.lists_wanted.add,
+            self.delivery.want_list,
             expedite=s.coalesce_from_publish_time,
         )
         self.committer = Committer(

@@ -198,7 +198,7 @@ class Rebalancer:
                     partition, intents, {partition: self.ownership.generation(partition)}, now
                 )
                 for intent in intents:
-                    self.delivery.adopted.update(intent.emails)
+                    self.delivery.desk.adopted.update(intent.emails)
                 logger.info(
                     "imports of the previous owner may still land; their emails wait",
                     extra={"partition": partition, "imports": len(intents)},

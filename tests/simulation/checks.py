@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from tests.simulation.harness import Simulation
 
 
-
 class Checks:
     def __init__(self, sim: Simulation) -> None:
         self.sim = sim
@@ -171,8 +170,12 @@ class Checks:
         # The documented unknowable race: the person opts out after the service checked the
         # exit ("still subscribed") and before the outcome of its unsubscribe is recorded (a
         # crash can stretch that until the next owner reads AC again).
-        last_check = max((x for x in self.verify_reads.get((email, audience), []) if x <= now), default=None)
-        last_record = max((x for x in self.confirmed.get((email, audience), []) if x <= now), default=None)
+        last_check = max(
+            (x for x in self.verify_reads.get((email, audience), []) if x <= now), default=None
+        )
+        last_record = max(
+            (x for x in self.confirmed.get((email, audience), []) if x <= now), default=None
+        )
         if last_check is not None and (last_record is None or last_record < last_check):
             sim.oracle.exempt.add((email, audience))
 
@@ -320,11 +323,14 @@ class Checks:
                 for i in d.lifecycle.imports.values()
             ]
             lines.append(
-                f"  {name}: assigned {sorted(loop.ownership.assigned)} restoring {sorted(loop.ownership.restoring)} "
-                f"pauses {loop.pauses.reasons} heads {heads} pending {len(loop.coalescer)} held {len(d.held)} "
-                f"adopted {len(d.adopted)} waiting_lists {list(d.waiting_lists)} verify {[len(q) for q in d.to_verify.values()]} "
-                f"ready {len(d.ready_single)}/{len(d.ready_bulk)} preparing {list(d.preparing)} inflight {len(loop.dispatcher.inflight)} "
-                f"imports {imports} gate {loop.confirm.gate.closed} source-held {loop.source.held_records()}"
+                f"  {name}: assigned {sorted(loop.ownership.assigned)} "
+                f"restoring {sorted(loop.ownership.restoring)} pauses {loop.pauses.reasons} "
+                f"heads {heads} pending {len(loop.coalescer)} held {len(d.desk.held)} "
+                f"adopted {len(d.desk.adopted)} waiting_lists {list(d.lists.waiting)} "
+                f"verify {d.verification.pending()} ready {len(d.single)}/{len(d.importing.ready)} "
+                f"preparing {list(d.importing.preparing)} inflight {len(loop.dispatcher.inflight)} "
+                f"imports {imports} gate {loop.confirm.gate.closed} "
+                f"source-held {loop.source.held_records()}"
             )
         return "\n".join(lines)
 

@@ -52,7 +52,7 @@ def schedule(sim: Simulation, start: float, duration: float) -> float:
         elif kind == "bounce":
             world.at(at, lambda: _bounce(sim))
         elif kind == "scale":
-            world.at(at, lambda: _scale(sim, length))
+            world.at(at, lambda n=length: _scale(sim, n))
         sim.report.faults[kind] = sim.report.faults.get(kind, 0) + 1
     return end
 

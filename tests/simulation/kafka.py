@@ -28,7 +28,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from tests.simulation.world import Actor, SimCrash, World
+from tests.simulation.world import SimCrash, World
 
 PARTITION_EOF = KafkaError._PARTITION_EOF
 PURGE_QUEUE = KafkaError._PURGE_QUEUE

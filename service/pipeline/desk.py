@@ -1,0 +1,149 @@
+"""What the delivery stages share: the emails held, the workers, the collaborators.
+
+A *held* email is one taken from the coalescer whose work is not recorded, parked or put back
+yet: the coalescer keeps its newer changes aside meanwhile, so no two pieces of work for one
+email are ever in flight (``Held``). ``Ready`` is one email's decided changes waiting for the
+stage that sends them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.adapters.ledger_store import LedgerStore
+from service.core import acapi
+from service.core.coalesce import Coalescer, ListRef, PendingChange
+from service.core.errors import AccountBlocked, ApiError
+from service.core.lists import ListDirectory
+from service.core.outcome import Outcome, OutcomeKind
+from service.metrics import Metrics
+from service.pipeline.confirm import Confirmer
+from service.pipeline.dispatch import Dispatcher, Task
+from service.pipeline.ownership import Ownership
+from service.pipeline.plan import GroupPlan
+
+
+@dataclass
+class Ready:
+    generation: int
+    changes: list[PendingChange]
+    plan: GroupPlan
+    since: float
+
+    @property
+    def email(self) -> str:
+        return self.changes[0].email
+
+    @property
+    def partition(self) -> int:
+        return self.changes[0].partition
+
+
+class Held:
+    """``email in held``: taken emails, and emails an adopted import still blocks."""
+
+    def __init__(self, *sets: set[str]) -> None:
+        self.sets = sets
+
+    def __contains__(self, email: object) -> bool:
+        return any(email in s for s in self.sets)
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    concurrency: int
+    bulk: bool
+    bulk_min: int
+    create_lists: bool
+    sender_url: str
+    sender_reminder: str
+    attribute_map: Mapping[str, str]
+    field_map: Mapping[str, str]
+
+
+Route = Callable[[int, list[PendingChange], float], None]
+
+
+@dataclass
+class Desk:
+    settings: DeliverySettings
+    coalescer: Coalescer
+    ledger: LedgerStore
+    directory: ListDirectory
+    dispatcher: Dispatcher
+    confirm: Confirmer
+    ownership: Ownership
+    metrics: Metrics
+    wall: Callable[[], float]
+    monotonic: Callable[[], float]
+    held: set[str] = field(default_factory=set)
+    adopted: set[str] = field(default_factory=set)  # emails adopted imports still block
+    writing_ahead: int = 0  # tasks waiting for their write-ahead's ack (they hold a worker)
+
+    def room(self, *, polling: bool = False) -> int:
+        """Workers free for new work; polls never take the last one (a backlog must not
+        stall behind confirmations)."""
+        free = self.dispatcher.free - self.writing_ahead
+        if polling:
+            return max(0, min(free, self.settings.concurrency - 1 - self.dispatcher.polling))
+        return free
+
+    def sending(self) -> bool:
+        """AC accepts the account (the gate is open)."""
+        return not self.confirm.gate.closed
+
+    def submit(self, task: Task, call: acapi.Call[Any]) -> None:
+        self.dispatcher.submit(task, call)
+
+    def release(self, emails: set[str]) -> None:
+        for email in emails:
+            self.held.discard(email)
+            self.coalescer.release(email)
+
+    def owns(self, ready: Ready) -> bool:
+        """Still ours; else released (the new owner reads those records again)."""
+        if self.ownership.owns(ready.partition, ready.generation):
+            return True
+        self.release({ready.email})
+        return False
+
+    def list_ids(self, changes: list[PendingChange]) -> dict[ListRef, str]:
+        ids: dict[ListRef, str] = {}
+        for change in changes:
+            found = self.directory.get(change.target)
+            if found is not None:
+                ids[change.target] = found
+        return ids
+
+    def contact_id(self, email: str, partition: int) -> str | None:
+        if email in self.confirm.forgotten_contacts:
+            return None
+        entry = self.ledger.get(partition, email)
+        return entry.contact_id if entry else None
+
+    def opened(self, task: Task) -> None:
+        """A task's requests got answers that were not refusals: the account works."""
+        if task.requests and not task.blocked_reply:
+            self.confirm.opened()
+
+    def fail(
+        self, changes: list[PendingChange], result: Any, generation: int, now: float, what: str
+    ) -> None:
+        """A task for these changes failed before AC settled anything: retry them (or hold
+        them at the gate). A refused read is retried too: reads park nothing."""
+        error = error_of(result, what)
+        kind = OutcomeKind.BLOCKED if isinstance(error, AccountBlocked) else OutcomeKind.RETRY
+        for change in changes:
+            self.confirm.failed(Outcome(change, kind, error=error), generation, now)
+
+
+def error_of(result: Any, what: str) -> ApiError:
+    """The ``ApiError`` a task ended with (a crash of our own code counts as a retry)."""
+    if isinstance(result, ApiError):
+        return result
+    import logging
+
+    logging.getLogger(__name__).error("%s crashed", what, exc_info=result)
+    return ApiError(None, "crash")

@@ -1,0 +1,249 @@
+"""The bulk path's shell: fills imports, writes them ahead, sends them, polls them, and carries
+out what the import lifecycle (``service/pipeline/imports.py``) decides.
+
+- Groups that may go in an import wait in ``ready`` (their emails held) until there are at
+  least ``BULK_MIN_CONTACTS`` (fewer after ``IMPORT_GATHER_SECONDS`` go per contact: AC says
+  imports are not for tiny updates) and the import budget has room (meanwhile the batch grows).
+- An import is filled to 250 contacts and under 400000 bytes (what does not fit waits for the
+  next one), its lists checked when not confirmed for a while, then written ahead: each
+  email's pending states, the partitions' intents and import history; it leaves once the
+  broker acknowledged them all.
+- Polls (``import/info``) and AC's summary (``GET /import/bulk_import``) follow imports until
+  their outcome is known; polls never take the last worker.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.core import acapi
+from service.core.bulk import (
+    MAX_CONTACTS,
+    Submitted,
+    contact_entry,
+    encoded_size,
+    pack,
+    submit_import,
+)
+from service.core.coalesce import PendingChange
+from service.core.contact import contact_fields
+from service.core.ledger import Plan, fields_hash
+from service.pipeline import imports as lifecycle
+from service.pipeline.desk import Desk, Ready
+from service.pipeline.dispatch import ImportTask, PollTask, SummaryTask
+from service.pipeline.imports import Action, Group, ImportLifecycle
+from service.pipeline.lists import Lists
+from service.pipeline.verify import Verification
+
+IMPORT_GATHER_SECONDS = 0.2  # the bulk path takes due changes once the first is this late
+MAX_PREPARING = 2
+
+
+@dataclass
+class Importing:
+    desk: Desk
+    lifecycle: ImportLifecycle
+    lists: Lists
+    verification: Verification
+    per_contact: Callable[[Ready], None]
+    ready: deque[Ready] = field(default_factory=deque)
+    preparing: dict[str, list[Ready]] = field(default_factory=dict)  # import id -> its groups
+
+    def pending(self) -> int:
+        queued = sum(len(r.changes) for r in self.ready)
+        sent = sum(len(g.changes) for i in self.lifecycle.imports.values() for g in i.groups)
+        return queued + sent
+
+    # ---- filling and sending ----------------------------------------------------------------
+
+    def start(self, now: float, *, flush: bool) -> None:
+        wall = self.desk.wall()
+        while self.ready and self.desk.sending():
+            while self.ready and not self.desk.owns(self.ready[0]):
+                self.ready.popleft()
+            if not self.ready:
+                return
+            if len(self.ready) < self.desk.settings.bulk_min:
+                if flush or now - self.ready[0].since >= IMPORT_GATHER_SECONDS:
+                    while self.ready:
+                        self.per_contact(self.ready.popleft())
+                return
+            if len(self.preparing) >= MAX_PREPARING or not self.lifecycle.budget.available(wall):
+                return  # the batch grows while we wait for an import slot
+            if self.lists.stale(self.ready, now):
+                self.lists.reverify(self.ready, now)
+                return
+            self._prepare(now, wall)
+
+    def _prepare(self, now: float, wall: float) -> None:
+        readies: list[Ready] = []
+        entries: list[dict[str, Any]] = []
+        while self.ready and len(readies) < MAX_CONTACTS:
+            ready = self.ready.popleft()
+            if not self.desk.owns(ready) or self.verification.stale(ready, now):
+                continue
+            readies.append(ready)
+            entries.append(self._entry(ready))
+        fits = pack([encoded_size(e) for e in entries])
+        if len(fits) > 1:  # what does not fit under 400000 bytes waits for the next import
+            count = len(fits[0])
+            for ready in reversed(readies[count:]):
+                self.ready.appendleft(ready)
+            readies, entries = readies[:count], entries[:count]
+        if not readies:
+            return
+        groups = [Group(r.email, r.partition, r.changes) for r in readies]
+        stamp = {r.partition: r.generation for r in readies}
+        imp, actions = self.lifecycle.prepare(groups, entries, stamp, now, wall)
+        self.preparing[imp.import_id] = readies
+        self.desk.metrics.imports.labels("prepared").inc()
+        for ready in readies:
+            if self.desk.confirm.write_pending(
+                ready.changes,
+                ready.generation,
+                self.desk.list_ids(ready.changes),
+                self._on_ack(imp.import_id),
+                via_import=True,
+            ):
+                imp.acks_due += 1
+        self.apply(actions, now)
+
+    def _entry(self, ready: Ready) -> dict[str, Any]:
+        statuses: dict[str, int] = {}
+        for change in ready.changes:
+            list_id = self.desk.directory.get(change.target)
+            assert list_id is not None
+            if change.plan is Plan.FIRST_ENTRY:
+                statuses[list_id] = 1
+            elif change.plan is Plan.UNSUBSCRIBE:
+                statuses[list_id] = 2
+        standard, custom = ready.plan.fields or ({}, {})
+        return contact_entry(ready.email, statuses, standard, custom)
+
+    def _on_ack(self, import_id: str) -> Callable[[], None]:
+        return lambda: self.acked(import_id)
+
+    def acked(self, import_id: str) -> None:
+        """One write-ahead record is on the broker; the import leaves when all are."""
+        if not self.lifecycle.acked(import_id):
+            return
+        imp = self.lifecycle.imports[import_id]
+        readies = self.preparing.pop(import_id, [])
+        self.desk.submit(
+            ImportTask(import_id, imp.stamp, {r.email for r in readies}), submit_import(imp.entries)
+        )
+        self.desk.metrics.imports.labels("submitted").inc()
+
+    def submitted(self, task: ImportTask, result: Any, now: float) -> None:
+        if isinstance(result, Submitted):
+            if result.batch_id is not None:
+                self.desk.opened(task)
+                self.desk.metrics.imports.labels("queued").inc()
+                self.desk.metrics.import_contacts.inc(len(result.sent))
+            elif result.error is not None:
+                self.desk.metrics.imports.labels("failed").inc()
+        self.apply(self.lifecycle.submitted(task.import_id, result, now, self.desk.wall()), now)
+
+    # ---- following imports --------------------------------------------------------------------
+
+    def start_polls(self, now: float) -> None:
+        desk = self.desk
+        for imp in self.lifecycle.polls_due(now):
+            if desk.room(polling=True) <= 0:
+                return
+            assert imp.batch_id is not None
+            self.lifecycle.polling(imp, now)
+            task = PollTask(imp.import_id, frozenset(imp.partitions))
+            desk.submit(task, acapi.import_info(imp.batch_id))
+        if self.lifecycle.summary_due(now) and desk.room(polling=True) > 0:
+            self.lifecycle.asking_summary(now)
+            desk.submit(SummaryTask(), acapi.imports_outstanding())
+
+    def polled(self, task: PollTask, result: Any, now: float) -> None:
+        if not isinstance(result, BaseException):
+            self.desk.opened(task)
+            if result.completed:
+                self.desk.metrics.imports.labels("completed").inc()
+        self.apply(self.lifecycle.polled(task.import_id, result, now), now)
+
+    def summarized(self, task: SummaryTask, result: Any, now: float) -> None:
+        if not isinstance(result, BaseException):
+            self.desk.opened(task)
+        self.apply(self.lifecycle.summarized(result, now), now)
+
+    # ---- the lifecycle's decisions -------------------------------------------------------------
+
+    def apply(self, actions: list[Action], now: float) -> None:
+        """Carry out what the import lifecycle decided."""
+        desk = self.desk
+        owned = desk.ownership.assigned
+        for action in actions:
+            if isinstance(action, lifecycle.WriteIntent):
+                if action.partition in owned:
+                    desk.ledger.write_intent(
+                        action.partition, action.intent, self._on_ack(action.import_id)
+                    )
+                else:
+                    self.acked(action.import_id)  # no ledger of ours to write to
+            elif isinstance(action, lifecycle.DeleteIntent):
+                if action.partition in owned:
+                    desk.ledger.delete_intent(action.partition, action.intent_id)
+            elif isinstance(action, lifecycle.WriteBudget):
+                if action.partition in owned:
+                    desk.ledger.write_budget(action.partition, action.history)
+            elif isinstance(action, lifecycle.Record):
+                changes = action.group.changes
+                desk.confirm.record(
+                    changes,
+                    action.known,
+                    action.stamp.get(action.group.partition, -1),
+                    list_ids=desk.list_ids(changes),
+                    fields_hash=self._fields_hash(changes),
+                )
+            elif isinstance(action, lifecycle.Requeue):
+                if action.not_queued:
+                    self._clear_pending(action.changes, action.stamp)
+                desk.confirm.requeue(action.changes, action.stamp, now, single=action.force_single)
+            elif isinstance(action, lifecycle.Fail):
+                self._clear_pending(action.changes, action.stamp)
+                for change in action.changes:
+                    generation = action.stamp.get(change.partition, -1)
+                    desk.confirm.fail_all([change], action.error, generation, now)
+            elif isinstance(action, lifecycle.Release):
+                desk.release(action.emails)
+                desk.adopted -= action.emails
+
+    def _clear_pending(self, changes: list[PendingChange], stamp: Mapping[int, int]) -> None:
+        by_email: dict[tuple[str, int], list[PendingChange]] = {}
+        for change in changes:
+            by_email.setdefault((change.email, change.partition), []).append(change)
+        for (_, partition), group in by_email.items():
+            self.desk.confirm.clear_pending(group, stamp.get(partition, -1))
+
+    def _fields_hash(self, changes: list[PendingChange]) -> int | None:
+        s = self.desk.settings
+        return fields_hash(*contact_fields(changes, s.attribute_map, s.field_map)) or None
+
+    def forget(self, partitions: set[int]) -> None:
+        desk = self.desk
+        for ready in [r for r in self.ready if r.partition in partitions]:
+            self.ready.remove(ready)
+            desk.release({ready.email})
+        for import_id, readies in list(self.preparing.items()):
+            if not any(r.partition in partitions for r in readies):
+                continue
+            # Not sent yet, and its intents name partitions we no longer own: take it back.
+            self.preparing.pop(import_id)
+            imp = self.lifecycle.imports.pop(import_id, None)
+            for ready in readies:
+                if ready.partition not in partitions:
+                    stamp = {ready.partition: ready.generation}
+                    desk.confirm.requeue(ready.changes, stamp, 0.0, single=False)
+                desk.release({ready.email})
+            for partition in imp.emails if imp is not None else ():
+                if partition in desk.ownership.assigned and partition not in partitions:
+                    desk.ledger.delete_intent(partition, import_id)
+        self.apply(self.lifecycle.forget(partitions), 0.0)

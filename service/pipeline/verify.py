@@ -1,0 +1,178 @@
+"""Asking AC before deciding: exits of our subscriptions, and states a crash left uncertain.
+
+- **Exits** (``Plan.EXIT``): the person may have opted out since the service subscribed them,
+  so before an exit is sent AC is asked who on the list is still subscribed, batched per list
+  (``verify_exits``: 100 known contact ids per read, one read per email whose id is unknown).
+  Still subscribed -> ``UNSUBSCRIBE`` (sent by import or per contact); not subscribed -> nothing
+  to undo, recorded, nothing sent. An answer older than ``VERIFY_FRESH_SECONDS`` when its
+  unsubscribe is about to leave (it waited for an import slot, a retry) is asked again
+  (``stale``): the window in which a person's own opt-out could be taken for ours stays short.
+- **Uncertain states** (``Plan.RECHECK``): a write of ours was never confirmed (a crash came
+  between the write and its record). The email's memberships are read (no write is announced
+  first), the state resolved in the ledger (``rechecked``), and the group decided again.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.core import acapi
+from service.core.bulk import Verified, verify_exits
+from service.core.coalesce import ListRef, PendingChange
+from service.core.ledger import Known, Plan, SetBy, rechecked
+from service.pipeline.desk import Desk, Ready, Route
+from service.pipeline.dispatch import RecheckTask, VerifyTask
+
+VERIFY_GATHER_SECONDS = 0.2
+VERIFY_READS_PER_TASK = 4
+VERIFY_FRESH_SECONDS = 10.0  # an exit's "still subscribed" is trusted this long
+NOT_SUBSCRIBED = Known(2, SetBy.UNKNOWN, True)  # an exit found nothing of ours to undo
+
+
+@dataclass
+class Verification:
+    desk: Desk
+    route: Route
+    exits: dict[ListRef, deque[Ready]] = field(default_factory=dict)
+    uncertain: deque[Ready] = field(default_factory=deque)
+
+    def pending(self) -> int:
+        return sum(len(r.changes) for q in (*self.exits.values(), self.uncertain) for r in q)
+
+    def exit(self, ready: Ready) -> None:
+        target = next(c.target for c in ready.changes if c.plan is Plan.EXIT)
+        self.exits.setdefault(target, deque()).append(ready)
+
+    def recheck(self, ready: Ready) -> None:
+        self.uncertain.append(ready)
+
+    def stale(self, ready: Ready, now: float) -> bool:
+        """True (and asked again) when an unsubscribe's "still subscribed" is too old."""
+        stale = [
+            c
+            for c in ready.changes
+            if c.plan is Plan.UNSUBSCRIBE and now - c.verified_at > VERIFY_FRESH_SECONDS
+        ]
+        for change in stale:
+            change.plan = Plan.EXIT
+        if stale:
+            self.exit(Ready(ready.generation, ready.changes, ready.plan, now))
+        return bool(stale)
+
+    def start(self, now: float, *, flush: bool) -> None:
+        self._start_rechecks()
+        for ref in list(self.exits):
+            queue = self.exits[ref]
+            while queue and self.desk.room() > 0:
+                if not flush and len(queue) < 100 and now - queue[0].since < VERIFY_GATHER_SECONDS:
+                    break
+                batch = self._batch(queue)
+                if not queue:
+                    del self.exits[ref]
+                if batch:
+                    self._ask(ref, batch)
+                if ref not in self.exits:
+                    break
+
+    def _batch(self, queue: deque[Ready]) -> list[Ready]:
+        """Up to ``VERIFY_READS_PER_TASK`` reads' worth of exits of one list."""
+        batch: list[Ready] = []
+        reads = known = 0
+        while queue and reads < VERIFY_READS_PER_TASK:
+            ready = queue.popleft()
+            if not self.desk.owns(ready):
+                continue
+            if self.desk.contact_id(ready.email, ready.partition) is None:
+                reads += 1
+            else:
+                known += 1
+                if known % acapi.IDS_PER_READ == 1:
+                    reads += 1
+            batch.append(ready)
+        return batch
+
+    def _ask(self, ref: ListRef, batch: list[Ready]) -> None:
+        list_id = self.desk.directory.get(ref)
+        assert list_id is not None, "lists are resolved before their changes are decided"
+        emails = {r.email: self.desk.contact_id(r.email, r.partition) for r in batch}
+        task = VerifyTask(ref, list_id, [(r.generation, r.changes) for r in batch])
+        self.desk.submit(task, verify_exits(list_id, emails))
+
+    def verified(self, task: VerifyTask, result: Any, now: float) -> None:
+        desk = self.desk
+        if not isinstance(result, Verified):
+            for generation, changes in task.groups:
+                desk.fail(changes, result, generation, now, "exit verification")
+                desk.release({changes[0].email})
+            return
+        desk.opened(task)
+        for generation, changes in task.groups:
+            email = changes[0].email
+            if not desk.ownership.owns(changes[0].partition, generation):
+                desk.release({email})
+                continue
+            contact_id = result.subscribed.get(email)
+            done: list[PendingChange] = []
+            for change in changes:
+                if change.plan is Plan.EXIT and change.target == task.ref:
+                    if contact_id is None:
+                        done.append(change)
+                        continue
+                    change.plan = Plan.UNSUBSCRIBE
+                    change.contact_id = contact_id
+                    change.verified_at = now
+            if done:
+                known = {i: NOT_SUBSCRIBED for i in range(len(done))}
+                desk.confirm.record(done, known, generation, list_ids=desk.list_ids(done))
+            rest = [c for c in changes if c not in done]
+            if rest:
+                self.route(generation, rest, now)
+            else:
+                desk.release({email})
+
+    # ---- uncertain states ----------------------------------------------------------------
+
+    def _start_rechecks(self) -> None:
+        while self.uncertain and self.desk.room() > 0:
+            ready = self.uncertain.popleft()
+            if not self.desk.owns(ready):
+                continue
+            task = RecheckTask(ready.email, ready.partition, ready.generation, ready.changes)
+            contact_id = self.desk.contact_id(ready.email, ready.partition)
+            self.desk.submit(task, acapi.memberships(ready.email, contact_id))
+
+    def rechecked(self, task: RecheckTask, result: Any, now: float) -> None:
+        desk = self.desk
+        if isinstance(result, BaseException):
+            desk.fail(task.changes, result, task.generation, now, "recheck")
+            desk.release({task.email})
+            return
+        desk.opened(task)
+        contact_id, lists = result
+        known: dict[str, Known | None] = {}
+        for change in task.changes:
+            state = change.previous
+            if state is None or not state.pending:
+                continue
+            list_id = desk.directory.get(change.target)
+            membership = lists.get(list_id) if list_id is not None else None
+            known[state.list] = rechecked(
+                state,
+                membership.status if membership else None,
+                membership.unsubscribed_at if membership else None,
+            )
+        desk.confirm.resolve(task.email, task.partition, task.generation, known, contact_id)
+        if desk.ownership.owns(task.partition, task.generation):
+            self.route(task.generation, task.changes, now)
+        else:
+            desk.release({task.email})
+
+    def forget(self, partitions: set[int]) -> None:
+        for queue in (*self.exits.values(), self.uncertain):
+            for ready in [r for r in queue if r.partition in partitions]:
+                queue.remove(ready)
+                self.desk.release({ready.email})
+        for ref in [r for r, q in self.exits.items() if not q]:
+            del self.exits[ref]
