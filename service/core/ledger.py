@@ -370,11 +370,13 @@ class LedgerCodec:
 # ---- the in-memory form --------------------------------------------------------------------
 
 _HEADER = struct.Struct(">QqI")  # contact id (0: unknown), fields hash, number of lists
-# (list, list id) index, status*8+verified*4+set_by, pending, context index, event ms, applied ms,
-# pending since ms,
+# (list, list id) index, status*8+verified*4+set_by (+32: a pending part follows the event id),
+# context index, event ms, applied ms,
 # partition, offset, event id length. Every width holds what a valid record can carry: no
 # value that decodes can make ``pack`` fail (a failure there would stop the partition).
-_LIST = struct.Struct(">IBBIqqqiqI")
+_LIST = struct.Struct(">IBIqqiqI")
+_PENDING = struct.Struct(">Bq")  # pending, pending since ms: only for a pending state
+_HAS_PENDING = 32  # in the code byte (status*8 + verified*4 + set_by stays below it)
 _UUID_MARK = 0xFFFFFFFF
 
 
@@ -434,20 +436,23 @@ class CompactIndex:
             parts.append(
                 _LIST.pack(
                     self._intern_label((s.list, s.list_id)),
-                    s.status * 8 + (4 if s.verified else 0) + int(s.set_by),
-                    s.pending,
+                    s.status * 8
+                    + (4 if s.verified else 0)
+                    + int(s.set_by)
+                    + (_HAS_PENDING if s.pending else 0),
                     self._intern_context(
                         (s.audience_id, s.audience_name, s.campaign_id, s.treatment_group)
                     ),
                     s.event_time_ms,
                     s.applied_at_ms,
-                    s.pending_since_ms,
                     s.source_partition,
                     s.source_offset,
                     _UUID_MARK if event_id[0] else len(event_id[1]),
                 )
             )
             parts.append(event_id[1])
+            if s.pending:
+                parts.append(_PENDING.pack(s.pending, s.pending_since_ms))
         return b"".join(parts)
 
     def unpack(self, packed: bytes) -> LedgerEntry:
@@ -455,18 +460,9 @@ class CompactIndex:
         pos = _HEADER.size
         lists = []
         for _ in range(count):
-            (
-                label,
-                code,
-                pending,
-                context,
-                event_ms,
-                applied_ms,
-                since,
-                partition,
-                offset,
-                id_len,
-            ) = _LIST.unpack_from(packed, pos)
+            label, code, context, event_ms, applied_ms, partition, offset, id_len = (
+                _LIST.unpack_from(packed, pos)
+            )
             pos += _LIST.size
             if id_len == _UUID_MARK:
                 event_id = str(uuid.UUID(bytes=packed[pos : pos + 16]))
@@ -474,6 +470,11 @@ class CompactIndex:
             else:
                 event_id = packed[pos : pos + id_len].decode()
                 pos += id_len
+            pending = since = 0
+            if code & _HAS_PENDING:
+                pending, since = _PENDING.unpack_from(packed, pos)
+                pos += _PENDING.size
+                code -= _HAS_PENDING
             audience_id, audience_name, campaign, group = self._contexts[context]
             name, list_id = self._labels[label]
             lists.append(

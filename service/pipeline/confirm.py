@@ -309,7 +309,8 @@ class Confirmer:
         # restore merges records per list, and a dropped state would come back from the older
         # record.
         kept = tuple(
-            s._replace(pending=0) if s.list in labels and s.pending else s for s in entry.lists
+            s._replace(pending=0, pending_since_ms=0) if s.list in labels and s.pending else s
+            for s in entry.lists
         )
         if kept != entry.lists:
             self.ledger.write(partition, email, entry._replace(lists=kept), lambda: None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -164,9 +165,12 @@ def test_contact_lists_status(fast: Emulator, validating: ValidatingTransport) -
             == 200
         )
         rows = c.get(f"contacts/{contact}/contactLists").json()["contactLists"]
-        assert rows == [
+        assert [{k: r[k] for k in ("contact", "list", "status", "id")} for r in rows] == [
             {"contact": contact, "list": list_id, "status": "2", "id": f"{contact}-{list_id}"}
         ]
+        # AC dates a membership's subscribe and unsubscribe (ISO 8601 with an offset)
+        assert datetime.fromisoformat(rows[0]["udate"]).tzinfo is not None
+        assert rows[0]["sdate"] is not None
         missing = c.post(
             "contactLists", json={"contactList": {"list": "999", "contact": contact, "status": "1"}}
         )

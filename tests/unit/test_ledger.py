@@ -119,7 +119,9 @@ list_states = st.builds(
     treatment_group=st.none() | text,
     verified=st.booleans(),
     list_id=st.none() | st.integers(1, 10**9).map(str),
-)
+    pending=st.sampled_from([0, 1, 2, 3, 11, 12, 13]),
+    pending_since_ms=st.integers(0, 2**62),
+).map(lambda s: s if s.pending else s._replace(pending_since_ms=0))  # no time without a pending
 entries = st.builds(
     LedgerEntry,
     contact_id=st.none() | st.integers(1, 2**40).map(str),
