@@ -168,13 +168,15 @@ class Delivery:
             if desk.confirm.write_pending(
                 ready.changes, ready.generation, list_ids, self._written_ahead(ready)
             ):
-                desk.writing_ahead += 1
+                desk.announcing.append(ready)
             else:
                 self._send(ready)
 
     def _written_ahead(self, ready: Ready) -> Callable[[], None]:
         def written() -> None:
-            self.desk.writing_ahead -= 1
+            if ready not in self.desk.announcing:
+                return  # its partition was handed over meanwhile (released then)
+            self.desk.announcing.remove(ready)
             if self.desk.owns(ready):
                 self._send(ready)
 
@@ -250,7 +252,8 @@ class Delivery:
         """The partitions were handed over: drop what waits for them, release their emails."""
         self.lists.forget(partitions)
         self.verification.forget(partitions)
-        for ready in [r for r in self.single if r.partition in partitions]:
-            self.single.remove(ready)
-            self.desk.release({ready.email})
+        for queue in (self.single, self.desk.announcing):
+            for ready in [r for r in queue if r.partition in partitions]:
+                queue.remove(ready)
+                self.desk.release({ready.email})
         self.importing.forget(partitions)

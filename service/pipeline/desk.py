@@ -80,12 +80,13 @@ class Desk:
     monotonic: Callable[[], float]
     held: set[str] = field(default_factory=set)
     adopted: set[str] = field(default_factory=set)  # emails adopted imports still block
-    writing_ahead: int = 0  # tasks waiting for their write-ahead's ack (they hold a worker)
+    # Per-contact work waiting for its write-ahead's ack (each will take a worker).
+    announcing: list[Ready] = field(default_factory=list)
 
     def room(self, *, polling: bool = False) -> int:
         """Workers free for new work; polls never take the last one (a backlog must not
         stall behind confirmations)."""
-        free = self.dispatcher.free - self.writing_ahead
+        free = self.dispatcher.free - len(self.announcing)
         if polling:
             return max(0, min(free, self.settings.concurrency - 1 - self.dispatcher.polling))
         return free

@@ -52,11 +52,16 @@ def plan_group(
     plan was settled by a verification (``UNSUBSCRIBE``) since ``verified_after`` keep it; an
     older verification is asked again."""
     for change in group:
-        if change.plan is Plan.UNSUBSCRIBE and change.verified_at >= verified_after:
-            continue
-        change.previous = (
+        previous = (
             entry.state(change.target.label(), list_ids.get(change.target)) if entry else None
         )
+        if (
+            change.plan is Plan.UNSUBSCRIBE
+            and change.verified_at >= verified_after
+            and not (previous is not None and previous.pending)
+        ):
+            continue  # checked a moment ago, and no write of ours since left it uncertain
+        change.previous = previous
         change.plan = plan_change(
             change.previous,
             change.event.action,

@@ -49,17 +49,16 @@ class Verification:
         self.uncertain.append(ready)
 
     def stale(self, ready: Ready, now: float) -> bool:
-        """True (and asked again) when an unsubscribe's "still subscribed" is too old."""
-        stale = [
-            c
+        """True (and decided again) when an unsubscribe's "still subscribed" is too old: the
+        group goes back through the plan (which asks again, or first reads AC when a write of
+        ours since left the state uncertain)."""
+        if not any(
+            c.plan is Plan.UNSUBSCRIBE and now - c.verified_at > VERIFY_FRESH_SECONDS
             for c in ready.changes
-            if c.plan is Plan.UNSUBSCRIBE and now - c.verified_at > VERIFY_FRESH_SECONDS
-        ]
-        for change in stale:
-            change.plan = Plan.EXIT
-        if stale:
-            self.exit(Ready(ready.generation, ready.changes, ready.plan, now))
-        return bool(stale)
+        ):
+            return False
+        self.route(ready.generation, ready.changes, now)
+        return True
 
     def start(self, now: float, *, flush: bool) -> None:
         self._start_rechecks()
