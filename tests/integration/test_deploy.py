@@ -542,10 +542,9 @@ def test_every_credential_comes_from_a_file_mounted_from_a_secret(every_componen
         volumes = {v["name"]: v for v in pod["volumes"]}
         for mount in container["volumeMounts"]:
             secret = volumes[mount["name"]].get("secret")
-            if secret:
-                keys = [i["path"] for i in secret.get("items", [])] or ["token"]
-                for key in keys:
-                    secret_files[f"{mount['mountPath']}/{key}"] = secret["secretName"]
+            if secret:  # items name every file: no other key of the Secret lands in the pod
+                for item in secret["items"]:
+                    secret_files[f"{mount['mountPath']}/{item['path']}"] = secret["secretName"]
         credentials = [e for e in container["env"] if CREDENTIAL.search(e["name"])]
         assert credentials, name
         for variable in credentials:
@@ -683,7 +682,7 @@ def secrets_created(text: str) -> dict[str, set[str]]:
 def secrets_mounted(docs: list[dict[str, Any]]) -> dict[str, set[str]]:
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     return {
-        v["secret"]["secretName"]: {i["key"] for i in v["secret"].get("items", [])} or {"token"}
+        v["secret"]["secretName"]: {i["key"] for i in v["secret"]["items"]}
         for v in pod["volumes"]
         if "secret" in v
     }
