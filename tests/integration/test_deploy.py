@@ -279,12 +279,14 @@ def test_image_install_is_the_lock_and_runs_as_non_root(image_venv: Path) -> Non
     assert helped.returncode == 0, helped.stderr
     assert "usage: ac-audience-sync" in helped.stdout
     probe = (
-        "import importlib.metadata, os, service; from service.codec import load_reader_schema;"
-        "load_reader_schema(); print(os.geteuid(), service.__version__,"
-        " importlib.metadata.version('ac-audience-sync'))"
+        "import importlib.metadata, importlib.resources, json, os, service;"
+        "schemas = importlib.resources.files('service').joinpath('schemas');"
+        "[json.loads(schemas.joinpath(n).read_text()) for n in"
+        " ('segment_membership_change.avsc', 'ledger_entry.avsc')];"
+        "print(os.geteuid(), service.__version__, importlib.metadata.version('ac-audience-sync'))"
     )
     result = run(*_unprivileged([str(image_venv / "bin/python"), "-c", probe]), cwd=Path("/"))
-    assert result.returncode == 0, result.stderr  # the schema ships inside the wheel
+    assert result.returncode == 0, result.stderr  # the schemas ship inside the wheel
     uid, version, distribution = result.stdout.split()
     assert uid != "0"
     assert version == distribution == VERSION
