@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from service import __version__
-from service.app.settings import Settings, load_settings
+from service.app.settings import Settings, load_settings, problems_of
 from service.app.wiring import build_runner, ensure_topics
 from service.core.errors import ConfigError
 
@@ -33,7 +33,11 @@ def _settings_or_exit(env: Mapping[str, str]) -> Settings:
     try:
         return load_settings(env)
     except ConfigError as exc:
-        print(f"ac-audience-sync: configuration error: {exc.field}: {exc.why}", file=sys.stderr)
+        for problem in problems_of(exc):
+            print(
+                f"ac-audience-sync: configuration error: {problem.field}: {problem.why}",
+                file=sys.stderr,
+            )
         raise SystemExit(EXIT_CONFIG) from None
 
 
@@ -85,7 +89,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(os.environ)
     except ConfigError as exc:
-        print(f"FAIL  configuration: {exc.field}: {exc.why}")
+        for problem in problems_of(exc):
+            print(f"FAIL  configuration: {problem.field}: {problem.why}")
         return EXIT_CONFIG
     print("OK    configuration")
     return run_checks(settings, timeout=args.timeout)
@@ -218,9 +223,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 def kafka_only_env(env: Mapping[str, str]) -> dict[str, str]:
     """``explain`` reads only Kafka: stand-ins for the AC settings it never uses."""
     merged = dict(env)
-    merged.setdefault("AC_API_URL", "http://unused.invalid")
+    merged.setdefault("AC_API_URL", "https://unused.invalid")
     if not merged.get("AC_API_TOKEN") and not merged.get("AC_API_TOKEN_FILE"):
         merged["AC_API_TOKEN"] = "unused"  # noqa: S105 - a stand-in, never sent
+    merged["AC_CREATE_LISTS"] = "false"  # explain creates nothing: no sender URL needed
     return merged
 
 

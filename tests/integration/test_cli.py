@@ -12,6 +12,8 @@ from service.devtools.localbroker import create_topics
 from tests.conftest import TOKEN
 from tests.support.harness import run_cli
 
+SENDER = "https://www.acme-corp.test"
+
 
 def cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
@@ -33,7 +35,8 @@ def test_run_without_topic_exits_2_naming_it() -> None:
         "run",
         env={
             "KAFKA_BOOTSTRAP_SERVERS": "x:9092",
-            "AC_API_URL": "http://x",
+            "AC_API_URL": "https://acct.api-us1.com",
+            "AC_LIST_SENDER_URL": SENDER,
             "AC_API_TOKEN": "tok-SECRET-1",
         },
     )
@@ -50,7 +53,8 @@ def test_malformed_value_exits_2() -> None:
         env={
             "KAFKA_BOOTSTRAP_SERVERS": "x:9092",
             "KAFKA_TOPIC": "t",
-            "AC_API_URL": "http://x",
+            "AC_API_URL": "https://acct.api-us1.com",
+            "AC_LIST_SENDER_URL": SENDER,
             "AC_API_TOKEN": "tok",
             "AC_RATE_LIMIT_PER_SECOND": "lots",
         },
@@ -65,6 +69,7 @@ def check_env(bootstrap: str, topic: str, url: str, token: str) -> dict[str, str
         "KAFKA_TOPIC": topic,
         "AC_API_URL": url,
         "AC_API_TOKEN": token,
+        "AC_LIST_SENDER_URL": SENDER,
     }
 
 
