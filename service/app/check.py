@@ -7,7 +7,8 @@ Exit statuses (defined in ``cli.py``, shared by ``check``, ``explain`` and ``rec
 ====  ==========================================================================
 0     every check passed
 1     a check failed (topic missing, ledger size, schema registry answer, ...)
-2     configuration error (environment variable or librdkafka property)
+2     configuration error (environment variable, librdkafka property, or the broker refused
+      the SASL credentials)
 3     the Kafka broker is unreachable
 4     ActiveCampaign is unreachable (connection error, timeout, 5xx)
 5     ActiveCampaign refused the token (or the account)
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry
 
@@ -119,14 +120,48 @@ def _line(ok: bool, item: str, detail: str = "") -> bool:
     return ok
 
 
-def check_kafka(settings: Settings, timeout: float) -> list[int]:
-    config: dict[str, Any] = {**settings.producer_config(), "logger": quiet_kafka_logger()}
+class BrokerUnreachable(Exception):
+    """The Kafka broker did not answer within the timeout."""
+
+
+class BrokerRefusedCredentials(Exception):
+    """The broker answered but refused the SASL credentials."""
+
+
+def list_topics(settings: Settings, timeout: float) -> Any:
+    """The cluster's metadata (all topics: asking for one by name lets a broker auto-create
+    it), or ``BrokerUnreachable`` / ``BrokerRefusedCredentials`` (messages redacted)."""
+    errors: list[Any] = []
+    config: dict[str, Any] = {
+        **settings.producer_config(),
+        "logger": quiet_kafka_logger(),
+        "error_cb": errors.append,
+    }
     admin = AdminClient(config)
     try:
-        metadata = admin.list_topics(timeout=timeout)
+        return admin.list_topics(timeout=timeout)
     except KafkaException as exc:
-        detail = settings.redact(f"{settings.kafka_bootstrap_servers} did not answer ({exc})")
-        _line(False, "broker", detail)
+        admin.poll(0.2)  # serves error_cb: was it the credentials?
+        refused = [e for e in errors if e.code() == KafkaError._AUTHENTICATION]
+        if refused:
+            raise BrokerRefusedCredentials(settings.redact(refused[0].str())) from None
+        error = exc.args[0] if exc.args else exc
+        raise BrokerUnreachable(settings.redact(str(error))) from None
+
+
+REFUSED_HINT = (
+    "check KAFKA_PROPERTY_SASL_USERNAME and KAFKA_PROPERTY_SASL_PASSWORD (or their _FILE)"
+)
+
+
+def check_kafka(settings: Settings, timeout: float) -> list[int]:
+    try:
+        metadata = list_topics(settings, timeout)
+    except BrokerRefusedCredentials as exc:
+        _line(False, "broker", f"refused the credentials ({exc}): {REFUSED_HINT}")
+        return [EXIT_CONFIG]
+    except BrokerUnreachable as exc:
+        _line(False, "broker", f"{settings.kafka_bootstrap_servers} did not answer ({exc})")
         return [EXIT_BROKER_UNREACHABLE]
     results = [_line(True, "broker", f"{len(metadata.brokers)} broker(s) answered")]
     topic = metadata.topics.get(settings.kafka_topic)

@@ -31,16 +31,12 @@ T = TypeVar("T")
 # Exit statuses of every command (README "Commands"); ``run`` uses 0, 1 and 2.
 EXIT_OK = 0
 EXIT_FAILED = 1  # check: a check failed; explain: no entry; reconcile: the list differs
-EXIT_CONFIG = 2  # a configuration error (environment or librdkafka property), or bad usage
+EXIT_CONFIG = 2  # configuration (environment, librdkafka property, SASL refused), bad usage
 EXIT_BROKER_UNREACHABLE = 3
 EXIT_AC_UNREACHABLE = 4  # no answer, a timeout or a 5xx
 EXIT_AC_REFUSED = 5  # the token (or the account) refused, or the request rejected
 
 logger = logging.getLogger("service")
-
-
-class BrokerUnreachable(Exception):
-    """The Kafka broker did not answer within the command's timeout."""
 
 
 def _load(env: Mapping[str, str]) -> Settings | list[ConfigError]:
@@ -270,21 +266,26 @@ def _quiet(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _ledger_partitions(settings: Settings, timeout: float) -> list[int]:
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
+    from service.app.check import list_topics
 
-    admin = AdminClient(_quiet(settings.producer_config()))
-    # All topics, not the one: asking for one by name lets a broker auto-create it.
-    try:
-        metadata = admin.list_topics(timeout=timeout)
-    except KafkaException as exc:
-        raise BrokerUnreachable(settings.redact(str(exc.args[0] if exc.args else exc))) from None
+    metadata = list_topics(settings, timeout)
     topic = metadata.topics.get(settings.kafka_ledger_topic)
     if topic is None or topic.error is not None or not topic.partitions:
         raise ConfigError(
             "KAFKA_LEDGER_TOPIC", f"{settings.kafka_ledger_topic} does not exist (has `run` run?)"
         )
     return sorted(topic.partitions)
+
+
+def _broker_refused(command: str, detail: str) -> int:
+    from service.app.check import REFUSED_HINT
+
+    print(
+        f"ac-audience-sync {command}: the Kafka broker refused the credentials ({detail}): "
+        f"{REFUSED_HINT}",
+        file=sys.stderr,
+    )
+    return EXIT_CONFIG
 
 
 def _broker_unreachable(command: str, settings: Settings, detail: str) -> int:
@@ -303,6 +304,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from service.adapters.ledger_store import read_entries
     from service.app.audit import explain_json, explain_lines
+    from service.app.check import BrokerRefusedCredentials, BrokerUnreachable
     from service.core.model import is_valid_email, normalise_email
 
     settings = _settings_or_exit(kafka_only_env(os.environ))
@@ -317,6 +319,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         )
     except BrokerUnreachable as exc:
         return _broker_unreachable("explain", settings, str(exc))
+    except BrokerRefusedCredentials as exc:
+        return _broker_refused("explain", str(exc))
     except KafkaException as exc:
         return _broker_unreachable("explain", settings, settings.redact(str(exc)))
     except (ConfigError, LookupError) as exc:
@@ -408,6 +412,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from service.adapters.ledger_store import read_list
     from service.adapters.ratelimit import RateLimitedTransport, RateLimiter
     from service.app.audit import differences, differences_json, printable, quoted
+    from service.app.check import BrokerRefusedCredentials, BrokerUnreachable
     from service.core.errors import ApiError, AuthRejected, PermanentApiError
     from service.metrics import Metrics
 
@@ -417,6 +422,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         partitions = _ledger_partitions(settings, args.timeout)
     except BrokerUnreachable as exc:
         return _broker_unreachable("reconcile", settings, str(exc))
+    except BrokerRefusedCredentials as exc:
+        return _broker_refused("reconcile", str(exc))
     except ConfigError as exc:
         print(f"ac-audience-sync reconcile: {exc.field}: {exc.why}", file=sys.stderr)
         return EXIT_CONFIG
