@@ -155,6 +155,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from service.app.runtime import tune_gc
 
     configure_logging("INFO")
+    faulthandler.enable()  # a crash in native code still prints the Python stacks
+    faulthandler.register(signal.SIGUSR1)  # stack dump of every thread, for a stuck process
     loaded = _load(os.environ)
     if isinstance(loaded, list):
         for problem in loaded:
@@ -202,8 +204,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         _exit_now(0)
     stopper.attach(runner)
     probes.runner = runner
-    faulthandler.enable()  # a crash in native code still prints the Python stacks
-    faulthandler.register(signal.SIGUSR1)  # stack dump of every thread, for a stuck process
     tune_gc()  # after start-up, so that what start-up made is frozen
     code = int(runner.run())
     health.stop()
