@@ -385,3 +385,58 @@ def test_explain_escapes_terminal_control_characters_in_what_it_prints(
     )
     assert r"ev\x1b]0;pwned\x07" in result.stdout
     assert r"aud\x00" in result.stdout
+
+
+class RegistryStub:
+    """A schema registry that wants basic auth: 200 on ``GET /subjects`` with the right
+    credentials, 401 otherwise."""
+
+    def __init__(self, user_info: str) -> None:
+        import base64
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        wanted = "Basic " + base64.b64encode(user_info.encode()).decode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                ok = self.path == "/subjects" and self.headers.get("Authorization") == wanted
+                body = b"[]" if ok else b'{"error_code": 401}'
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_check_asks_the_schema_registry_with_the_credentials_from_a_file(
+    bootstrap: str, topic: str, emulator: Emulator, tmp_path: Path
+) -> None:
+    stub = RegistryStub("sync:sr-pw-51e0")
+    try:
+        env = check_env(bootstrap, topic, emulator.url, TOKEN)
+        env["SCHEMA_REGISTRY_URL"] = stub.url
+        env["SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE"] = str(tmp_path / "user-info")
+        (tmp_path / "user-info").write_text("sync:sr-pw-51e0\n")
+        good = cli("check", env=env)
+        assert good.returncode == 0, good.stdout + good.stderr
+        assert f"OK    schema registry: {stub.url} answered" in good.stdout
+        (tmp_path / "user-info").write_text("sync:wrong-pw-77aa\n")
+        bad = cli("check", env=env)
+        assert bad.returncode == 1
+        assert "FAIL  schema registry" in bad.stdout and "refused the credentials" in bad.stdout
+        for output in (good.stdout + good.stderr, bad.stdout + bad.stderr):
+            assert "sr-pw-51e0" not in output and "wrong-pw-77aa" not in output
+    finally:
+        stub.stop()
