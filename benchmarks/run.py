@@ -75,6 +75,7 @@ def end_to_end(
         "KAFKA_PROPERTY_SESSION_TIMEOUT_MS": "6000",
         "AC_API_URL": emulator.url,
         "AC_API_TOKEN": TOKEN,
+        "AC_LIST_SENDER_URL": "https://www.ac-audience-sync.test",
         "METRICS_PORT": str(free_port()),
         "AC_BULK_IMPORT": "true" if bulk else "false",
     }
@@ -168,6 +169,7 @@ def trickle(broker: LocalBroker, work: Path, seconds: int = 30) -> list[float]:
         "KAFKA_PROPERTY_SESSION_TIMEOUT_MS": "6000",
         "AC_API_URL": emulator.url,
         "AC_API_TOKEN": TOKEN,
+        "AC_LIST_SENDER_URL": "https://www.ac-audience-sync.test",
         "METRICS_PORT": str(free_port()),
     }
     service = start_service(env, work / "trickle.log")

@@ -3,6 +3,11 @@ from AC through the rate limiter). Neither changes anything.
 
 Pure parts: ``explain_lines``/``explain_json`` (an entry -> text or JSON) and ``differences``
 (ledger states of one list vs AC's membership -> what differs and why).
+
+Text for a terminal never carries what the data says raw: ids, names and emails come from
+events and from AC, so every character that is not printable (control characters such as ESC,
+which start terminal escape sequences, NUL, bidirectional overrides) is printed as a backslash
+escape (``printable``). JSON output escapes them by itself.
 """
 
 from __future__ import annotations
@@ -17,8 +22,25 @@ from service.core.ledger import LedgerEntry, ListState, SetBy
 STATUS_WORDS = {1: "subscribed", 2: "unsubscribed"}
 
 
+def printable(text: object) -> str:
+    """``text`` with every non-printable character as a Python-style backslash escape (so a
+    terminal shows ``\\x1b[2J`` instead of clearing the screen); printable text is unchanged."""
+    value = str(text)
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
+
+
+def quoted(text: object) -> str:
+    """``printable`` in single quotes (for names)."""
+    return "'" + printable(text) + "'"
+
+
 def _time(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, ValueError, OSError):  # a hostile or broken event time
+        return f"{ms} ms since 1970 (out of range)"
 
 
 def _why(state: ListState) -> str:
@@ -76,21 +98,23 @@ def explain_json(email: str, entry: LedgerEntry | None, list_label: str | None) 
 
 def explain_lines(email: str, entry: LedgerEntry | None, list_label: str | None) -> list[str]:
     data = explain_json(email, entry, list_label)
+    who = printable(email)
     if entry is None:
-        return [f"{email}: no ledger entry (this service has applied nothing for this email)"]
-    lines = [f"{email}: AC contact id {data['contact_id'] or 'unknown (imported)'}"]
+        return [f"{who}: no ledger entry (this service has applied nothing for this email)"]
+    contact = printable(data["contact_id"]) if data["contact_id"] else "unknown (imported)"
+    lines = [f"{who}: AC contact id {contact}"]
     if not data["lists"]:
-        lines.append(f"  no state recorded for list {list_label!r}")
+        lines.append(f"  no state recorded for list {quoted(list_label)}")
     for item in data["lists"]:
         event = item["event"]
-        context = f"audience {event['audience_name']!r} ({event['audience_id']})"
+        context = f"audience {quoted(event['audience_name'])} ({printable(event['audience_id'])})"
         if event["campaign_id"]:
-            context += f", campaign {event['campaign_id']}"
+            context += f", campaign {printable(event['campaign_id'])}"
         if event["treatment_group"]:
-            context += f", treatment group {event['treatment_group']}"
+            context += f", treatment group {printable(event['treatment_group'])}"
         lines += [
-            f"  list {item['list']!r}: {item['status_name']} - {item['why']}",
-            f"    event {event['event_id']} at {event['event_time']}: {context}",
+            f"  list {quoted(item['list'])}: {item['status_name']} - {item['why']}",
+            f"    event {printable(event['event_id'])} at {event['event_time']}: {context}",
             f"    applied at {item['applied_at']} "
             f"(source partition {event['source_partition']}, offset {event['source_offset']})",
         ]

@@ -10,84 +10,225 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import functools
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
 
 from service import __version__
-from service.app.settings import Settings, load_settings
+from service.app.settings import Settings, load_settings, problems_of
 from service.app.wiring import build_runner, ensure_topics
 from service.core.errors import ConfigError
 
+T = TypeVar("T")
+
+# Exit statuses of every command (README "Commands"); ``run`` uses 0, 1 and 2.
+EXIT_OK = 0
+EXIT_FAILED = 1  # check: a check failed; explain: no entry; reconcile: the list differs
+EXIT_CONFIG = 2  # configuration (environment, librdkafka property, SASL refused), bad usage
+EXIT_BROKER_UNREACHABLE = 3
+EXIT_AC_UNREACHABLE = 4  # no answer, a timeout or a 5xx
+EXIT_AC_REFUSED = 5  # the token (or the account) refused, or the request rejected
+
 logger = logging.getLogger("service")
 
-EXIT_CONFIG = 2
+
+def _load(env: Mapping[str, str]) -> Settings | list[ConfigError]:
+    """Settings, or every configuration problem: the environment first, then the librdkafka
+    properties (by building the clients, as ``run`` will)."""
+    from service.app.check import validate_kafka_clients
+
+    try:
+        settings = load_settings(env)
+    except ConfigError as exc:
+        return list(problems_of(exc))
+    return validate_kafka_clients(settings) or settings
 
 
 def _settings_or_exit(env: Mapping[str, str]) -> Settings:
-    try:
-        return load_settings(env)
-    except ConfigError as exc:
-        print(f"ac-audience-sync: configuration error: {exc.field}: {exc.why}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from None
+    """For the CLI commands: on any problem, one line each on stderr and exit status 2."""
+    loaded = _load(env)
+    if isinstance(loaded, list):
+        for problem in loaded:
+            print(
+                f"ac-audience-sync: configuration error: {problem.field}: {problem.why}",
+                file=sys.stderr,
+            )
+        raise SystemExit(EXIT_CONFIG)
+    return loaded
+
+
+class _Stopper:
+    """SIGTERM/SIGINT handlers, installed first thing in ``run``: a signal before the runner
+    exists is remembered (start-up is abandoned), after that it asks the runner to stop. The
+    handler only sets state: writing a log line from a signal handler can interrupt another
+    write to the same stream."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._runner: Any = None
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signal = signal.Signals(signum).name
+        if self._runner is not None:
+            self._runner.request_stop()
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def attach(self, runner: Any) -> None:
+        self._runner = runner
+        if self.requested:  # a signal between the end of start-up and now
+            runner.request_stop()
+
+
+class _Probes:
+    """The health server's probes before the runner exists (start-up: alive, not ready) and
+    the runner's afterwards."""
+
+    def __init__(self) -> None:
+        self.runner: Any = None
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        if self.runner is None:
+            return True, {"starting": True}
+        return self.runner.liveness()  # type: ignore[no-any-return]
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        if self.runner is None:
+            return False, {"starting": True}
+        return self.runner.readiness()  # type: ignore[no-any-return]
+
+
+def _start_up(settings: Settings, registry: Any, stopper: _Stopper) -> Any:
+    """``ensure_topics`` and ``build_runner`` on a helper thread, so that the main thread keeps
+    handling signals while librdkafka calls block (listing topics waits up to 10 s for a broker
+    that does not answer). Returns the runner, or None when a signal came first."""
+    result: dict[str, Any] = {}
+    done = threading.Event()
+
+    def start() -> None:
+        try:
+            ensure_topics(settings)
+            result["runner"] = build_runner(settings, registry)
+        except BaseException as exc:
+            result["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=start, name="start-up", daemon=True).start()
+    while not done.wait(0.05):
+        if stopper.requested:
+            return None
+    if "error" in result:
+        raise result["error"]
+    return result["runner"]
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Leave at once: start-up threads may be blocked in librdkafka, and nothing was started
+    that needs closing (no consumer joined the group, nothing to commit)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = _settings_or_exit(os.environ)
-    from prometheus_client import CollectorRegistry
+    """The service. Exit statuses: 0 after a clean stop (SIGTERM/SIGINT, also during start-up),
+    2 for a configuration error (each problem one JSON line), 1 for a crash (one JSON line
+    with the traceback)."""
+    stopper = _Stopper()  # before anything slow: SIGTERM is honoured from the first instant
+    from prometheus_client import CollectorRegistry, ProcessCollector
 
     from service.app.health import HealthServer
     from service.app.logs import configure_logging
     from service.app.runtime import tune_gc
 
-    configure_logging(settings.log_level)
-    registry = CollectorRegistry()
-    try:
-        ensure_topics(settings)
-    except ConfigError as exc:
-        print(f"ac-audience-sync: configuration error: {exc.field}: {exc.why}", file=sys.stderr)
+    configure_logging("INFO")
+    faulthandler.enable()  # a crash in native code still prints the Python stacks
+    faulthandler.register(signal.SIGUSR1)  # stack dump of every thread, for a stuck process
+    loaded = _load(os.environ)
+    if isinstance(loaded, list):
+        for problem in loaded:
+            _log_config_error(problem)
         return EXIT_CONFIG
-    runner = build_runner(settings, registry)
-    health = HealthServer(
-        (settings.metrics_host, settings.metrics_port), registry, runner.liveness, runner.readiness
-    ).start()
+    settings = loaded
+    logging.getLogger().setLevel(settings.log_level)
+    if stopper.requested:
+        logger.info("stopped before start-up", extra={"signal": stopper.signal})
+        return 0
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # process_* series: RSS, CPU, open files
+    probes = _Probes()
+    try:
+        health = HealthServer(
+            (settings.metrics_host, settings.metrics_port),
+            registry,
+            probes.liveness,
+            probes.readiness,
+        ).start()
+    except OSError as exc:
+        where = f"{settings.metrics_host}:{settings.metrics_port}"
+        _log_config_error(ConfigError("METRICS_PORT", f"cannot listen on {where}: {exc.strerror}"))
+        return EXIT_CONFIG
     logger.info(
-        "ac-audience-sync started",
+        "ac-audience-sync starting",
         extra={
             "version": __version__,
             "metrics_port": health.port,
             "rate_limit_per_second": settings.ac_rate_limit_per_second,
         },
     )
-
-    def stop(signum: int, _frame: Any) -> None:
-        logger.info("signal received; stopping", extra={"signal": signal.Signals(signum).name})
-        runner.request_stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    faulthandler.enable()  # a crash in native code still prints the Python stacks
-    faulthandler.register(signal.SIGUSR1)  # stack dump of every thread, for a stuck process
+    try:
+        runner = _start_up(settings, registry, stopper)
+    except ConfigError as exc:
+        for problem in problems_of(exc):
+            _log_config_error(problem)
+        health.stop()
+        return EXIT_CONFIG
+    if runner is None:
+        logger.info(
+            "stopped during start-up; nothing was started", extra={"signal": stopper.signal}
+        )
+        health.stop()
+        _exit_now(0)
+    stopper.attach(runner)
+    probes.runner = runner
     tune_gc()  # after start-up, so that what start-up made is frozen
     code = int(runner.run())
     health.stop()
+    logger.info("exiting", extra={"status": code, "signal": stopper.signal})
     return code
 
 
+def _log_config_error(problem: ConfigError) -> None:
+    logger.error(
+        "configuration error: %s: %s", problem.field, problem.why, extra={"field": problem.field}
+    )
+
+
 def cmd_check(args: argparse.Namespace) -> int:
+    """Exit statuses: see ``service/app/check.py`` (0 ok, 1 a check failed, 2 configuration,
+    3 broker unreachable, 4 AC unreachable, 5 AC refused the token)."""
     from service.app.check import run_checks
 
-    try:
-        settings = load_settings(os.environ)
-    except ConfigError as exc:
-        print(f"FAIL  configuration: {exc.field}: {exc.why}")
+    loaded = _load(os.environ)
+    if isinstance(loaded, list):
+        for problem in loaded:
+            print(f"FAIL  configuration: {problem.field}: {problem.why}")
         return EXIT_CONFIG
-    print("OK    configuration")
-    return run_checks(settings, timeout=args.timeout)
+    print("OK    configuration", flush=True)
+    return run_checks(loaded, timeout=args.timeout)
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
@@ -116,12 +257,18 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ledger_partitions(settings: Settings) -> list[int]:
-    from confluent_kafka.admin import AdminClient
+def _quiet(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A client config whose librdkafka log lines are dropped: a CLI command answers in one
+    line, not with librdkafka's connection attempts."""
+    from service.app.logs import quiet_kafka_logger
 
-    admin = AdminClient(dict(settings.producer_config()))
-    # All topics, not the one: asking for one by name lets a broker auto-create it.
-    metadata = admin.list_topics(timeout=10)
+    return {**config, "logger": quiet_kafka_logger()}
+
+
+def _ledger_partitions(settings: Settings, timeout: float) -> list[int]:
+    from service.app.check import list_topics
+
+    metadata = list_topics(settings, timeout)
     topic = metadata.topics.get(settings.kafka_ledger_topic)
     if topic is None or topic.error is not None or not topic.partitions:
         raise ConfigError(
@@ -130,11 +277,35 @@ def _ledger_partitions(settings: Settings) -> list[int]:
     return sorted(topic.partitions)
 
 
+def _broker_refused(command: str, detail: str) -> int:
+    from service.app.check import REFUSED_HINT
+
+    print(
+        f"ac-audience-sync {command}: the Kafka broker refused the credentials ({detail}): "
+        f"{REFUSED_HINT}",
+        file=sys.stderr,
+    )
+    return EXIT_CONFIG
+
+
+def _broker_unreachable(command: str, settings: Settings, detail: str) -> int:
+    print(
+        f"ac-audience-sync {command}: the Kafka broker is unreachable "
+        f"({settings.kafka_bootstrap_servers}: {detail})",
+        file=sys.stderr,
+    )
+    return EXIT_BROKER_UNREACHABLE
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
-    """Print the ledger's record for one email. Needs only the Kafka settings."""
+    """Print the ledger's record for one email. Needs only the Kafka settings. Exit statuses:
+    0 found, 1 no entry, 2 configuration (or a malformed email), 3 broker unreachable."""
+    from confluent_kafka import KafkaException
+
     from service.adapters.kafka import kafka_log_reader
     from service.adapters.ledger_store import read_entry
     from service.app.audit import explain_json, explain_lines
+    from service.app.check import BrokerRefusedCredentials, BrokerUnreachable
     from service.core.model import is_valid_email, normalise_email
 
     settings = _settings_or_exit(kafka_only_env(os.environ))
@@ -143,13 +314,23 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print("ac-audience-sync explain: not a valid email address", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        partitions = _ledger_partitions(settings)
-    except ConfigError as exc:
-        print(f"ac-audience-sync: {exc.field}: {exc.why}", file=sys.stderr)
+        partitions = _ledger_partitions(settings, args.timeout)
+        entry = read_entry(
+            kafka_log_reader(_quiet(settings.consumer_config())),
+            settings.kafka_ledger_topic,
+            partitions,
+            email,
+        )
+    except BrokerUnreachable as exc:
+        return _broker_unreachable("explain", settings, str(exc))
+    except BrokerRefusedCredentials as exc:
+        return _broker_refused("explain", str(exc))
+    except KafkaException as exc:
+        return _broker_unreachable("explain", settings, settings.redact(str(exc)))
+    except (ConfigError, LookupError) as exc:
+        why = f"{exc.field}: {exc.why}" if isinstance(exc, ConfigError) else str(exc)
+        print(f"ac-audience-sync explain: {why}", file=sys.stderr)
         return EXIT_CONFIG
-    entry = read_entry(
-        kafka_log_reader(settings.consumer_config()), settings.kafka_ledger_topic, partitions, email
-    )
     if args.json:
         print(json.dumps(explain_json(email, entry, args.list), indent=2))
     else:
@@ -157,23 +338,103 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0 if entry is not None else 1
 
 
+RECONCILE_ATTEMPTS = 4
+PROGRESS_EVERY_SECONDS = 2.0
+
+
+def _retrying(call: Callable[[], T], what: str) -> T:
+    """``call`` again after a transient AC failure (a few times, with back-off): one 5xx must
+    not end a reconcile that has read thousands of members."""
+    from service.core.errors import RateLimited, TransientApiError
+
+    for attempt in range(RECONCILE_ATTEMPTS):
+        try:
+            return call()
+        except (TransientApiError, RateLimited) as exc:
+            if attempt == RECONCILE_ATTEMPTS - 1:
+                raise
+            wait = min(30.0, exc.retry_after if isinstance(exc, RateLimited) else 2.0**attempt)
+            print(
+                f"ac-audience-sync reconcile: {what}: ActiveCampaign answered {exc}; "
+                f"retrying in {wait:g}s",
+                file=sys.stderr,
+            )
+            time.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _Progress:
+    """One stderr line every few seconds while a long list is read (more than one page)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.last = time.monotonic()
+
+    def __call__(self, status: int, read: int, total: int, *, final: bool = False) -> None:
+        from service.app.audit import STATUS_WORDS, quoted
+        from service.core.acapi import PAGE_SIZE
+
+        now = time.monotonic()
+        if total <= PAGE_SIZE or (not final and now - self.last < PROGRESS_EVERY_SECONDS):
+            return
+        self.last = now
+        print(
+            f"ac-audience-sync reconcile: list {quoted(self.label)}: {read} of {total} "
+            f"{STATUS_WORDS[status]} member(s) read from AC",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _members(tool: Any, list_id: str, status: int, progress: _Progress) -> dict[str, str]:
+    """Every contact with ``status`` on the list, by keyset pages (stable while the list
+    changes), with progress and retries."""
+    from service.core import acapi
+
+    result: dict[str, str] = {}
+    after: int | None = None
+    while True:
+        page = _retrying(
+            functools.partial(
+                tool.call, acapi.contacts_page(list_id=list_id, status=status, id_greater=after)
+            ),
+            "reading members",
+        )
+        result.update(page.contacts)
+        done = len(page.contacts) < acapi.PAGE_SIZE or page.last_id < 0
+        progress(status, len(result), max(page.total, len(result)), final=done)
+        if done:
+            return result
+        after = page.last_id
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    """Compare AC's membership of one list with the ledger; change nothing."""
+    """Compare AC's membership of one list with the ledger; change nothing. Exit statuses:
+    0 they agree, 1 they differ, 2 configuration (or no such list), 3 broker unreachable,
+    4 AC unreachable, 5 AC refused the token or the request."""
+    from confluent_kafka import KafkaException
+
     from service.adapters.ac_http import AcTool
     from service.adapters.kafka import kafka_log_reader
     from service.adapters.ledger_store import read_list
-    from service.app.audit import differences, differences_json
+    from service.app.audit import differences, differences_json, printable, quoted
+    from service.app.check import BrokerRefusedCredentials, BrokerUnreachable
     from service.core import acapi
-    from service.core.errors import ApiError
+    from service.core.errors import AccountBlocked, ApiError, PermanentApiError
 
     settings = _settings_or_exit(os.environ)
     label = args.list
     try:
-        partitions = _ledger_partitions(settings)
+        partitions = _ledger_partitions(settings, args.timeout)
+    except BrokerUnreachable as exc:
+        return _broker_unreachable("reconcile", settings, str(exc))
+    except BrokerRefusedCredentials as exc:
+        return _broker_refused("reconcile", str(exc))
     except ConfigError as exc:
-        print(f"ac-audience-sync: {exc.field}: {exc.why}", file=sys.stderr)
+        print(f"ac-audience-sync reconcile: {exc.field}: {exc.why}", file=sys.stderr)
         return EXIT_CONFIG
-    # The tools' ticks of the account budget: reconcile shares the 5/s with the service.
+    # The tools' ticks of the account budget: reconcile shares the 5/s with the service
+    # (``--exclusive`` when the service is stopped: every tick).
     tool = AcTool(
         settings.ac_base_url,
         lambda: settings.current_token().reveal(),
@@ -181,42 +442,68 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         guard=settings.ac_rate_guard_seconds,
         tools_every=settings.ac_tools_tick_every,
         timeout=settings.ac_request_timeout_seconds,
+        exclusive=args.exclusive,
     )
+    progress = _Progress(label)
     try:
-        list_id = label[1:] if label.startswith("#") else tool.call(acapi.find_list(label))
+        list_id = (
+            label[1:]
+            if label.startswith("#")
+            else _retrying(lambda: tool.call(acapi.find_list(label)), "finding the list")
+        )
         if list_id is None:
-            print(f"ac-audience-sync reconcile: no list named {label!r} in AC", file=sys.stderr)
+            print(
+                f"ac-audience-sync reconcile: no list named {quoted(label)} in AC", file=sys.stderr
+            )
             return EXIT_CONFIG
-        ac_status = {e: 2 for e in tool.call(acapi.members(list_id, 2))}
-        ac_status.update({e: 1 for e in tool.call(acapi.members(list_id, 1))})
+        ac_status = {e: 2 for e in _members(tool, list_id, 2, progress)}
+        ac_status.update({e: 1 for e in _members(tool, list_id, 1, progress)})
     except ApiError as exc:
-        print(f"ac-audience-sync reconcile: ActiveCampaign: {exc}", file=sys.stderr)
-        return 3
+        refused = isinstance(exc, AccountBlocked | PermanentApiError)
+        what = "refused the request" if refused else "is unreachable"
+        print(
+            f"ac-audience-sync reconcile: ActiveCampaign ({settings.ac_api_url}) {what}: "
+            f"{settings.redact(str(exc))}",
+            file=sys.stderr,
+        )
+        return EXIT_AC_REFUSED if refused else EXIT_AC_UNREACHABLE
     finally:
         tool.close()
-    entries = read_list(
-        kafka_log_reader(settings.consumer_config()), settings.kafka_ledger_topic, partitions, label
-    )
+    if len(ac_status) > PROGRESS_MIN_MEMBERS:
+        print("ac-audience-sync reconcile: reading the ledger", file=sys.stderr, flush=True)
+    try:
+        entries = read_list(
+            kafka_log_reader(_quiet(settings.consumer_config())),
+            settings.kafka_ledger_topic,
+            partitions,
+            label,
+        )
+    except KafkaException as exc:
+        return _broker_unreachable("reconcile", settings, settings.redact(str(exc)))
     found = differences(label, entries, ac_status)
     in_ledger = sum(1 for e in entries.values() if e.state(label) is not None)
     if args.json:
         print(differences_json(label, found, in_ledger, len(ac_status)))
     else:
         print(
-            f"list {label!r}: {in_ledger} email(s) in the ledger, {len(ac_status)} member(s) in AC, "
-            f"{len(found)} difference(s)"
+            f"list {quoted(label)}: {in_ledger} email(s) in the ledger, {len(ac_status)} "
+            f"member(s) in AC, {len(found)} difference(s)"
         )
         for item in found:
-            print(f"  {item.email}: ledger {item.ledger}, AC {item.ac}: {item.meaning}")
+            print(f"  {printable(item.email)}: ledger {item.ledger}, AC {item.ac}: {item.meaning}")
     return 1 if found else 0
+
+
+PROGRESS_MIN_MEMBERS = 1000
 
 
 def kafka_only_env(env: Mapping[str, str]) -> dict[str, str]:
     """``explain`` reads only Kafka: stand-ins for the AC settings it never uses."""
     merged = dict(env)
-    merged.setdefault("AC_API_URL", "http://unused.invalid")
+    merged.setdefault("AC_API_URL", "https://unused.invalid")
     if not merged.get("AC_API_TOKEN") and not merged.get("AC_API_TOKEN_FILE"):
         merged["AC_API_TOKEN"] = "unused"  # noqa: S105 - a stand-in, never sent
+    merged["AC_CREATE_LISTS"] = "false"  # explain creates nothing: no sender URL needed
     return merged
 
 
@@ -238,7 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
-        "run", help="run the service", description="Run the sync service until SIGTERM."
+        "run",
+        help="run the service",
+        description="Run the sync service until SIGTERM. Exit status: 0 after SIGTERM/SIGINT "
+        "(also during start-up), 2 configuration error (one JSON line per problem), 1 crash.",
     )
     run.set_defaults(func=cmd_run)
 
@@ -246,7 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="check config, broker, topic and token",
         description="Check the configuration, that the broker answers, that the topic exists and "
-        "that ActiveCampaign accepts the token. Exits non-zero on any failure.",
+        "that ActiveCampaign accepts the token. Exit status: 0 all passed, 1 a check failed, "
+        "2 configuration error, 3 broker unreachable, 4 ActiveCampaign unreachable, "
+        "5 ActiveCampaign refused the token.",
     )
     check.add_argument("--timeout", type=float, default=10.0, help="seconds per check (default 10)")
     check.set_defaults(func=cmd_check)
@@ -274,11 +566,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="why an email is (not) in a list, from the ledger",
         description="Print what the service last applied for one email, per list: status, "
         "who set it, the event that set it (id, time, audience, campaign, treatment group) and "
-        "when it was applied. Reads the ledger topic only. Exit 1 when there is no entry.",
+        "when it was applied. Reads the ledger topic only. Exit status: 0 found, 1 no entry, "
+        "2 configuration error, 3 broker unreachable.",
     )
     explain.add_argument("email", help="the email (matched in its normalised form)")
     explain.add_argument("--list", help="only this list (its name, or #id)")
     explain.add_argument("--json", action="store_true", help="print JSON")
+    explain.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)"
+    )
     explain.set_defaults(func=cmd_explain)
 
     reconcile = sub.add_parser(
@@ -286,10 +582,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare a list in AC with the ledger (read-only)",
         description="Read the list's members from ActiveCampaign (through the rate limiter) and "
         "print where they differ from the ledger: manual edits, people who unsubscribed "
-        "themselves. Changes nothing. Exit 0 when they agree, 1 when they differ.",
+        "themselves. Changes nothing. Progress goes to stderr for long lists. Exit status: "
+        "0 they agree, 1 they differ, 2 configuration error or no such list, 3 broker "
+        "unreachable, 4 ActiveCampaign unreachable, 5 ActiveCampaign refused the token or "
+        "the request.",
     )
     reconcile.add_argument("--list", required=True, help="the list (its name, or #id)")
     reconcile.add_argument("--json", action="store_true", help="print JSON")
+    reconcile.add_argument(
+        "--exclusive",
+        action="store_true",
+        help="use every tick of the request budget (only while the service is stopped; by "
+        "default reconcile sends in the ticks kept for tools, AC_TOOLS_TICK_EVERY)",
+    )
+    reconcile.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)"
+    )
     reconcile.set_defaults(func=cmd_reconcile)
 
     demo = sub.add_parser(

@@ -70,6 +70,7 @@ def run_demo(*, events: int, emails: int, audiences: int, rate_limit: float) -> 
                 "KAFKA_PROPERTY_SESSION_TIMEOUT_MS": "6000",
                 "AC_API_URL": emulator.url,
                 "AC_API_TOKEN": TOKEN,
+                "AC_LIST_SENDER_URL": "https://www.ac-audience-sync.test",
                 "AC_RATE_LIMIT_PER_SECOND": f"{rate_limit:g}",
                 "COALESCE_WINDOW_SECONDS": "2",
                 "COMMIT_INTERVAL_SECONDS": "1",

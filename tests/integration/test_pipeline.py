@@ -115,7 +115,7 @@ def test_sigkill_at_random_moments_loses_nothing(
     service.start()
     wait_for_lag_zero(bootstrap, "g-kill", topic, ends, timeout=300, services=services)
     assert subscribed(emulator_lists(fast_emulator)) == subscribed(samples.expected)
-    assert len(service.app.logs) == 5
+    assert len(service.logs) == 5
 
 
 def test_ac_faults_keep_state_exact_and_never_exceed_5_per_second(

@@ -94,6 +94,9 @@ def service_env(
         "KAFKA_PROPERTY_HEARTBEAT_INTERVAL_MS": "1000",
         "AC_API_URL": emulator.url,
         "AC_API_TOKEN": TOKEN,
+        # Lists are created (the default): AC requires a sender URL, and the service refuses
+        # none or an example domain. ".test" is reserved for tests (RFC 2606).
+        "AC_LIST_SENDER_URL": "https://www.ac-audience-sync.test",
         "COALESCE_WINDOW_SECONDS": "1",
         "COMMIT_INTERVAL_SECONDS": "0.5",
         "AC_REQUEST_TIMEOUT_SECONDS": "2",
