@@ -1,5 +1,6 @@
 import io
 import json
+import tracemalloc
 from typing import Any
 
 import fastavro
@@ -68,6 +69,8 @@ def test_garbage(value: bytes | None, reason: str) -> None:
         ({"audience_id": ""}, "missing_field"),
         ({"audience_name": " "}, "missing_field"),
         ({"email": "a@b"}, "invalid_email"),
+        ({"email": "\u212aevin@b.co"}, "invalid_email"),  # KELVIN SIGN: not kevin@b.co
+        ({"email": "\u00a0kevin@b.co"}, "invalid_email"),  # a non-ASCII space is not trimmed
     ],
 )
 def test_invalid_fields(changes: dict[str, Any], reason: str) -> None:
@@ -187,18 +190,58 @@ def test_decode_batch_of_good_records_reads_them_in_order() -> None:
     ]
 
 
-def test_email_cache_normalises_remembers_and_stays_bounded() -> None:
-    cache = EmailCache(max_entries=2)
+def test_a_padded_email_keeps_nothing_of_its_padding() -> None:
+    """Issue 19: a megabyte of spaces before a valid address decodes (the trim is the rule), and
+    neither the email cache nor the event keeps the megabyte."""
+    decoder = EventDecoder(load_reader_schema(logical_types=False))
+    values = [
+        encode_event(event(email=" " * (1_000_000 + i) + "victim@example.com"), SCHEMA)
+        for i in range(5)
+    ]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        events = decoder.decode_batch(values)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert [e.email for e in events] == ["victim@example.com"] * 5  # type: ignore[union-attr]
+    assert kept < 100_000  # the five events and one cache entry, not five megabytes
+
+
+def test_email_cache_normalises_remembers_and_stays_bounded_by_bytes() -> None:
+    cache = EmailCache(max_bytes=1000)
     assert cache(" A@Example.com") == "a@example.com"
     assert cache(" A@Example.com") is cache(" A@Example.com")
-    cache("b@example.com")
-    cache("c@example.com")  # full: forgets, then remembers this one
-    assert len(cache) == 1
-    assert cache["c@example.com"] == "c@example.com"  # a hit: the dict alone, no Python code
+    assert set(cache) == {" A@Example.com", "a@example.com"}  # the spelling and the email
+    assert cache["a@example.com"] == "a@example.com"  # a hit: the dict alone, no Python code
     with pytest.raises(PoisonMessage) as info:
         cache["not-an-email"]
     assert info.value.reason == "invalid_email"
     assert "not-an-email" not in cache
+    for i in range(100):
+        cache(f"Person{i}@example.com")
+        assert cache.used <= cache.max_bytes
+        assert sum(len(k) + 112 for k in cache) == cache.used
+    long = " " * 400 + "B@Example.com"
+    assert cache(long) == "b@example.com"
+    assert long not in cache  # a spelling longer than any email plus some spaces: not a key
+    assert "b@example.com" in cache
+
+
+def test_email_cache_memory_is_what_it_counts() -> None:
+    """``max_bytes`` is honest: the cache's real size stays within it (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        cache = EmailCache(max_bytes=2_000_000)
+        for i in range(60_000):
+            cache(f" Person.Number{i}@Example.com ")
+        size = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert cache.used <= 2_000_000
+    assert size < 1.5 * 2_000_000
 
 
 @pytest.mark.parametrize(
