@@ -74,7 +74,9 @@ def completed(importer: BulkImporter, batch_id: str) -> tuple[list[str], list[st
 
 
 def members(emu: Emulator, name: str) -> dict[str, int]:
-    return httpx.get(emu.url + "/_emulator/state").json()["lists"][name]["members"]  # type: ignore[no-any-return]
+    return httpx.get(emu.url + "/_emulator/state", headers=emu.inspection_headers).json()["lists"][
+        name
+    ]["members"]  # type: ignore[no-any-return]
 
 
 def test_import_applies_lists_and_validates_against_openapi(
@@ -110,7 +112,9 @@ def test_one_malformed_email_is_set_aside_and_the_rest_sent_again(
     assert len(members(fast, "VIP")) == 12
     statuses = [
         r["status"]
-        for r in httpx.get(fast.url + "/_emulator/requests").json()["requests"]
+        for r in httpx.get(
+            fast.url + "/_emulator/requests", headers=fast.inspection_headers
+        ).json()["requests"]
         if r["endpoint"] == "/import/bulk_import"
     ]
     assert statuses == [400, 200]
@@ -151,7 +155,11 @@ def test_excluded_email_is_reported_as_a_failure(
     fast: Emulator, importer: tuple[BulkImporter, ValidatingTransport]
 ) -> None:
     bulk, _ = importer
-    httpx.post(fast.url + "/_emulator/exclusions", json={"emails": ["p3@example.com"]})
+    httpx.post(
+        fast.url + "/_emulator/exclusions",
+        json={"emails": ["p3@example.com"]},
+        headers=fast.inspection_headers,
+    )
     result = bulk.submit([group(f"p{i}@example.com") for i in range(10)])
     assert result.batch_id
     _, failure = completed(bulk, result.batch_id)
@@ -187,9 +195,15 @@ def opted_out_after_import(
     assert submitted.batch_id is not None
     success, failure = completed(bulk, submitted.batch_id)
     assert failure == [] and len(success) == others + 1
-    before = len(httpx.get(fast.url + "/_emulator/requests").json()["requests"])
+    before = len(
+        httpx.get(fast.url + "/_emulator/requests", headers=fast.inspection_headers).json()[
+            "requests"
+        ]
+    )
     kept = bulk.opted_out(target, {g.email for g in groups}, success)
-    log = httpx.get(fast.url + "/_emulator/requests").json()["requests"][before:]
+    log = httpx.get(fast.url + "/_emulator/requests", headers=fast.inspection_headers).json()[
+        "requests"
+    ][before:]
     return kept, sum(1 for r in log if r["endpoint"] == "/contacts")
 
 
