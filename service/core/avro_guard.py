@@ -336,6 +336,8 @@ class _Walk:
         """``count`` items of a primitive ``kind`` (null, int, long, bytes or string), each after
         its key when ``keyed``: the common arrays and maps, without a ``node`` call each."""
         self.left -= count
+        if self.left < 0:
+            raise _Bad(f"the record holds more than {MAX_VALUES} values")
         if kind == _NULL and not keyed:
             return pos  # items of no bytes: the budget alone bounds them
         long, skip_bytes = self.long, self.skip_bytes
