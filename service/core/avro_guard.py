@@ -291,10 +291,37 @@ class _Walk:
                 raise _Bad(f"union index {index} names no branch")
             return self.node(node.items[index], pos, depth + 1)
         if kind == _RECORD:
-            for field in node.items:
-                pos = self.node(field, pos, depth + 1)
-            return pos
+            return self.fields(node.items, pos, depth + 1)
         return self.blocks(node, pos, depth + 1)
+
+    def fields(self, fields: tuple[_Node, ...], pos: int, depth: int) -> int:
+        """A record's fields. Strings with a one-byte length, and unions with a one-byte index
+        whose branch is null, are read here (most fields of most records): the same checks as
+        ``node``, without its calls."""
+        value, end = self.value, self.end
+        for field in fields:
+            kind = field.kind
+            if pos < end:
+                x = value[pos]
+                if kind == _BYTES and x < 0x80:
+                    self.left -= 1
+                    if x & 1 or self.left < 0:
+                        pos = self.node(field, pos, depth)  # it names the problem
+                        continue
+                    pos += 1 + (x >> 1)
+                    if pos > end:
+                        raise _Bad("a length is negative or past the end of the record")
+                    continue
+                if kind == _UNION and x < 0x80 and not x & 1:
+                    branches = field.items
+                    if (x >> 1) < len(branches) and branches[x >> 1].kind == _NULL:
+                        self.left -= 2
+                        if self.left >= 0:
+                            pos += 1
+                            continue
+                        self.left += 2
+            pos = self.node(field, pos, depth)
+        return pos
 
     def blocks(self, node: _Node, pos: int, depth: int) -> int:
         """An array's or a map's blocks: a count, (a byte size when the count is negative),
