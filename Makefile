@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint typecheck unit component integration bench bench-ledger clean
+.PHONY: help install demo test lint typecheck unit component integration fuzz bench bench-ledger clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ component: $(STAMP) ## component tests (emulator over sockets, runner with fakes
 
 integration: $(STAMP) ## integration tests (real broker, emulator, CLI processes)
 	$(BIN)/python -m pytest -q tests/integration
+
+fuzz: $(STAMP) ## long fuzz run: tests/fuzz with 50x the examples, random seed (ACSYNC_FUZZ_FACTOR=N)
+	ACSYNC_FUZZ_PROFILE=long $(BIN)/python -m pytest -q -p no:cacheprovider tests/fuzz
 
 bench: $(STAMP) ## the benchmark: prints throughput, requests, latency, CPU (not a pass/fail test)
 	$(BIN)/python benchmarks/run.py

@@ -93,8 +93,10 @@ def end_to_end(
     finally:
         service.send_signal(signal.SIGTERM)
         service.wait(60)
-    state = httpx.get(emulator.url + "/_emulator/state").json()
-    log = httpx.get(emulator.url + "/_emulator/requests").json()["requests"]
+    state = httpx.get(emulator.url + "/_emulator/state", headers=emulator.inspection_headers).json()
+    log = httpx.get(
+        emulator.url + "/_emulator/requests", headers=emulator.inspection_headers
+    ).json()["requests"]
     emulator.stop()
     done_events = sum(ends.values()) - remaining
     applied = {"entered": 0.0, "exited": 0.0}
@@ -202,7 +204,9 @@ def trickle(broker: LocalBroker, work: Path, seconds: int = 30) -> list[float]:
             deadline = time.time() + 1.0
             while time.time() < deadline:
                 members = (
-                    httpx.get(emulator.url + "/_emulator/state")
+                    httpx.get(
+                        emulator.url + "/_emulator/state", headers=emulator.inspection_headers
+                    )
                     .json()["lists"]
                     .get("Trickle", {})
                     .get("members", {})
@@ -213,7 +217,7 @@ def trickle(broker: LocalBroker, work: Path, seconds: int = 30) -> list[float]:
         deadline = time.time() + 30
         while sent and time.time() < deadline:
             members = (
-                httpx.get(emulator.url + "/_emulator/state")
+                httpx.get(emulator.url + "/_emulator/state", headers=emulator.inspection_headers)
                 .json()["lists"]
                 .get("Trickle", {})
                 .get("members", {})

@@ -20,8 +20,11 @@ DLQ_REASONS = (
     "missing_field",
     "invalid_email",
     "no_list_name",
+    "invalid_field",
     "list_missing",
+    "list_limit",
     "ac_rejected",
+    "retries_exhausted",
 )
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120)

@@ -232,11 +232,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from service.devtools.emulator.server import Emulator
+    from service.devtools.emulator.server import Emulator, emulator_token
 
-    token = args.token or os.environ.get("AC_API_TOKEN")
+    # Never $AC_API_TOKEN: in a production pod that is the real account's token.
+    token = emulator_token(args.token, os.environ)
     if not token:
-        print("ac-audience-sync emulator: give --token or set AC_API_TOKEN", file=sys.stderr)
+        print("ac-audience-sync emulator: give --token or set EMULATOR_TOKEN", file=sys.stderr)
         return EXIT_CONFIG
     low, _, high = args.latency_ms.partition("-")
     emulator = Emulator(
@@ -551,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=8080)
-    emulator.add_argument("--token", help="the accepted Api-Token (default: $AC_API_TOKEN)")
+    emulator.add_argument("--token", help="the accepted Api-Token (default: $EMULATOR_TOKEN)")
     emulator.add_argument(
         "--rate-limit", type=float, default=5.0, help="requests per second (default 5)"
     )

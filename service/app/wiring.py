@@ -28,7 +28,8 @@ def build_runner(settings: Settings, registry: Any) -> Loop:
     from service.app.logs import EmailHasher
     from service.app.runtime import Collector
     from service.clock import SystemClock
-    from service.core.codec import EventDecoder, SchemaRegistryClient, load_reader_schema
+    from service.adapters.schema_registry import SchemaRegistryLookup
+    from service.core.codec import EventDecoder, load_reader_schema
     from service.metrics import Metrics
     from service.pipeline.loop import Ports
 
@@ -53,14 +54,21 @@ def build_runner(settings: Settings, registry: Any) -> Loop:
     driver = HttpDriver(http, lambda: settings.current_token().reveal(), metrics, clock.monotonic)
     lookup = None
     if settings.schema_registry_url:
-        registry_http = httpx.Client(timeout=10.0)
-
-        def http_get(url: str) -> tuple[int, bytes]:
-            response = registry_http.get(url)
-            return response.status_code, response.content
-
-        lookup = SchemaRegistryClient(settings.schema_registry_url, http_get)
-    decoder = EventDecoder(load_reader_schema(logical_types=False), lookup)
+        user = password = None
+        if settings.schema_registry_basic_auth_user_info is not None:
+            user, _, password = settings.schema_registry_basic_auth_user_info.reveal().partition(
+                ":"
+            )
+        lookup = SchemaRegistryLookup(
+            settings.schema_registry_url,
+            basic_auth_user=user,
+            basic_auth_password=password,
+            ca_location=settings.schema_registry_ca_location,
+            cert_location=settings.schema_registry_cert_location,
+            key_location=settings.schema_registry_key_location,
+            timeout=settings.schema_registry_timeout_seconds,
+        )
+    decoder = EventDecoder(load_reader_schema(logical_types=False), lookup, clock=clock.monotonic)
     key = settings.email_hash_key.reveal().encode() if settings.email_hash_key else None
     hasher = EmailHasher(key)
 

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.core.acapi import IDS_PER_READ, Call, bulk_import, contacts_page
+from service.core.acapi import IDS_PER_READ, PAGE_SIZE, Call, bulk_import, contacts_page
 from service.core.errors import ApiError, PermanentApiError
 
 MAX_CONTACTS = 250
@@ -147,14 +147,21 @@ class Verified:
 
     subscribed: dict[str, str] = field(default_factory=dict)
     reads: int = 0
+    unasked: set[str] = field(default_factory=set)  # left for a later verification
 
 
 def verify_exits(list_id: str, emails: Mapping[str, str | None]) -> Call[Verified]:
     """Ask AC which of ``emails`` (email -> contact id when known) are still subscribed (status
-    1) to the list: ``ids[]`` 100 at a time for known ids, one email at a time for the rest.
-    Asked right before the unsubscribe is sent: a 2 found here is the person's own."""
+    1) to the list. Asked right before the unsubscribe is sent: a 2 found here is the person's.
+
+    Known ids are asked 100 at a time (``ids[]``). Emails whose id is unknown (subscribed by an
+    import, which does not say which id is whose) are asked one at a time, unless reading the
+    list's subscribed members page by page (keyset on the id, 100 a page) costs fewer requests:
+    then one pass answers them all and learns their ids. The first page says how many pages the
+    pass would take (``meta.total``), so the choice costs one request at most."""
     result = Verified()
     known = sorted({cid for cid in emails.values() if cid})
+    unknown = sorted(e for e, cid in emails.items() if not cid)
     for start in range(0, len(known), IDS_PER_READ):
         chunk = known[start : start + IDS_PER_READ]
         page = yield from contacts_page(list_id=list_id, status=1, ids=chunk)
@@ -162,9 +169,35 @@ def verify_exits(list_id: str, emails: Mapping[str, str | None]) -> Call[Verifie
         result.subscribed.update(
             {email: cid for email, cid in page.contacts.items() if email in emails}
         )
-    for email in sorted(e for e, cid in emails.items() if not cid):
+    if len(unknown) > SCAN_AFTER:
+        first = yield from contacts_page(list_id=list_id, status=1)
+        result.reads += 1
+        pages = -(-max(first.total, 0) // PAGE_SIZE)
+        if first.total >= 0 and pages - 1 < len(unknown):
+            wanted = set(unknown)
+            page = first
+            while True:
+                result.subscribed.update({e: c for e, c in page.contacts.items() if e in wanted})
+                if len(page.contacts) < PAGE_SIZE or page.last_id < 0:
+                    return result
+                page = yield from contacts_page(list_id=list_id, status=1, id_greater=page.last_id)
+                result.reads += 1
+        # Fewer emails than pages: one at a time after all (the first page may answer some).
+        result.subscribed.update({e: c for e, c in first.contacts.items() if e in unknown})
+    asked = 0
+    for email in unknown:
+        if email in result.subscribed:
+            continue
+        if asked >= ONE_BY_ONE:
+            result.unasked.add(email)  # answers spread over many seconds would be stale
+            continue
+        asked += 1
         page = yield from contacts_page(list_id=list_id, status=1, email=email, limit=1)
         result.reads += 1
         if email in page.contacts:
             result.subscribed[email] = page.contacts[email]
     return result
+
+
+SCAN_AFTER = 4  # unknown ids in one verification before reading the list is considered
+ONE_BY_ONE = 8  # unknown ids asked one at a time in one verification (the rest: the next)

@@ -150,11 +150,11 @@ class Coalescer:
             current.raw = raw
             current.offsets.append(offset)
             # A new event: what was decided for the old one (an exit checked and found still
-            # subscribed, a back-off) no longer holds.
+            # subscribed, a back-off) no longer holds. ``force_single`` stays: AC refused the
+            # email in an import, and a new event does not change the email.
             current.verified_at = 0.0
-            if current.attempts or current.force_single:
+            if current.attempts:
                 current.attempts = 0
-                current.force_single = False
                 current.failing_since = None
             return True
         due_at = now + self.window
@@ -272,6 +272,7 @@ class Coalescer:
         newer = self._pending.get(change.key)
         if newer is not None:
             newer.offsets[:0] = change.offsets
+            newer.force_single = newer.force_single or change.force_single
             return
         change.due_at = not_before
         self._insert(change)

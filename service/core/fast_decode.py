@@ -14,13 +14,17 @@ fastavro, which also names any error. It never returns a different answer. It re
 common shape and leaves everything else to fastavro:
 - every string, map count and map entry shorter than 64 bytes (a one-byte length);
 - unions ``null | string`` with branch index 0 or 1, the enum with index 0 or 1;
-- ``occurred_at`` as a plain long of at most 9 bytes (below 2**62, as fastavro's 64-bit read);
+- ``occurred_at`` as a plain long of at most 9 bytes, within ``model.OCCURRED_AT_RANGE_MS``;
+- at most ``model.MAX_ATTRIBUTES`` attributes;
 - the record ends exactly where its bytes end;
 - event id, audience id and audience name not blank (``to_event``'s checks, so its reasons
   stay the only ones).
+Everything it reads is therefore also within the bounds ``avro_guard.check_record`` enforces
+before fastavro reads a record, so declining is the only way it differs from ``decode``.
 
-It is used only when the writer's and reader's schemas both have ``LAYOUT`` (``layout_of``):
-with a registry, per writer schema id.
+It is used only when the writer's and reader's schemas both have ``LAYOUT`` (``layout_of``),
+names included (a renamed record or enum is left to fastavro, which refuses it as ``decode``
+does): with a registry, per writer schema id.
 """
 
 from __future__ import annotations
@@ -28,31 +32,45 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from service.core.model import NO_ATTRIBUTES, Action, MembershipEvent
+from service.core.model import (
+    MAX_ATTRIBUTES,
+    NO_ATTRIBUTES,
+    OCCURRED_AT_MAX_MS,
+    OCCURRED_AT_MIN_MS,
+    Action,
+    MembershipEvent,
+)
 
 LayoutType = Any
+Layout = tuple[str, tuple[tuple[str, LayoutType], ...]]
 
-# The schema's fields as ``layout_of`` describes them (schemas/segment_membership_change.avsc
-# read with ``logical_types=False``: ``occurred_at`` as the long it is on the wire).
-LAYOUT: tuple[tuple[str, LayoutType], ...] = (
-    ("event_id", "string"),
-    ("occurred_at", "long"),
-    ("email", "string"),
-    ("audience_id", "string"),
-    ("audience_name", "string"),
-    ("action", ("enum", ("ENTERED", "EXITED"))),
-    ("campaign_id", ("union", "null", "string")),
-    ("treatment_group", ("union", "null", "string")),
-    ("attributes", ("map", "string")),
+# The schema as ``layout_of`` describes it (schemas/segment_membership_change.avsc; ``occurred_at``
+# as the long it is on the wire, with or without its ``timestamp-millis``): the record's full
+# name and its fields.
+LAYOUT: Layout = (
+    "com.cdp.audience.SegmentMembershipChange",
+    (
+        ("event_id", "string"),
+        ("occurred_at", "long"),
+        ("email", "string"),
+        ("audience_id", "string"),
+        ("audience_name", "string"),
+        ("action", ("enum", "com.cdp.audience.MembershipAction", ("ENTERED", "EXITED"))),
+        ("campaign_id", ("union", "null", "string")),
+        ("treatment_group", ("union", "null", "string")),
+        ("attributes", ("map", "string")),
+    ),
 )
 
 
-def layout_of(schema: Any) -> tuple[tuple[str, LayoutType], ...] | None:
-    """A parsed record schema's fields as (name, type) with docs, names and defaults left out
-    (they do not change the bytes); None if it is not a record."""
+def layout_of(schema: Any) -> Layout | None:
+    """A parsed record schema as (full name, fields as (name, type)), with docs and defaults
+    left out (they do not change the bytes); None if it is not a record. Record and enum names
+    are kept: schema resolution compares them, so a renamed writer schema is not ours."""
     if not isinstance(schema, dict) or schema.get("type") != "record":
         return None
-    return tuple((field["name"], _type_of(field["type"])) for field in schema["fields"])
+    fields = tuple((field["name"], _type_of(field["type"])) for field in schema["fields"])
+    return (schema.get("name", ""), fields)
 
 
 def _type_of(schema: Any) -> LayoutType:
@@ -62,15 +80,20 @@ def _type_of(schema: Any) -> LayoutType:
         return schema  # a primitive, or the name of a named type (then no match)
     kind = schema.get("type")
     if kind == "enum":
-        return ("enum", tuple(schema["symbols"]))
+        return ("enum", schema.get("name", ""), tuple(schema["symbols"]))
     if kind == "map":
         return ("map", _type_of(schema["values"]))
+    if kind == "long" and schema.get("logicalType") == "timestamp-millis":
+        # The same bytes: fastavro reads a datetime that ``to_event`` turns back into exactly
+        # these milliseconds, so a registered copy of our .avsc is our layout.
+        return "long"
     if "logicalType" in schema or kind in ("record", "array", "fixed"):
         return ("other", repr(schema))
     return _type_of(kind)
 
 
 _ACTION_BY_INDEX = (Action.ENTERED, Action.EXITED)  # the enum's symbols, in LAYOUT's order
+_MIN_MS, _MAX_MS = OCCURRED_AT_MIN_MS, OCCURRED_AT_MAX_MS
 _new_tuple = tuple.__new__
 
 
@@ -101,6 +124,8 @@ def read_event(value: bytes, start: int, email_of: Callable[[str], str]) -> Memb
             number |= (x & 0x7F) << shift
             shift += 7
         occurred = (number >> 1) ^ -(number & 1)
+        if not _MIN_MS <= occurred <= _MAX_MS:
+            return None  # to_event names it
         x = value[pos]  # email
         if x & 0x81:
             return None
@@ -185,11 +210,15 @@ def _string(value: bytes, pos: int) -> tuple[str, int]:
 def _string_map(value: bytes, pos: int) -> tuple[dict[str, str], int]:
     """A non-empty map of strings: blocks of entries, ended by a zero count."""
     entries: dict[str, str] = {}
+    total = 0  # entries read, a repeated key included (as ``avro_guard`` counts them)
     x = value[pos]
     while x:
         if x & 0x81:  # a negative count (a block with its size) or 64+ entries
             raise _NotHere
         pos += 1
+        total += x >> 1
+        if total > MAX_ATTRIBUTES:
+            raise _NotHere
         for _ in range(x >> 1):
             key, pos = _string(value, pos)
             entries[key], pos = _string(value, pos)

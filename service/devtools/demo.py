@@ -37,8 +37,23 @@ def peak_per_second(times: list[float], window: float = 1.0) -> int:
 
 
 def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - local emulator
+    """A GET of the emulator's inspection API (it wants the emulator's token)."""
+    request = urllib.request.Request(url, headers={"Api-Token": TOKEN})  # noqa: S310 - local
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - local emulator
         return json.loads(response.read())
+
+
+# What the child keeps of this process's environment: how to find programs and libraries, the
+# locale and the time zone. Nothing else: a shell's real AC_API_TOKEN, KAFKA_PROPERTY_* or
+# SCHEMA_REGISTRY_* must neither reach the demo's service nor change what it does.
+CHILD_ENVIRONMENT = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+
+
+def child_environment(parent: dict[str, str], settings: dict[str, str]) -> dict[str, str]:
+    """The demo service's whole environment: ``settings`` and the few variables above."""
+    env = {name: parent[name] for name in CHILD_ENVIRONMENT if name in parent}
+    env.update(settings)
+    return env
 
 
 def run_demo(*, events: int, emails: int, audiences: int, rate_limit: float) -> int:
@@ -61,8 +76,8 @@ def run_demo(*, events: int, emails: int, audiences: int, rate_limit: float) -> 
             f"produced : {events} events, {emails} emails, {audiences} audiences, "
             f"{samples.invalid} with invalid emails"
         )
-        env = dict(os.environ)
-        env.update(
+        env = child_environment(
+            dict(os.environ),
             {
                 "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
                 "KAFKA_TOPIC": topic,
@@ -75,7 +90,7 @@ def run_demo(*, events: int, emails: int, audiences: int, rate_limit: float) -> 
                 "COALESCE_WINDOW_SECONDS": "2",
                 "COMMIT_INTERVAL_SECONDS": "1",
                 "METRICS_PORT": str(metrics_port),
-            }
+            },
         )
         log_path = workdir / "service.log"
         started = time.monotonic()

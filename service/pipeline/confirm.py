@@ -29,6 +29,8 @@ from service.core.backoff import backoff_delay
 from service.core.coalesce import Coalescer, ListRef, PendingChange
 from service.core.errors import ApiError, PermanentApiError, PoisonMessage
 from service.core.ledger import (
+    SUBSCRIBED_BY_IMPORT,
+    UNSUBSCRIBED_BY_US,
     Known,
     LedgerEntry,
     ListState,
@@ -292,6 +294,41 @@ class Confirmer:
         resolved = entry._replace(lists=tuple(lists), contact_id=contact_id or entry.contact_id)
         if resolved != entry:
             self.ledger.write(partition, email, resolved, lambda: None)
+
+    def landed(self, email: str, partition: int, generation: int) -> None:
+        """A previous owner's import reached AC: a state it announced (pending, through an
+        import, one status) now holds what the import set. A state with any other write
+        pending stays uncertain (it is read from AC before anything is decided)."""
+        if not self.ownership.owns(partition, generation):
+            return
+        entry = self.ledger.get(partition, email)
+        if entry is None:
+            return
+        lists = []
+        for state in entry.lists:
+            if state.pending_import and len(state.pending_statuses) == 1:
+                known = SUBSCRIBED_BY_IMPORT if 1 in state.pending_statuses else UNSUBSCRIBED_BY_US
+                state = state._replace(
+                    status=known.status,
+                    set_by=known.set_by,
+                    verified=known.verified,
+                    pending=0,
+                    pending_since_ms=0,
+                )
+            lists.append(state)
+        landed = entry._replace(lists=tuple(lists))
+        if landed != entry:
+            self.ledger.write(partition, email, landed, lambda: None)
+
+    def remember_contact(
+        self, email: str, partition: int, generation: int, contact_id: str
+    ) -> None:
+        """Keep a contact id learned from AC in the email's entry (if it has one)."""
+        if not self.ownership.owns(partition, generation):
+            return
+        entry = self.ledger.get(partition, email)
+        if entry is not None and entry.contact_id != contact_id:
+            self.ledger.write(partition, email, entry._replace(contact_id=contact_id), lambda: None)
 
     def clear_pending(self, changes: list[PendingChange], generation: int) -> None:
         """The write was refused for sure (it never reached AC's data): the state is what it

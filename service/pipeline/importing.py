@@ -215,6 +215,10 @@ class Importing:
             elif isinstance(action, lifecycle.Release):
                 desk.release(action.emails)
                 desk.adopted -= action.emails
+            elif isinstance(action, lifecycle.Landed):
+                for email in action.emails:
+                    if email not in action.failed:
+                        desk.confirm.landed(email, action.partition, action.generation)
 
     def _clear_pending(self, changes: list[PendingChange], stamp: Mapping[int, int]) -> None:
         by_email: dict[tuple[str, int], list[PendingChange]] = {}

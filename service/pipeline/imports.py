@@ -148,7 +148,18 @@ class Release:
     emails: set[str]
 
 
-Action = WriteIntent | DeleteIntent | WriteBudget | Record | Requeue | Fail | Release
+@dataclass
+class Landed:
+    """A previous owner's import completed: its emails' states announced through it (pending,
+    by import) are what AC now holds, except for the emails AC reports as failed."""
+
+    partition: int
+    emails: tuple[str, ...]
+    failed: set[str]
+    generation: int
+
+
+Action = WriteIntent | DeleteIntent | WriteBudget | Record | Requeue | Fail | Release | Landed
 
 
 @dataclass
@@ -371,7 +382,14 @@ class ImportLifecycle:
                     known[index] = None  # rode along for the fields: the state is unchanged
             actions.append(Record(group, known, imp.stamp))
         if retry:
-            actions.append(Requeue(retry, imp.stamp, force_single=True))
+            # AC reports these emails as failed: nothing of the import reached them.
+            actions.append(Requeue(retry, imp.stamp, force_single=True, not_queued=True))
+        if imp.adopted:
+            # A previous owner's import: no changes of ours ride on it, but its emails' pending
+            # states can be settled from its outcome (no read of each contact needed).
+            actions += [
+                Landed(p, emails, failed, imp.stamp.get(p, -1)) for p, emails in imp.emails.items()
+            ]
         return actions + self._close(imp, release=True)
 
     def _resend(self, imp: Import) -> list[Action]:
@@ -445,6 +463,7 @@ class ImportLifecycle:
             existing = self.imports.get(intent.intent_id)
             if existing is not None:  # the same import touched several of our partitions
                 existing.emails[partition] = intent.emails
+                existing.stamp.update(stamp)
                 continue
             self.imports[intent.intent_id] = imp
             if imp.state is State.UNKNOWN:

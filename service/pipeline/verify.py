@@ -26,7 +26,7 @@ from service.pipeline.desk import Desk, Ready, Route
 from service.pipeline.dispatch import RecheckTask, VerifyTask
 
 VERIFY_GATHER_SECONDS = 0.2
-VERIFY_READS_PER_TASK = 4
+VERIFY_BATCH = 250
 VERIFY_FRESH_SECONDS = 10.0  # an exit's "still subscribed" is trusted this long
 NOT_SUBSCRIBED = Known(2, SetBy.UNKNOWN, True)  # an exit found nothing of ours to undo
 
@@ -76,20 +76,12 @@ class Verification:
                     break
 
     def _batch(self, queue: deque[Ready]) -> list[Ready]:
-        """Up to ``VERIFY_READS_PER_TASK`` reads' worth of exits of one list."""
+        """Up to ``VERIFY_BATCH`` exits of one list (``verify_exits`` chooses how to ask)."""
         batch: list[Ready] = []
-        reads = known = 0
-        while queue and reads < VERIFY_READS_PER_TASK:
+        while queue and len(batch) < VERIFY_BATCH:
             ready = queue.popleft()
-            if not self.desk.owns(ready):
-                continue
-            if self.desk.contact_id(ready.email, ready.partition) is None:
-                reads += 1
-            else:
-                known += 1
-                if known % acapi.IDS_PER_READ == 1:
-                    reads += 1
-            batch.append(ready)
+            if self.desk.owns(ready):
+                batch.append(ready)
         return batch
 
     def _ask(self, ref: ListRef, batch: list[Ready]) -> None:
@@ -112,6 +104,9 @@ class Verification:
             if not desk.ownership.owns(changes[0].partition, generation):
                 desk.release({email})
                 continue
+            if email in result.unasked:
+                self.route(generation, changes, now)  # asked in a later verification
+                continue
             contact_id = result.subscribed.get(email)
             done: list[PendingChange] = []
             for change in changes:
@@ -122,6 +117,10 @@ class Verification:
                     change.plan = Plan.UNSUBSCRIBE
                     change.contact_id = contact_id
                     change.verified_at = now
+            if contact_id is not None:
+                # Learned (an import does not say which id is whose): kept in the ledger, so
+                # the next exit of this contact is asked by id, a hundred to a request.
+                desk.confirm.remember_contact(email, changes[0].partition, generation, contact_id)
             if done:
                 known = {i: NOT_SUBSCRIBED for i in range(len(done))}
                 desk.confirm.record(done, known, generation, list_ids=desk.list_ids(done))

@@ -73,7 +73,7 @@ def completed(ac: Ac, batch_id: str) -> acapi.ImportStatus:
 
 def members(emu: Emulator, name: str) -> dict[str, int]:
     with emu.account.lock:
-        return emu.account.snapshot(time.monotonic())["lists"][name]["members"]  # type: ignore[no-any-return]
+        return emu.account.snapshot(time.time())["lists"][name]["members"]  # type: ignore[no-any-return]
 
 
 def entry(email: str, lists: dict[str, int], **fields: str) -> dict[str, Any]:

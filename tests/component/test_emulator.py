@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.devtools.emulator.server import Emulator
+from service.devtools.emulator.server import Emulator, emulator_token
 from tests.conftest import TOKEN
 from tests.support.openapi import ValidatingTransport
 
@@ -39,7 +39,7 @@ def client(
 
 
 def state(emu: Emulator) -> dict[str, Any]:
-    return httpx.get(emu.url + "/_emulator/state").json()  # type: ignore[no-any-return]
+    return httpx.get(emu.url + "/_emulator/state", headers=emu.inspection_headers).json()  # type: ignore[no-any-return]
 
 
 def make_list(c: httpx.Client, name: str) -> str:
@@ -78,7 +78,11 @@ def test_wrong_token_is_403(fast: Emulator) -> None:
 
 
 def test_bad_token_html_login_page_fault(fast: Emulator) -> None:
-    httpx.post(fast.url + "/_emulator/faults", json={"html_login_on_bad_token": True})
+    httpx.post(
+        fast.url + "/_emulator/faults",
+        json={"html_login_on_bad_token": True},
+        headers=fast.inspection_headers,
+    )
     with client(fast, token="wrong") as c:
         r = c.get("lists")
     assert r.status_code == 200
@@ -136,7 +140,11 @@ def test_contact_sync_is_case_insensitive(fast: Emulator, validating: Validating
 
 
 def test_exclusion_list(fast: Emulator) -> None:
-    httpx.post(fast.url + "/_emulator/exclusions", json={"emails": ["blocked@example.com"]})
+    httpx.post(
+        fast.url + "/_emulator/exclusions",
+        json={"emails": ["blocked@example.com"]},
+        headers=fast.inspection_headers,
+    )
     with client(fast) as c:
         r = c.post("contact/sync", json={"contact": {"email": "Blocked@example.com"}})
         assert r.status_code == 422
@@ -214,7 +222,11 @@ def wait_completed(c: httpx.Client, batch: str) -> dict[str, Any]:
 def test_bulk_import_is_asynchronous_and_reports(
     fast: Emulator, validating: ValidatingTransport
 ) -> None:
-    httpx.post(fast.url + "/_emulator/exclusions", json={"emails": ["x3@example.com"]})
+    httpx.post(
+        fast.url + "/_emulator/exclusions",
+        json={"emails": ["x3@example.com"]},
+        headers=fast.inspection_headers,
+    )
     with client(fast, validating) as c:
         list_id = make_list(c, "Imported")
         r = c.post(
@@ -305,10 +317,16 @@ def test_import_rate_limits_answer_400(fast: Emulator) -> None:
 
 
 def test_faults_5xx_and_request_log(fast: Emulator) -> None:
-    httpx.post(fast.url + "/_emulator/faults", json={"error_5xx_ratio": 1.0})
+    httpx.post(
+        fast.url + "/_emulator/faults",
+        json={"error_5xx_ratio": 1.0},
+        headers=fast.inspection_headers,
+    )
     with client(fast) as c:
         assert c.get("lists").status_code in (500, 502, 503)
-    log = httpx.get(fast.url + "/_emulator/requests").json()["requests"]
+    log = httpx.get(fast.url + "/_emulator/requests", headers=fast.inspection_headers).json()[
+        "requests"
+    ]
     assert log[-1]["endpoint"] == "/lists"
     assert log[-1]["status"] >= 500
 
@@ -317,6 +335,7 @@ def test_fault_429_storm_with_long_retry_after(fast: Emulator) -> None:
     httpx.post(
         fast.url + "/_emulator/faults",
         json={"storm_429_ratio": 1.0, "storm_429_retry_after": 40, "storm_429_seconds": 30},
+        headers=fast.inspection_headers,
     )
     with client(fast) as c:
         r = c.get("lists")
@@ -325,15 +344,97 @@ def test_fault_429_storm_with_long_retry_after(fast: Emulator) -> None:
 
 
 def test_fault_latency_and_timeout(fast: Emulator) -> None:
-    httpx.post(fast.url + "/_emulator/faults", json={"latency_ms": [200, 200]})
+    httpx.post(
+        fast.url + "/_emulator/faults",
+        json={"latency_ms": [200, 200]},
+        headers=fast.inspection_headers,
+    )
     with client(fast) as c:
         began = time.monotonic()
         c.get("lists")
         assert time.monotonic() - began >= 0.2
-    httpx.post(fast.url + "/_emulator/faults", json={"timeout_ratio": 1.0, "timeout_seconds": 2})
+    httpx.post(
+        fast.url + "/_emulator/faults",
+        json={"timeout_ratio": 1.0, "timeout_seconds": 2},
+        headers=fast.inspection_headers,
+    )
     with client(fast) as c, pytest.raises(httpx.ReadTimeout):
         c.get("lists", timeout=0.5)
 
 
 def test_unknown_fault_is_refused(fast: Emulator) -> None:
-    assert httpx.post(fast.url + "/_emulator/faults", json={"nonsense": 1}).status_code == 400
+    assert (
+        httpx.post(
+            fast.url + "/_emulator/faults", json={"nonsense": 1}, headers=fast.inspection_headers
+        ).status_code
+        == 400
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "route"),
+    [
+        ("GET", "state"),
+        ("GET", "requests"),
+        ("GET", "health"),
+        ("POST", "faults"),
+        ("POST", "exclusions"),
+        ("POST", "self-unsubscribe"),
+        ("POST", "reset"),
+    ],
+)
+def test_inspection_routes_need_a_token(fast: Emulator, method: str, route: str) -> None:
+    """The state holds every contact's email and the routes change the account."""
+    url = f"{fast.url}/_emulator/{route}"
+    for headers in ({}, {"Api-Token": "wrong"}, {"Api-Token": ""}):
+        r = httpx.request(method, url, json={}, headers=headers)
+        assert r.status_code == 403, (headers, r.text)
+    allowed = httpx.request(method, url, json={}, headers={"Api-Token": TOKEN})
+    assert allowed.status_code != 403
+
+
+def test_inspection_works_while_the_api_refuses_every_token(fast: Emulator) -> None:
+    """The auth_failure fault is about AC's routes; the tests must still read and undo it."""
+    set_fault = httpx.post(
+        fast.url + "/_emulator/faults", json={"auth_failure": True}, headers=fast.inspection_headers
+    )
+    assert set_fault.status_code == 200
+    with client(fast) as c:
+        assert c.get("lists").status_code == 403
+    assert state(fast)["lists"] == {}
+    httpx.post(fast.url + "/_emulator/faults", json={}, headers=fast.inspection_headers)
+    with client(fast) as c:
+        assert c.get("lists").status_code == 200
+
+
+def test_the_emulator_token_is_explicit_never_ac_api_token() -> None:
+    production = {"AC_API_TOKEN": "the-real-token"}
+    assert emulator_token(None, production) is None
+    assert emulator_token("", production) is None
+    assert emulator_token(None, {**production, "EMULATOR_TOKEN": "emu"}) == "emu"
+    assert emulator_token("cli", {**production, "EMULATOR_TOKEN": "emu"}) == "cli"
+    for tokens in (set(), {""}):
+        with pytest.raises(ValueError):
+            Emulator(tokens=tokens)
+
+
+def test_the_demo_gives_its_service_a_minimal_environment() -> None:
+    """A shell's real credentials never reach the demo's service (issue 19, item 8)."""
+    from service.devtools.demo import child_environment
+
+    parent = {
+        "PATH": "/usr/bin",
+        "LANG": "C.UTF-8",
+        "AC_API_TOKEN": "the-real-token",
+        "AC_API_TOKEN_FILE": "/var/run/secrets/token",
+        "KAFKA_PROPERTY_SASL_PASSWORD": "secret",
+        "SCHEMA_REGISTRY_URL": "https://registry.prod",
+        "AWS_SECRET_ACCESS_KEY": "x",
+    }
+    env = child_environment(parent, {"AC_API_TOKEN": "demo-token", "KAFKA_TOPIC": "t"})
+    assert env == {
+        "PATH": "/usr/bin",
+        "LANG": "C.UTF-8",
+        "AC_API_TOKEN": "demo-token",
+        "KAFKA_TOPIC": "t",
+    }

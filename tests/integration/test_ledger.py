@@ -72,6 +72,7 @@ def self_unsubscribe(emulator: Emulator, email: str, list_name: str) -> None:
     response = httpx.post(
         f"{emulator.url}/_emulator/self-unsubscribe",
         json={"email": email, "list": list_name},
+        headers=emulator.inspection_headers,
         timeout=10,
     )
     assert response.status_code == 200 and response.json()["ok"] is True, response.text
@@ -84,7 +85,9 @@ def ledger_entries(bootstrap: str, topic: str) -> dict[str, Any]:
 
 
 def list_id_of(emulator: Emulator, name: str) -> str:
-    state = httpx.get(emulator.url + "/_emulator/state", timeout=10).json()
+    state = httpx.get(
+        emulator.url + "/_emulator/state", timeout=10, headers=emulator.inspection_headers
+    ).json()
     return str(state["lists"][name]["id"])
 
 
@@ -277,7 +280,12 @@ def test_kill_9_between_the_ac_write_and_the_ledger_write_ends_exact(
 
 
 def set_faults(emulator: Emulator, faults: dict[str, Any]) -> None:
-    response = httpx.post(emulator.url + "/_emulator/faults", json=faults, timeout=10)
+    response = httpx.post(
+        emulator.url + "/_emulator/faults",
+        json=faults,
+        timeout=10,
+        headers=emulator.inspection_headers,
+    )
     assert response.status_code == 200, response.text
 
 

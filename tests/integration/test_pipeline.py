@@ -280,7 +280,11 @@ def test_permanent_ac_refusal_goes_to_dlq_with_acs_code(
 ) -> None:
     samples = make_samples(events=200, emails=20, audiences=1, seed=17)
     excluded = "person00003@example.com"
-    httpx.post(fast_emulator.url + "/_emulator/exclusions", json={"emails": [excluded]})
+    httpx.post(
+        fast_emulator.url + "/_emulator/exclusions",
+        json={"emails": [excluded]},
+        headers=fast_emulator.inspection_headers,
+    )
     ends = produce(bootstrap, topic, samples.records)
     service = ServiceProcess(
         service_env(bootstrap, topic, "g-perm", fast_emulator, AC_RATE_LIMIT_PER_SECOND=FAST),

@@ -59,6 +59,7 @@ class Profile:
     drain_limit: float = 900.0  # virtual seconds allowed to drain after the last fault
     max_pending: int = 2000
     bulk_min: int = 10
+    crash_every: float = 0.0  # kill a replica this often (virtual seconds) until drained
 
     @classmethod
     def draw(cls, rng: random.Random) -> Profile:
@@ -292,6 +293,8 @@ class Simulation:
             world.after(2.0, memory)
 
         world.after(2.0, memory)
+        if p.crash_every:
+            self._crash_periodically(p.crash_every)
         world.run(until=end_of_faults)
         deadline = world.now + p.drain_limit
         while world.now < deadline and not self.drained():
@@ -303,6 +306,20 @@ class Simulation:
         self.report.imports = sum(1 for a in self.account.arrivals if a.contacts > 1)
         self.checks.final()
         return self.report
+
+    def _crash_periodically(self, every: float) -> None:
+        def crash() -> None:
+            if self.drained():
+                return
+            live = [r for r in self.replicas.values() if r.actor.alive]
+            if live:
+                self.world.rng.choice(live).crash()
+                self.report.crashes += 1
+                self.world.after(0.5, self.start_replica)
+                self.report.restarts += 1
+            self.world.after(every, crash)
+
+        self.world.after(every, crash)
 
     def drained(self) -> bool:
         for partition in range(self.profile.partitions):

@@ -134,12 +134,16 @@ def wait_for_lag_zero(
 
 
 def emulator_lists(emulator: Emulator) -> dict[str, dict[str, int]]:
-    state = httpx.get(emulator.url + "/_emulator/state", timeout=10).json()
+    state = httpx.get(
+        emulator.url + "/_emulator/state", timeout=10, headers=emulator.inspection_headers
+    ).json()
     return {name: data["members"] for name, data in state["lists"].items()}
 
 
 def request_log(emulator: Emulator) -> list[dict[str, Any]]:
-    return httpx.get(emulator.url + "/_emulator/requests", timeout=10).json()["requests"]  # type: ignore[no-any-return]
+    return httpx.get(
+        emulator.url + "/_emulator/requests", timeout=10, headers=emulator.inspection_headers
+    ).json()["requests"]  # type: ignore[no-any-return]
 
 
 def max_in_any_second(times: list[float]) -> int:

@@ -1,7 +1,7 @@
-"""``fast_decode.read_event`` against fastavro: the same answer, or it declines.
+"""``fast_decode.read_event`` against ``EventDecoder.decode``: the same answer, or it declines.
 
-The reference is what the service did before the fast reader existed, and still does for every
-record the fast reader declines: ``fastavro.schemaless_reader`` then ``to_event``.
+The reference is what the service does for every record the fast reader declines: the bounds
+check (``avro_guard``), ``fastavro.schemaless_reader``, then ``to_event``.
 """
 
 import io
@@ -16,31 +16,25 @@ from hypothesis import strategies as st
 from service.core.codec import (
     EmailCache,
     EventDecoder,
-    SchemaRegistryClient,
     confluent_frame,
     encode_event,
     load_reader_schema,
-    to_event,
+    parse_writer_schema,
 )
 from service.core.errors import PoisonMessage
 from service.core.fast_decode import LAYOUT, layout_of, read_event
+from service.core.model import MAX_ATTRIBUTES, OCCURRED_AT_MAX_MS, OCCURRED_AT_MIN_MS
 from service.devtools.samples import make_samples
 
 SCHEMA = load_reader_schema(logical_types=False)
 
 
 def reference(value: bytes) -> Any:
-    """fastavro and ``to_event``: the event, or ("poison", reason, message)."""
+    """``decode`` (bounds, fastavro, ``to_event``): the event, or ("poison", reason, message)."""
     try:
-        buffer = io.BytesIO(value)
-        record = fastavro.schemaless_reader(buffer, SCHEMA, None)
-        if buffer.tell() != len(value):
-            return ("poison", "undecodable", "trailing bytes")
-        return to_event(record, EmailCache())
+        return EventDecoder(SCHEMA).decode(value)
     except PoisonMessage as poison:
         return ("poison", poison.reason, str(poison))
-    except Exception:
-        return ("poison", "undecodable", "fastavro failed")
 
 
 def fast(value: bytes) -> Any:
@@ -187,8 +181,8 @@ RECORD: dict[str, Any] = {
     [
         {"attributes": {"first_name": "Jane", "last_name": "Doe"}},
         {"campaign_id": "c-1", "treatment_group": "control"},
-        {"occurred_at": -1},
-        {"occurred_at": 2**62 - 1},
+        {"occurred_at": OCCURRED_AT_MIN_MS},
+        {"occurred_at": OCCURRED_AT_MAX_MS},
         {"audience_name": "  Padded  "},
     ],
 )
@@ -206,6 +200,10 @@ def test_the_less_common_fields_are_read_here_too(changes: dict[str, Any]) -> No
         {"audience_id": ""},
         {"email": "x" * 70 + "@example.com"},  # a two-byte length
         {"occurred_at": 2**63 - 1},  # a ten-byte long
+        {"occurred_at": 2**62 - 1},  # out of range (to_event names it)
+        {"occurred_at": OCCURRED_AT_MIN_MS - 1},
+        {"occurred_at": OCCURRED_AT_MAX_MS + 1},
+        {"occurred_at": -1},
     ],
 )
 def test_unusual_records_are_left_to_fastavro(changes: dict[str, Any]) -> None:
@@ -219,16 +217,54 @@ def test_unusual_records_are_left_to_fastavro(changes: dict[str, Any]) -> None:
         assert decoded == expected
 
 
-def test_layout_is_our_schema_read_as_plain_longs_only() -> None:
+def changed(change: Any) -> Any:
+    copy = json.loads(json.dumps(SCHEMA_JSON))
+    change(copy)
+    return fastavro.parse_schema(copy)
+
+
+def test_layout_is_our_schema_names_included() -> None:
     assert layout_of(SCHEMA) == LAYOUT
-    assert layout_of(load_reader_schema()) != LAYOUT  # timestamp-millis: fastavro's datetime
-    newer = json.loads(json.dumps(SCHEMA_JSON))
-    newer["fields"].append({"name": "score", "type": "double", "default": 0.0})
-    assert layout_of(fastavro.parse_schema(newer)) != LAYOUT
-    renamed = json.loads(json.dumps(SCHEMA_JSON))
-    renamed["fields"][5]["type"]["symbols"] = ["EXITED", "ENTERED"]  # same names, other order
-    assert layout_of(fastavro.parse_schema(renamed)) != LAYOUT
+    # timestamp-millis: the same bytes (to_event turns fastavro's datetime back exactly)
+    assert layout_of(load_reader_schema()) == LAYOUT
+    assert changed(lambda s: None) is not None and layout_of(changed(lambda s: None)) == LAYOUT
+    for change in [
+        lambda s: s["fields"].append({"name": "score", "type": "double", "default": 0.0}),
+        lambda s: s["fields"][5]["type"].update(symbols=["EXITED", "ENTERED"]),  # other order
+        lambda s: s["fields"][5]["type"].update(name="Renamed"),  # the enum renamed
+        lambda s: s["fields"][5]["type"].update(namespace="com.other"),
+        lambda s: s.update(name="Renamed"),  # the record renamed
+        lambda s: s.update(namespace="com.other"),
+        lambda s: s["fields"][1].update(type={"type": "long", "logicalType": "timestamp-micros"}),
+    ]:
+        assert layout_of(changed(change)) != LAYOUT
     assert layout_of("string") is None
+
+
+def map_blocks(*blocks: list[tuple[str, str]]) -> bytes:
+    """An ``attributes`` map written as the given blocks (each under 64 entries)."""
+    out = bytearray()
+    for block in blocks:
+        out.append(len(block) * 2)
+        for key, value in block:
+            out += bytes([len(key) * 2]) + key.encode() + bytes([len(value) * 2]) + value.encode()
+    return bytes(out + b"\x00")
+
+
+def test_the_fast_reader_reads_attributes_up_to_the_limit_only() -> None:
+    """The limit counts entries as written (a repeated key too), as avro_guard does."""
+    head = encode_event({**RECORD, "attributes": {}}, SCHEMA)[:-1]
+    full = [[(f"k{b}.{i}", "v") for i in range(MAX_ATTRIBUTES // 8)] for b in range(8)]
+    value = head + map_blocks(*full)
+    assert fast(value) is not None
+    assert fast(value) == reference(value)
+    assert len(fast(value).attributes) == MAX_ATTRIBUTES
+    for over in (
+        head + map_blocks(*full, [("x", "y")]),
+        head + map_blocks(*([[("k", "v")] * 60] * 5)),
+    ):
+        assert fast(over) is None
+        assert reference(over)[:2] == ("poison", "invalid_field")
 
 
 SCHEMA_JSON: dict[str, Any] = {
@@ -252,12 +288,11 @@ SCHEMA_JSON: dict[str, Any] = {
 }
 
 
-def registry(schemas: dict[int, dict[str, Any]]) -> SchemaRegistryClient:
-    def get(url: str) -> tuple[int, bytes]:
-        schema_id = int(url.rsplit("/", 1)[1])
-        return 200, json.dumps({"schema": json.dumps(schemas[schema_id])}).encode()
+def registry(schemas: dict[int, dict[str, Any]]) -> Any:
+    def lookup(schema_id: int) -> Any:
+        return parse_writer_schema(json.dumps(schemas[schema_id]))
 
-    return SchemaRegistryClient("http://registry", get)
+    return lookup
 
 
 def test_with_a_registry_the_fast_path_is_per_writer_schema() -> None:
@@ -273,6 +308,6 @@ def test_with_a_registry_the_fast_path_is_per_writer_schema() -> None:
     other = confluent_frame(4, buffer.getvalue())
     batch = decoder.decode_batch([same, other, same, other])
     assert [getattr(e, "email", None) for e in batch] == ["a@b.io"] * 4
-    assert decoder._fast_ids == {3: True, 4: False}
+    assert {k: w.fast for k, w in decoder._writers.items()} == {3: True, 4: False}
     assert decoder._fast_start(same) == 5
     assert decoder._fast_start(other) is None

@@ -1,21 +1,38 @@
 """HTTP front of the emulator: a real threaded server (stdlib), one ``Account`` behind a lock.
 
 Besides AC's routes under ``/api/3`` it serves an inspection API for tests and humans under
-``/_emulator`` (no token needed): ``GET state``, ``GET requests``, ``POST faults``,
-``POST exclusions``, ``POST self-unsubscribe``, ``POST reset``.
+``/_emulator``: ``GET state``, ``GET requests``, ``GET health``, ``POST faults``,
+``POST exclusions``, ``POST self-unsubscribe``, ``POST delete-list``, ``POST reset``. Every inspection request needs
+an ``Api-Token`` header holding one of the emulator's tokens (403 otherwise), whatever the
+faults say: the state holds every contact's email, and the routes change the account.
+
+The emulator's tokens are always given explicitly (``--token`` or ``EMULATOR_TOKEN``, see
+``emulator_token``): never ``AC_API_TOKEN``, which in a production pod is the real token.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from service.core.model import normalise_email
 from service.devtools.emulator.state import Account, Response
+
+TOKEN_VARIABLE = "EMULATOR_TOKEN"  # noqa: S105 - the name of a variable, not a token
+
+
+def emulator_token(explicit: str | None, environ: Mapping[str, str]) -> str | None:
+    """The token the emulator accepts: ``explicit`` (``--token``), else ``EMULATOR_TOKEN``.
+    Never ``AC_API_TOKEN``: in a production pod that is the real account's token, and an
+    emulator started there must not accept (or be inspected with) it."""
+    return explicit or environ.get(TOKEN_VARIABLE) or None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -46,6 +63,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()
         account = self.server.account
         if parts.path.startswith("/_emulator/"):
+            if not self._may_inspect():
+                self._send(Response(403, {"error": "an Api-Token header the emulator accepts"}))
+                return
             self._inspect(method, parts.path.removeprefix("/_emulator/"), parts.query, body)
             return
         headers = {k.lower(): v for k, v in self.headers.items()}
@@ -54,6 +74,10 @@ class _Handler(BaseHTTPRequestHandler):
         if response.delay > 0:
             time.sleep(response.delay)
         self._send(response)
+
+    def _may_inspect(self) -> bool:
+        given = (self.headers.get("Api-Token") or "").encode()
+        return any(hmac.compare_digest(given, token.encode()) for token in self.server.tokens)
 
     def _send(self, response: Response) -> None:
         if response.html is not None:
@@ -83,33 +107,43 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(Response(400, {"error": "body is not JSON"}))
             return
         with account.lock:
-            if method == "GET" and path == "state":
-                result: Any = account.snapshot(now)
-            elif method == "GET" and path == "requests":
-                since = float(params.get("since", "0"))
-                result = {"now": now, "requests": [asdict(r) for r in account.log if r.t >= since]}
-            elif method == "POST" and path == "faults":
-                try:
-                    result = asdict(account.set_faults(data, now))
-                except (ValueError, TypeError) as exc:
-                    self._send(Response(400, {"error": str(exc)}))
-                    return
-            elif method == "POST" and path == "exclusions":
-                account.exclusions.update(e.strip().lower() for e in data.get("emails", []))
-                result = {"exclusions": sorted(account.exclusions)}
-            elif method == "POST" and path == "self-unsubscribe":
-                result = {"ok": account.self_unsubscribe(data["email"], data["list"])}
-            elif method == "POST" and path == "delete-list":
-                result = {"ok": account.delete_list(data["list"])}
-            elif method == "POST" and path == "reset":
-                account.reset()
-                result = {"ok": True}
-            elif method == "GET" and path == "health":
-                result = {"ok": True}
-            else:
-                self._send(Response(404, {"error": f"no inspection route {method} {path}"}))
-                return
-        self._send(Response(200, result))
+            try:
+                response = self._route(account, method, path, params, data, now)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                response = Response(400, {"error": f"bad request: {type(exc).__name__}: {exc}"})
+        self._send(response)
+
+    @staticmethod
+    def _route(
+        account: Account,
+        method: str,
+        path: str,
+        params: dict[str, str],
+        data: Any,
+        now: float,
+    ) -> Response:
+        if method == "GET" and path == "state":
+            return Response(200, account.snapshot(now))
+        if method == "GET" and path == "requests":
+            since = float(params.get("since", "0"))
+            return Response(
+                200, {"now": now, "requests": [asdict(r) for r in account.log if r.t >= since]}
+            )
+        if method == "POST" and path == "faults":
+            return Response(200, asdict(account.set_faults(data, now)))
+        if method == "POST" and path == "exclusions":
+            account.exclusions.update(normalise_email(str(e)) for e in data.get("emails", []))
+            return Response(200, {"exclusions": sorted(account.exclusions)})
+        if method == "POST" and path == "self-unsubscribe":
+            return Response(200, {"ok": account.self_unsubscribe(data["email"], data["list"])})
+        if method == "POST" and path == "delete-list":
+            return Response(200, {"ok": account.delete_list(data["list"])})
+        if method == "POST" and path == "reset":
+            account.reset()
+            return Response(200, {"ok": True})
+        if method == "GET" and path == "health":
+            return Response(200, {"ok": True})
+        return Response(404, {"error": f"no inspection route {method} {path}"})
 
 
 class EmulatorHTTPServer(ThreadingHTTPServer):
@@ -119,10 +153,15 @@ class EmulatorHTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], account: Account) -> None:
         super().__init__(address, _Handler)
         self.account = account
+        # The inspection API's tokens: the account's at start (faults never change these).
+        self.tokens = frozenset(account.tokens)
 
 
 class Emulator:
-    """Runs the emulator on a background thread (tests, the demo) or in the foreground (CLI)."""
+    """Runs the emulator on a background thread (tests, the demo) or in the foreground (CLI).
+
+    ``tokens``: the Api-Tokens it accepts, for AC's routes and its inspection API alike; at
+    least one, none empty (``emulator_token`` reads the CLI's)."""
 
     def __init__(
         self,
@@ -134,9 +173,16 @@ class Emulator:
         import_delay: float = 2.0,
         seed: int | None = None,
     ) -> None:
+        if not tokens or not all(tokens):
+            raise ValueError("the emulator needs a token (--token or EMULATOR_TOKEN)")
         self.account = Account(tokens, rate_limit=rate_limit, import_delay=import_delay, seed=seed)
         self.httpd = EmulatorHTTPServer((host, port), self.account)
         self._thread: threading.Thread | None = None
+
+    @property
+    def inspection_headers(self) -> dict[str, str]:
+        """Headers for the ``/_emulator`` routes (one of the accepted tokens)."""
+        return {"Api-Token": min(self.httpd.tokens)}
 
     @property
     def url(self) -> str:
