@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import httpx
 
-from service.adapters.ratelimit import URGENT, LimiterClosed
+from service.adapters.ratelimit import PRIORITY, LimiterClosed
 from service.core.acapi import ApiCall, Call, Reply, run_sync
 from service.metrics import Metrics
 
@@ -44,7 +44,7 @@ class HttpDriver:
                 params=list(call.params) or None,
                 json=call.body,
                 headers={"Api-Token": self._token(), "Accept": "application/json"},
-                extensions={URGENT: True} if call.urgent else None,
+                extensions={PRIORITY: call.priority},
             )
             response = self._http.send(request)
         except httpx.TimeoutException:

@@ -7,7 +7,8 @@ wraps any httpx transport so that no request, retries and lookups included, can 
 Waiters queue for the next slot; one at a time books it and sleeps until it starts (so a slot
 is never lost to a late wake-up). ``urgent`` waiters go ahead of every normal one that has not
 booked yet: bulk imports, because AC allows only 100 a minute and an import that waits behind
-reads for its request slot holds a worker past the next import tick. A booked slot is void when
+reads for its request slot holds a worker past the next import tick; ``background`` waiters
+(learning contact ids) only get a slot no one else is waiting for. A booked slot is void when
 the bucket's epoch changes (a 429's pause, a new share after a rebalance): its holder books
 again, so no request leaves in a tick that is no longer ours.
 """
@@ -25,7 +26,7 @@ import httpx
 from service.core.acapi import pause_after
 from service.core.budget import LeakyBucket
 
-URGENT = "ac_sync_urgent"  # request extension: this request goes ahead of normal waiters
+PRIORITY = "ac_sync_priority"  # request extension: 0 urgent, 1 normal, 2 background
 _MAX_WAIT = 1.0  # a waiter re-checks at least this often (shares and pauses can change)
 
 
@@ -49,7 +50,7 @@ class RateLimiter:
         self._bucket = LeakyBucket(rate, guard, tools_every=tools_every)
         self._lock = threading.Lock()
         self._turn = threading.Condition(self._lock)
-        self._queue: list[tuple[int, int]] = []  # (0 urgent / 1 normal, arrival): not booked yet
+        self._queue: list[tuple[int, int]] = []  # (priority, arrival): not booked yet
         self._tickets = itertools.count()
         self._booked = False  # a waiter holds the next slot and sleeps until it starts
         self._closed = False
@@ -95,11 +96,13 @@ class RateLimiter:
             self._closed = True
             self._turn.notify_all()
 
-    def acquire(self, *, urgent: bool = False) -> float:
-        """Block until this caller may send one request; return the seconds waited."""
+    def acquire(self, *, urgent: bool = False, priority: int | None = None) -> float:
+        """Block until this caller may send one request; return the seconds waited. Waiters go
+        by ``priority`` (0 urgent, 1 normal, 2 background), then in arrival order."""
         began = self._clock()
         with self._turn:
-            ticket = (0 if urgent else 1, next(self._tickets))
+            rank = priority if priority is not None else (0 if urgent else 1)
+            ticket = (rank, next(self._tickets))
             heapq.heappush(self._queue, ticket)
             self.waiting += 1
             try:
@@ -144,7 +147,7 @@ class RateLimiter:
 
 class RateLimitedTransport(httpx.BaseTransport):
     """Every request waits for a slot; a 429 (or a 503 with Retry-After) pauses every other
-    request for its (bounded) Retry-After. A request sent with ``extensions={URGENT: True}``
+    request for its (bounded) Retry-After. A request sent with ``extensions={PRIORITY: 0}``
     is served before normal waiters."""
 
     def __init__(
@@ -158,7 +161,7 @@ class RateLimitedTransport(httpx.BaseTransport):
         self._wall = wall
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        self._limiter.acquire(urgent=bool(request.extensions.get(URGENT)))
+        self._limiter.acquire(priority=int(request.extensions.get(PRIORITY, 1)))
         response = self._inner.handle_request(request)
         pause = pause_after(response.status_code, response.headers.get("Retry-After"), self._wall())
         if pause:

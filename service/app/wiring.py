@@ -25,10 +25,10 @@ def build_runner(settings: Settings, registry: Any) -> Loop:
     from service.adapters.executor import ThreadedExecutor
     from service.adapters.kafka import AckedProducer, kafka_log_reader
     from service.adapters.ratelimit import RateLimitedTransport, RateLimiter
+    from service.adapters.schema_registry import SchemaRegistryLookup
     from service.app.logs import EmailHasher
     from service.app.runtime import Collector
     from service.clock import SystemClock
-    from service.adapters.schema_registry import SchemaRegistryLookup
     from service.core.codec import EventDecoder, load_reader_schema
     from service.metrics import Metrics
     from service.pipeline.loop import Ports

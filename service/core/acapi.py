@@ -49,6 +49,7 @@ from service.core.errors import (
 )
 
 PAGE_SIZE = 100  # AC's largest page for list endpoints
+URGENT, NORMAL, BACKGROUND = 0, 1, 2  # the rate limiter serves waiters in this order
 IDS_PER_READ = 100  # ``ids[]`` per request: one page answers them all
 IMPORT_RATE_LIMIT_PAUSE = 60.0
 DEFAULT_RETRY_AFTER = 5.0
@@ -67,7 +68,11 @@ class ApiCall:
     path: str
     params: tuple[tuple[str, str], ...] = ()
     body: Mapping[str, Any] | None = None
-    urgent: bool = False  # served before normal waiters by the rate limiter (imports)
+    priority: int = 1  # URGENT (imports) before NORMAL before BACKGROUND (learning ids)
+
+    @property
+    def urgent(self) -> bool:
+        return self.priority == URGENT
 
 
 @dataclass(frozen=True)
@@ -344,6 +349,7 @@ def contacts_page(
     email: str | None = None,
     id_greater: int | None = None,
     limit: int = PAGE_SIZE,
+    priority: int = NORMAL,
 ) -> Call[Page]:
     """``GET /contacts`` filtered by list and status, by ``ids[]`` and/or by email, ordered by
     id (keyset paging with ``id_greater``: stable while the set changes between pages)."""
@@ -358,7 +364,9 @@ def contacts_page(
     if id_greater is not None:
         params.append(("id_greater", str(id_greater)))
     params += [("orders[id]", "ASC"), ("limit", str(limit))]
-    page = yield from request(ApiCall("GET", "/contacts", "contacts", tuple(params)))
+    page = yield from request(
+        ApiCall("GET", "/contacts", "contacts", tuple(params), priority=priority)
+    )
     found: dict[str, str] = {}
     last = -1
     contacts = page.get("contacts") or []
@@ -394,7 +402,7 @@ def members(list_id: str, status: int, *, max_pages: int = 100_000) -> Call[dict
 def bulk_import(payload: Mapping[str, Any]) -> Call[str]:
     # Urgent: imports are the scarce resource (100 a minute); reads can wait a slot.
     queued = yield from request(
-        ApiCall("POST", "/import/bulk_import", "import/bulk_import", body=payload, urgent=True)
+        ApiCall("POST", "/import/bulk_import", "import/bulk_import", body=payload, priority=URGENT)
     )
     batch = queued.get("batchId")
     if not isinstance(batch, str | int) or not str(batch):

@@ -33,6 +33,7 @@ from service.pipeline.desk import Desk, Held, Ready
 from service.pipeline.dispatch import (
     ApplyTask,
     ImportTask,
+    LearnTask,
     ListTask,
     PollTask,
     ProbeTask,
@@ -103,6 +104,7 @@ class Delivery:
         if self.desk.settings.bulk:
             self.importing.start(now, flush=flush)
         self._start_singles(now)
+        self.importing.start_learning()
 
     def _take(self, now: float, *, flush: bool) -> None:
         queued = len(self.importing.ready) + len(self.single)
@@ -247,6 +249,8 @@ class Delivery:
             self.lists.answered(task, result, now)
         elif isinstance(task, ProbeTask):
             self.probed(result)
+        elif isinstance(task, LearnTask):
+            self.importing.learned(task, result)
 
     def forget(self, partitions: set[int]) -> None:
         """The partitions were handed over: drop what waits for them, release their emails."""

@@ -102,6 +102,13 @@ class SummaryTask(Task):
 
 
 @dataclass(eq=False)
+class LearnTask(Task):
+    """Which email is which contact id, for ids an import reported (background priority)."""
+
+    of: dict[str, tuple[int, int]]  # email -> (partition, generation)
+
+
+@dataclass(eq=False)
 class ProbeTask(Task):
     """While AC refuses the account: one cheap request to see whether it is fixed."""
 

@@ -33,12 +33,13 @@ from service.core.contact import contact_fields
 from service.core.ledger import Plan, fields_hash
 from service.pipeline import imports as lifecycle
 from service.pipeline.desk import Desk, Ready
-from service.pipeline.dispatch import ImportTask, PollTask, SummaryTask
+from service.pipeline.dispatch import ImportTask, LearnTask, PollTask, SummaryTask
 from service.pipeline.imports import Action, Group, ImportLifecycle
 from service.pipeline.lists import Lists
 from service.pipeline.verify import Verification
 
 IMPORT_GATHER_SECONDS = 0.2  # the bulk path takes due changes once the first is this late
+MAX_TO_LEARN = 25_000
 MAX_PREPARING = 2
 
 
@@ -51,6 +52,8 @@ class Importing:
     per_contact: Callable[[Ready], None]
     ready: deque[Ready] = field(default_factory=deque)
     preparing: dict[str, list[Ready]] = field(default_factory=dict)  # import id -> its groups
+    # Contact ids completed imports reported, with the emails they may belong to (bounded).
+    to_learn: deque[tuple[str, dict[str, tuple[int, int]]]] = field(default_factory=deque)
 
     def pending(self) -> int:
         queued = sum(len(r.changes) for r in self.ready)
@@ -147,6 +150,34 @@ class Importing:
                 self.desk.metrics.imports.labels("failed").inc()
         self.apply(self.lifecycle.submitted(task.import_id, result, now, self.desk.wall()), now)
 
+    # ---- learning contact ids ---------------------------------------------------------------
+
+    def start_learning(self) -> None:
+        """One read of up to 100 ids at a time, at background priority: it takes a request slot
+        only when nothing else waits for one (imports and their polls leave about a third of
+        the budget free at full speed, so a first load learns most of its ids for free)."""
+        if not self.to_learn or any(self.desk.dispatcher.tasks(LearnTask)):
+            return
+        if self.desk.room() < 2:
+            return
+        ids: list[str] = []
+        emails: dict[str, tuple[int, int]] = {}
+        while self.to_learn and len(ids) < acapi.IDS_PER_READ:
+            contact_id, of = self.to_learn.popleft()
+            ids.append(contact_id)
+            emails.update(of)
+        call = acapi.contacts_page(ids=ids, priority=acapi.BACKGROUND)
+        self.desk.submit(LearnTask(of=emails), call)
+
+    def learned(self, task: LearnTask, result: Any) -> None:
+        if not isinstance(result, acapi.Page):
+            return  # a background read: what was not learned is asked by email later
+        self.desk.opened(task)
+        for email, contact_id in result.contacts.items():
+            where = task.of.get(email)
+            if where is not None:
+                self.desk.confirm.remember_contact(email, where[0], where[1], contact_id)
+
     # ---- following imports --------------------------------------------------------------------
 
     def start_polls(self, now: float) -> None:
@@ -215,6 +246,11 @@ class Importing:
             elif isinstance(action, lifecycle.Release):
                 desk.release(action.emails)
                 desk.adopted -= action.emails
+            elif isinstance(action, lifecycle.Learn):
+                for contact_id in action.ids:
+                    self.to_learn.append((contact_id, action.emails))
+                while len(self.to_learn) > MAX_TO_LEARN:
+                    self.to_learn.popleft()
             elif isinstance(action, lifecycle.Landed):
                 for email in action.emails:
                     if email not in action.failed:

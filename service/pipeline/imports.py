@@ -159,7 +159,19 @@ class Landed:
     generation: int
 
 
-Action = WriteIntent | DeleteIntent | WriteBudget | Record | Requeue | Fail | Release | Landed
+@dataclass
+class Learn:
+    """An import completed: AC created (or found) contacts with these ids for these emails, in
+    an order it does not document. Worth learning which is whose (an exit is then asked about
+    by id, a hundred to a request) when a request slot is free."""
+
+    ids: list[str]
+    emails: dict[str, tuple[int, int]]  # email -> (partition, generation)
+
+
+Action = (
+    WriteIntent | DeleteIntent | WriteBudget | Record | Requeue | Fail | Release | Landed | Learn
+)
 
 
 @dataclass
@@ -381,6 +393,13 @@ class ImportLifecycle:
                 else:
                     known[index] = None  # rode along for the fields: the state is unchanged
             actions.append(Record(group, known, imp.stamp))
+        if status.success_ids and not imp.adopted:
+            emails = {
+                g.email: (g.partition, imp.stamp.get(g.partition, -1))
+                for g in imp.groups
+                if g.email not in failed
+            }
+            actions.append(Learn(list(status.success_ids), emails))
         if retry:
             # AC reports these emails as failed: nothing of the import reached them.
             actions.append(Requeue(retry, imp.stamp, force_single=True, not_queued=True))

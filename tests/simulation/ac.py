@@ -158,8 +158,8 @@ class SimLimiter:
 
     # ---- waiting for a slot -------------------------------------------------------------
 
-    def acquire(self, urgent: bool, go: Callable[[], None]) -> None:
-        heapq.heappush(self.queue, _Waiter(0 if urgent else 1, next(self.seq), go))
+    def acquire(self, priority: int, go: Callable[[], None]) -> None:
+        heapq.heappush(self.queue, _Waiter(priority, next(self.seq), go))
         self.waiting += 1
         self._next()
 
@@ -260,7 +260,7 @@ class SimExecutor:
             if not cancel.is_set():
                 break
             reply = Reply(failure="cancelled")
-        self.limiter.acquire(request.urgent, lambda: self._send(call, request, cancel, handle))
+        self.limiter.acquire(request.priority, lambda: self._send(call, request, cancel, handle))
 
     def _send(
         self, call: Call[Any], api: ApiCall, cancel: threading.Event, handle: SimHandle
