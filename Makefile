@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint typecheck unit component integration fuzz bench bench-ledger clean
+.PHONY: help install demo test lint typecheck unit component simulation integration soak fuzz bench bench-ledger clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,16 @@ unit: $(STAMP) ## fast unit tests of the pure parts
 
 component: $(STAMP) ## component tests (emulator over sockets, runner with fakes)
 	$(BIN)/python -m pytest -q tests/component
+
+simulation: $(STAMP) ## the simulation's seeds as CI runs them (SIM_SEEDS=N to change how many)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/simulation
+
+soak: $(STAMP) ## 10,000 simulated histories and what they covered (SEED=N replays one, SEEDS=N)
+ifdef SEED
+	$(BIN)/python -m tests.simulation.soak --seed $(SEED)
+else
+	$(BIN)/python -m tests.simulation.soak --seeds $(or $(SEEDS),10000) --progress-crash 100000
+endif
 
 integration: $(STAMP) ## integration tests (real broker, emulator, CLI processes)
 	$(BIN)/python -m pytest -q tests/integration

@@ -18,8 +18,8 @@ import zlib
 from typing import Any
 
 import fastavro
-
 from service.adapters.lists import ListNamer
+
 from service.app.runtime import COLLECT_INTERVAL_SECONDS, Collector, tune_gc
 from service.core.coalesce import Coalescer
 from service.core.codec import EmailCache, EventDecoder, load_reader_schema

@@ -305,7 +305,8 @@ class Confirmer:
         if entry is None:
             return
         lists = []
-        for state in entry.lists:
+        for listed in entry.lists:
+            state = listed
             if state.pending_import and len(state.pending_statuses) == 1:
                 known = SUBSCRIBED_BY_IMPORT if 1 in state.pending_statuses else UNSUBSCRIBED_BY_US
                 state = state._replace(

@@ -31,7 +31,7 @@ from service.core.bulk import (
 from service.core.coalesce import PendingChange
 from service.core.contact import contact_fields
 from service.core.ledger import Plan, fields_hash
-from service.pipeline import imports as lifecycle
+from service.pipeline import imports as steps
 from service.pipeline.desk import Desk, Ready
 from service.pipeline.dispatch import ImportTask, LearnTask, PollTask, SummaryTask
 from service.pipeline.imports import Action, Group, ImportLifecycle
@@ -208,53 +208,62 @@ class Importing:
     # ---- the lifecycle's decisions -------------------------------------------------------------
 
     def apply(self, actions: list[Action], now: float) -> None:
-        """Carry out what the import lifecycle decided."""
-        desk = self.desk
-        owned = desk.ownership.assigned
+        """Carry out what the import lifecycle decided, in order."""
         for action in actions:
-            if isinstance(action, lifecycle.WriteIntent):
-                if action.partition in owned:
-                    desk.ledger.write_intent(
-                        action.partition, action.intent, self._on_ack(action.import_id)
-                    )
-                else:
-                    self.acked(action.import_id)  # no ledger of ours to write to
-            elif isinstance(action, lifecycle.DeleteIntent):
-                if action.partition in owned:
-                    desk.ledger.delete_intent(action.partition, action.intent_id)
-            elif isinstance(action, lifecycle.WriteBudget):
-                if action.partition in owned:
-                    desk.ledger.write_budget(action.partition, action.history)
-            elif isinstance(action, lifecycle.Record):
-                changes = action.group.changes
-                desk.confirm.record(
-                    changes,
-                    action.known,
-                    action.stamp.get(action.group.partition, -1),
-                    list_ids=desk.list_ids(changes),
-                    fields_hash=self._fields_hash(changes),
-                )
-            elif isinstance(action, lifecycle.Requeue):
-                if action.not_queued:
-                    self._clear_pending(action.changes, action.stamp)
-                desk.confirm.requeue(action.changes, action.stamp, now, single=action.force_single)
-            elif isinstance(action, lifecycle.Fail):
-                self._clear_pending(action.changes, action.stamp)
-                for change in action.changes:
-                    generation = action.stamp.get(change.partition, -1)
-                    desk.confirm.fail_all([change], action.error, generation, now)
-            elif isinstance(action, lifecycle.Release):
-                desk.release(action.emails)
-                desk.adopted -= action.emails
-            elif isinstance(action, lifecycle.Learn):
-                for contact_id in action.ids:
-                    self.to_learn.append((contact_id, action.emails))
-                while len(self.to_learn) > MAX_TO_LEARN:
-                    self.to_learn.popleft()
-            elif isinstance(action, lifecycle.Landed):
-                for email in action.emails:
-                    if email not in action.failed:
-                        desk.confirm.landed(email, action.partition, action.generation)
+            handler = _HANDLERS[type(action)]
+            handler(self, action, now)
+
+    def _write_intent(self, action: steps.WriteIntent, now: float) -> None:
+        if action.partition in self.desk.ownership.assigned:
+            self.desk.ledger.write_intent(
+                action.partition, action.intent, self._on_ack(action.import_id)
+            )
+        else:
+            self.acked(action.import_id)  # no ledger of ours to write to
+
+    def _delete_intent(self, action: steps.DeleteIntent, now: float) -> None:
+        if action.partition in self.desk.ownership.assigned:
+            self.desk.ledger.delete_intent(action.partition, action.intent_id)
+
+    def _write_budget(self, action: steps.WriteBudget, now: float) -> None:
+        if action.partition in self.desk.ownership.assigned:
+            self.desk.ledger.write_budget(action.partition, action.history)
+
+    def _record(self, action: steps.Record, now: float) -> None:
+        changes = action.group.changes
+        self.desk.confirm.record(
+            changes,
+            action.known,
+            action.stamp.get(action.group.partition, -1),
+            list_ids=self.desk.list_ids(changes),
+            fields_hash=self._fields_hash(changes),
+        )
+
+    def _requeue(self, action: steps.Requeue, now: float) -> None:
+        if action.not_queued:
+            self._clear_pending(action.changes, action.stamp)
+        self.desk.confirm.requeue(action.changes, action.stamp, now, single=action.force_single)
+
+    def _fail(self, action: steps.Fail, now: float) -> None:
+        self._clear_pending(action.changes, action.stamp)
+        for change in action.changes:
+            generation = action.stamp.get(change.partition, -1)
+            self.desk.confirm.fail_all([change], action.error, generation, now)
+
+    def _release(self, action: steps.Release, now: float) -> None:
+        self.desk.release(action.emails)
+        self.desk.adopted -= action.emails
+
+    def _learn(self, action: steps.Learn, now: float) -> None:
+        for contact_id in action.ids:
+            self.to_learn.append((contact_id, action.emails))
+        while len(self.to_learn) > MAX_TO_LEARN:
+            self.to_learn.popleft()
+
+    def _landed(self, action: steps.Landed, now: float) -> None:
+        for email in action.emails:
+            if email not in action.failed:
+                self.desk.confirm.landed(email, action.partition, action.generation)
 
     def _clear_pending(self, changes: list[PendingChange], stamp: Mapping[int, int]) -> None:
         by_email: dict[tuple[str, int], list[PendingChange]] = {}
@@ -287,3 +296,16 @@ class Importing:
                 if partition in desk.ownership.assigned and partition not in partitions:
                     desk.ledger.delete_intent(partition, import_id)
         self.apply(self.lifecycle.forget(partitions), 0.0)
+
+
+_HANDLERS: dict[type, Callable[[Importing, Any, float], None]] = {
+    steps.WriteIntent: Importing._write_intent,
+    steps.DeleteIntent: Importing._delete_intent,
+    steps.WriteBudget: Importing._write_budget,
+    steps.Record: Importing._record,
+    steps.Requeue: Importing._requeue,
+    steps.Fail: Importing._fail,
+    steps.Release: Importing._release,
+    steps.Learn: Importing._learn,
+    steps.Landed: Importing._landed,
+}

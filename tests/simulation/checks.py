@@ -153,7 +153,7 @@ class Checks:
     def _opt_out(self) -> None:
         sim = self.sim
         account = sim.account.account
-        keys = sorted(sim.oracle.last_events())
+        keys = sim.oracle.keys
         if not keys:
             return
         email, audience = sim.world.rng.choice(keys)

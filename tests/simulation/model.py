@@ -122,11 +122,17 @@ class Oracle:
     opted_out: dict[tuple[str, str], float] = field(default_factory=dict)  # first effective one
     exempt: set[tuple[str, str]] = field(default_factory=set)  # the unknowable race
     excluded: set[str] = field(default_factory=set)
+    keys: list[tuple[str, str]] = field(default_factory=list)  # (email, audience), first seen
+    _seen: set[tuple[str, str]] = field(default_factory=set)
 
     def add(self, partition: int, offset: int, event: Event) -> None:
         records = self.records.setdefault(partition, [])
         assert offset == len(records), "records land in offset order"
         records.append(event)
+        key = (event.email, event.audience)
+        if event.kind == "valid" and key not in self._seen:
+            self._seen.add(key)
+            self.keys.append(key)
 
     def last_events(self) -> dict[tuple[str, str], Event]:
         last: dict[tuple[str, str], Event] = {}

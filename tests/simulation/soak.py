@@ -15,7 +15,7 @@ import time
 import traceback
 from collections import Counter
 
-from tests.simulation.harness import Report, Violation, run_history
+from tests.simulation.harness import Profile, Report, Violation, run_history
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--seed", type=int, help="replay this one seed, verbosely")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument(
+        "--progress-crash",
+        type=int,
+        default=0,
+        metavar="EVENTS",
+        help="also run invariant 5 at this size: a backlog, a crash every 20 s of virtual time",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.CRITICAL)
     seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.seeds)
@@ -45,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         add(totals, faults, report)
         if args.verbose or args.seed is not None:
             print(f"ok   seed {seed}: {describe(report)}", flush=True)
+    if args.progress_crash:
+        crash = progress_under_crashes(args.progress_crash)
+        print(crash, flush=True)
+        if not crash.startswith("ok"):
+            failures.append((-1, crash))
     elapsed = time.monotonic() - began
     histories = len(seeds)
     print(
@@ -62,6 +74,37 @@ def main(argv: list[str] | None = None) -> int:
     for seed, _ in failures[:20]:
         print(f"  replay: make soak SEED={seed}")
     return 1 if failures else 0
+
+
+def progress_under_crashes(events: int) -> str:
+    """Invariant 5 at full size: one replica drains a backlog while it is killed every 20 s."""
+    began = time.monotonic()
+    profile = crash_profile(events)
+    try:
+        report = run_history(7, profile)
+    except Violation as violation:
+        return f"FAIL progress under crashes ({events} events): {violation}"
+    return (
+        f"ok   progress under crashes: {events} events drained in {report.virtual_seconds:.0f}s "
+        f"of virtual time despite {report.crashes} crashes ({time.monotonic() - began:.0f}s)"
+    )
+
+
+def crash_profile(events: int) -> Profile:
+    return Profile(
+        partitions=6,
+        replicas=1,
+        emails=max(10, events // 5),
+        audiences=5,
+        events=events,
+        duration=1.0,
+        backlog=1.0,
+        crashes=0,
+        faults=0,
+        max_pending=100_000,
+        drain_limit=3600.0,
+        crash_every=20.0,
+    )
 
 
 def add(totals: Counter[str], faults: Counter[str], report: Report) -> None:
