@@ -182,7 +182,7 @@ class Replica:
 
 
 class Simulation:
-    def __init__(self, seed: int, profile: Profile | None = None) -> None:
+    def __init__(self, seed: int, profile: Profile | None = None, *, journal: bool = False) -> None:
         self.seed = seed
         self.world = World(seed)
         rng = self.world.rng
@@ -219,7 +219,7 @@ class Simulation:
         self.account.account.exclusions |= self.workload.excluded
         from tests.simulation.checks import Checks
 
-        self.checks = Checks(self)
+        self.checks = Checks(self, journal=journal)
 
     # ---- observation hooks -----------------------------------------------------------------
 
@@ -330,5 +330,6 @@ class Simulation:
         return bool(live) and all(r.loop.idle() for r in live)
 
 
-def run_history(seed: int, profile: Profile | None = None) -> Report:
-    return Simulation(seed, profile).run()
+def run_history(seed: int, profile: Profile | None = None, *, journal: bool = False) -> Report:
+    """One history. ``journal``: keep who each request touched (to explain a failure)."""
+    return Simulation(seed, profile, journal=journal).run()

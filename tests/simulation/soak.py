@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[tuple[int, str]] = []
     for seed in seeds:
         try:
-            report = run_history(seed)
+            report = run_history(seed, journal=args.seed is not None)
         except Violation as violation:
             failures.append((seed, str(violation)))
             print(f"FAIL {violation}", flush=True)
