@@ -56,6 +56,16 @@ class OffsetTracker:
             result[partition] = state.tracked[0] if state.tracked else state.next_offset
         return result
 
+    def distance(self, partition: int, offset: int) -> int:
+        """How far ``offset`` is past the partition's commit point (0: it holds the commit
+        back; an untracked partition counts as far as the offset itself)."""
+        state = self._partitions.get(partition)
+        if state is None:
+            return offset
+        self._advance(state)
+        head = state.tracked[0] if state.tracked else state.next_offset
+        return max(0, offset - head)
+
     def outstanding(self, partition: int) -> int:
         """Tracked offsets of ``partition`` not yet committable (duplicate exposure on a crash)."""
         state = self._partitions.get(partition)

@@ -18,7 +18,6 @@ time; changes are still taken and decided, and wait.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,7 @@ from service.core.coalesce import ListRef, PendingChange
 from service.core.contact import apply_contact
 from service.core.errors import AccountBlocked, ApiError
 from service.core.outcome import Outcome, OutcomeKind
-from service.pipeline.desk import Desk, Held, Ready
+from service.pipeline.desk import Desk, Held, OldestFirst, Ready
 from service.pipeline.dispatch import (
     ApplyTask,
     ImportTask,
@@ -57,12 +56,13 @@ PROBE = acapi.ApiCall("GET", "/lists", "lists", (("limit", "1"),))
 class Delivery:
     desk: Desk
     lifecycle: ImportLifecycle
-    single: deque[Ready] = field(default_factory=deque)
+    single: OldestFirst = field(init=False)
     lists: Lists = field(init=False)
     verification: Verification = field(init=False)
     importing: Importing = field(init=False)
 
     def __post_init__(self) -> None:
+        self.single = OldestFirst(self.desk.confirm.tracker.distance)
         self.lists = Lists(self.desk, self.route)
         self.verification = Verification(self.desk, self.route)
         self.importing = Importing(

@@ -8,7 +8,9 @@ stage that sends them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import heapq
+import itertools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,38 @@ class Ready:
     @property
     def partition(self) -> int:
         return self.changes[0].partition
+
+
+class OldestFirst:
+    """Per-contact work, oldest first: the group whose first change was read earliest goes
+    next: the one whose oldest record is nearest its partition's commit point (``distance``,
+    taken when queued). Under a crash loop only what gets committed survives a life, and the
+    commit waits for the oldest record of each partition: first in, first out would spend a
+    short life on records far past the commit point (say, a batch's refused emails retried one
+    by one in AC's order) and commit nothing, life after life."""
+
+    def __init__(self, distance: Callable[[int, int], int]) -> None:
+        self._distance = distance
+        self._heap: list[tuple[int, int, Ready]] = []
+        self._seq = itertools.count()
+
+    def append(self, ready: Ready) -> None:
+        oldest = min(change.offsets[0] for change in ready.changes)
+        rank = self._distance(ready.partition, oldest)
+        heapq.heappush(self._heap, (rank, next(self._seq), ready))
+
+    def popleft(self) -> Ready:
+        return heapq.heappop(self._heap)[2]
+
+    def remove(self, ready: Ready) -> None:
+        self._heap = [item for item in self._heap if item[2] is not ready]
+        heapq.heapify(self._heap)
+
+    def __iter__(self) -> Iterator[Ready]:
+        return (item[2] for item in self._heap)
+
+    def __len__(self) -> int:
+        return len(self._heap)
 
 
 class Held:
