@@ -22,9 +22,8 @@ Semantics the pipeline relies on (and the contract tests pin):
 - ``commit(offsets=..., asynchronous=False)`` raises ``KafkaException`` when it fails: for a
   member the group dropped (``_STATE`` / ``ILLEGAL_GENERATION`` / ``UNKNOWN_MEMBER_ID``). The
   broker checks the member and its generation, not who owns the partition: a live member's
-  commit of another member's partition succeeds (the simulation refuses it, to catch the bug),
-  so we never commit a partition we do not own; committed offsets never go backwards by our
-  hand;
+  commit of another member's partition succeeds, so we never commit a partition we do not
+  own; committed offsets never go backwards by our hand;
 - ``produce(..., on_delivery=cb)`` raises ``BufferError`` when the local queue is full;
   ``cb(err, msg)`` runs from ``poll``/``flush`` on the calling thread, once per message; per
   partition, records land in produce order (the ledger producer is idempotent);

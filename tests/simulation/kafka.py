@@ -7,9 +7,10 @@ What it models (what the loop's promises depend on):
   every revocation is done do the partitions go to their new owners (``on_assign``); a member
   that crashed loses its partitions after the session timeout (no revoke); a member can be told
   its partitions are *lost* (``on_lost``) while they already go elsewhere;
-- committed offsets per group; a commit for a partition the member does not own fails (stricter
-  than a real broker, which checks only the member and its generation: such a commit is a bug
-  the soak should see);
+- committed offsets per group; a commit from a member the group dropped (closed, crashed, or
+  lost its session and not yet told) fails with UNKNOWN_MEMBER_ID; like a broker, nothing
+  checks who owns the partition (a live member's commit of another's partition is stored, and
+  the soak's commit invariants then judge it);
 - pause/resume (a pause outlives the partition's assignment, as in librdkafka); end-of-partition
   events; per-partition watermarks;
 - producers whose records land after a delay, in order per partition (idempotent), whose acks
@@ -131,6 +132,7 @@ class Member:
     to_lose: set[int] = field(default_factory=set)
     alive: bool = True
     in_callback: bool = False  # inside on_assign/on_revoke/on_lost (the rebalance waits)
+    fenced: bool = False  # lost its session: out of the group until told (``on_lost``)
 
 
 @dataclass
@@ -234,6 +236,7 @@ class SimCluster:
         for member in group.members:
             if member.name == member_name and member.owned:
                 member.to_lose |= member.owned
+                member.fenced = True
                 member.owned = set()
                 member.to_revoke.clear()
         self.world.after(self.rebalance_delay, lambda: self.rebalance(group))
@@ -290,11 +293,11 @@ class SimCluster:
     def commit(self, group: Group, member: Member, offsets: list[TopicPartition]) -> None:
         if self.world.chance(self.commit_fail):
             raise KafkaException(SimError(KafkaError.REQUEST_TIMED_OUT, "commit timed out"))
-        for tp in offsets:
-            if not member.alive or tp.partition not in member.owned:
-                raise KafkaException(
-                    SimError(KafkaError.ILLEGAL_GENERATION, "not the owner of the partition")
-                )
+        if not member.alive or member.fenced:
+            raise KafkaException(
+                SimError(KafkaError.UNKNOWN_MEMBER_ID, "Commit failed: Broker: Unknown member")
+            )
+        # Like a broker (Tansu, Apache Kafka), no check of who owns the partition.
         for tp in offsets:
             group.committed[tp.partition] = tp.offset
             self.on_commit(group.name, tp.partition, tp.offset)
@@ -344,6 +347,7 @@ class SimConsumer:
         assert group is not None
         if member.to_lose:
             lost, member.to_lose = member.to_lose, set()
+            member.fenced = False  # told: it joins again (at once, in the simulation)
             self._forget(lost)
             if self.callbacks.get("lost"):
                 self.callbacks["lost"](self, self._tps(lost))
