@@ -36,7 +36,7 @@ typecheck: $(STAMP) ## mypy --strict on service/
 unit: $(STAMP) ## fast unit tests of the pure parts
 	$(BIN)/python -m pytest -q tests/unit
 
-component: $(STAMP) ## component tests (emulator over sockets, runner with fakes)
+component: $(STAMP) ## component tests (emulator over sockets, runner with fakes, the Kafka contract: sim and local broker)
 	$(BIN)/python -m pytest -q tests/component
 
 simulation: $(STAMP) ## the simulation's seeds as CI runs them (SIM_SEEDS=N to change how many)

@@ -10,14 +10,20 @@ so the simulated broker cannot drift from the real one.
 
 Semantics the pipeline relies on (and the contract tests pin):
 - ``consume(n, timeout)`` returns at most ``n`` messages; rebalance callbacks
-  ``on_assign/on_revoke/on_lost(consumer, partitions)`` run *inside* ``consume`` on the calling
-  thread; a newly assigned partition starts unpaused; with ``enable.partition.eof`` a message
-  whose ``error().code()`` is ``KafkaError._PARTITION_EOF`` marks the end of a partition;
+  ``on_assign/on_revoke/on_lost(consumer, partitions)`` run *inside* ``consume`` (``on_revoke``
+  also inside ``close``) on the calling thread; an assigned partition is read from the group's
+  committed offset; with ``enable.partition.eof`` a message whose ``error().code()`` is
+  ``KafkaError._PARTITION_EOF`` marks the end of a partition;
 - ``pause`` drops what was prefetched for those partitions: after ``resume`` they are read
-  again from the position after the last message ``consume`` returned;
-- ``commit(offsets=..., asynchronous=False)`` raises ``KafkaException`` when it fails (for a
-  partition this member does not own: ``_STATE`` / ``ILLEGAL_GENERATION`` /
-  ``UNKNOWN_MEMBER_ID``); committed offsets never go backwards by our hand;
+  again from the position after the last message ``consume`` returned. A pause outlives the
+  assignment: a partition this consumer paused, then lost or revoked, comes back *paused*
+  (librdkafka keeps it), so whoever is assigned a partition decides its pause state (the loop
+  pauses it until its ledger is restored, then resumes it);
+- ``commit(offsets=..., asynchronous=False)`` raises ``KafkaException`` when it fails: for a
+  member the group dropped (``_STATE`` / ``ILLEGAL_GENERATION`` / ``UNKNOWN_MEMBER_ID``). The
+  broker checks the member and its generation, not who owns the partition: a live member's
+  commit of another member's partition succeeds, so we never commit a partition we do not
+  own; committed offsets never go backwards by our hand;
 - ``produce(..., on_delivery=cb)`` raises ``BufferError`` when the local queue is full;
   ``cb(err, msg)`` runs from ``poll``/``flush`` on the calling thread, once per message; per
   partition, records land in produce order (the ledger producer is idempotent);

@@ -7,12 +7,18 @@ What it models (what the loop's promises depend on):
   every revocation is done do the partitions go to their new owners (``on_assign``); a member
   that crashed loses its partitions after the session timeout (no revoke); a member can be told
   its partitions are *lost* (``on_lost``) while they already go elsewhere;
-- committed offsets per group; a commit for a partition the member does not own fails;
-- pause/resume; end-of-partition events; per-partition watermarks;
+- committed offsets per group; a commit from a member the group dropped (closed, crashed, or
+  lost its session and not yet told) fails with UNKNOWN_MEMBER_ID; like a broker, nothing
+  checks who owns the partition (a live member's commit of another's partition is stored, and
+  the soak's commit invariants then judge it);
+- pause/resume (a pause outlives the partition's assignment, as in librdkafka); end-of-partition
+  events; per-partition watermarks;
 - producers whose records land after a delay, in order per partition (idempotent), whose acks
   come back from ``poll``/``flush`` (possibly out of order), which can fail without landing or
   fail *after* landing (the broker wrote it, the client timed out), and whose unsent records
   can be purged; a crashed producer's unsent records are lost, those on the wire still land;
+  a record counts in ``len(producer)`` and in the local queue (``BufferError`` when full) until
+  its callback has run, as in librdkafka;
 - compaction of a topic: the last record per key survives, in log order.
 
 ``tests/component/test_kafka_contract.py`` runs the same scenarios against this and the real
@@ -126,6 +132,7 @@ class Member:
     to_lose: set[int] = field(default_factory=set)
     alive: bool = True
     in_callback: bool = False  # inside on_assign/on_revoke/on_lost (the rebalance waits)
+    fenced: bool = False  # lost its session: out of the group until told (``on_lost``)
 
 
 @dataclass
@@ -229,6 +236,7 @@ class SimCluster:
         for member in group.members:
             if member.name == member_name and member.owned:
                 member.to_lose |= member.owned
+                member.fenced = True
                 member.owned = set()
                 member.to_revoke.clear()
         self.world.after(self.rebalance_delay, lambda: self.rebalance(group))
@@ -285,11 +293,11 @@ class SimCluster:
     def commit(self, group: Group, member: Member, offsets: list[TopicPartition]) -> None:
         if self.world.chance(self.commit_fail):
             raise KafkaException(SimError(KafkaError.REQUEST_TIMED_OUT, "commit timed out"))
-        for tp in offsets:
-            if not member.alive or tp.partition not in member.owned:
-                raise KafkaException(
-                    SimError(KafkaError.ILLEGAL_GENERATION, "not the owner of the partition")
-                )
+        if not member.alive or member.fenced:
+            raise KafkaException(
+                SimError(KafkaError.UNKNOWN_MEMBER_ID, "Commit failed: Broker: Unknown member")
+            )
+        # Like a broker (Tansu, Apache Kafka), no check of who owns the partition.
         for tp in offsets:
             group.committed[tp.partition] = tp.offset
             self.on_commit(group.name, tp.partition, tp.offset)
@@ -305,6 +313,8 @@ class SimConsumer:
         self.topic = ""
         self.callbacks: dict[str, Callable[[Any, list[TopicPartition]], None]] = {}
         self.position: dict[int, int] = {}
+        # The application's pauses. Like librdkafka's, they outlive the assignment: a partition
+        # paused, then revoked or lost, and assigned back to this consumer is still paused.
         self.paused: set[int] = set()
         self.at_end: set[int] = set()  # end-of-partition reported since the last new record
         self.closed = False
@@ -337,6 +347,7 @@ class SimConsumer:
         assert group is not None
         if member.to_lose:
             lost, member.to_lose = member.to_lose, set()
+            member.fenced = False  # told: it joins again (at once, in the simulation)
             self._forget(lost)
             if self.callbacks.get("lost"):
                 self.callbacks["lost"](self, self._tps(lost))
@@ -353,7 +364,6 @@ class SimConsumer:
             member.owned |= assign
             for p in assign:
                 self.position[p] = max(0, group.committed.get(p, 0))
-                self.paused.discard(p)
                 self.at_end.discard(p)
             if self.callbacks.get("assign"):
                 self.callbacks["assign"](self, self._tps(assign))
@@ -361,7 +371,6 @@ class SimConsumer:
     def _forget(self, partitions: set[int]) -> None:
         for p in partitions:
             self.position.pop(p, None)
-            self.paused.discard(p)
             self.at_end.discard(p)
 
     def _fetch(self, limit: int) -> list[SimMessage]:
@@ -453,12 +462,14 @@ class _Pending:
     sent_at: float
     landed: bool = False
     done: bool = False
+    offset: int = -1001  # where it landed (librdkafka's OFFSET_INVALID until then)
 
 
 class SimProducer:
     """Records land after a delay, in order per partition; callbacks run from ``poll``."""
 
     linger = 0.005
+    max_queue = 100_000  # librdkafka's queue.buffering.max.messages
 
     def __init__(self, cluster: SimCluster, name: str) -> None:
         self.cluster = cluster
@@ -468,6 +479,7 @@ class SimProducer:
         self.dead_at = float("inf")
         self.queue: list[_Pending] = []  # not yet acknowledged, in produce order
         self.ready: list[tuple[_Pending, SimError | None]] = []  # callbacks to run
+        self.purged = 0  # purged records whose callback has not run yet
         self.last_landing: dict[tuple[str, int], float] = {}
 
     def produce(
@@ -483,6 +495,8 @@ class SimProducer:
     ) -> None:
         if self.dead:
             raise SimCrash(self.name)
+        if len(self) >= self.max_queue:
+            raise BufferError("Local: Queue full")
         if partition < 0:
             partition = self.cluster.partition_for(topic, key)
         record = Record(key, value, headers, int(self.world.now * 1000), self.name)
@@ -508,7 +522,9 @@ class SimProducer:
             return  # it never left the process that died
         if not fail:
             pending.landed = True
-            self.cluster.append(pending.topic, pending.partition, pending.record)
+            offset = self.cluster.append(pending.topic, pending.partition, pending.record)
+            if not fail_after:
+                pending.offset = offset
         if self.dead:
             return
         error = SimError(MSG_TIMED_OUT, "Local: Message timed out") if fail or fail_after else None
@@ -523,10 +539,13 @@ class SimProducer:
         for pending, error in ready:
             if pending in self.queue:
                 self.queue.remove(pending)
+            elif pending.done:
+                self.purged -= 1
             pending.done = True
             if pending.callback is not None:
                 pending.callback(
-                    error, SimMessage(pending.topic, pending.partition, -1, pending.record)
+                    error,
+                    SimMessage(pending.topic, pending.partition, pending.offset, pending.record),
                 )
         return len(ready)
 
@@ -548,10 +567,13 @@ class SimProducer:
             if pending.sent_at > now and not pending.done:
                 pending.done = True
                 self.queue.remove(pending)
+                self.purged += 1
                 self.ready.append((pending, SimError(PURGE_QUEUE, "Local: Purged in queue")))
 
     def __len__(self) -> int:
-        return len(self.queue)
+        """Records whose callback has not run yet (librdkafka counts a purged record, and
+        one acknowledged, until ``poll`` serves its report)."""
+        return len(self.queue) + self.purged
 
     def crash(self) -> None:
         self.dead = True
