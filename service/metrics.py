@@ -104,7 +104,10 @@ class Metrics:
         )
         self.changes_skipped = Counter(
             "ac_sync_changes_skipped",
-            "Changes whose state the ledger already held (replays, duplicates): no AC request.",
+            "Changes that needed no AC request: already_applied (the ledger held the state: "
+            "replays, duplicates), stale (older by occurred_at than the event the ledger applied, or "
+            "than the pending one it would replace, by more than STALE_EVENT_TOLERANCE_SECONDS).",
+            ["reason"],
             registry=r,
         )
         self.consent_kept = Counter(
@@ -260,6 +263,8 @@ class Metrics:
             self.dlq_records.labels(reason)
         for action in ("entered", "exited"):
             self.changes_applied.labels(action)
+        for reason in ("already_applied", "stale"):
+            self.changes_skipped.labels(reason)
         for reason in ("transient", "rate_limited"):
             self.ac_retries.labels(reason)
         for kind in ("assign", "revoke", "lost"):

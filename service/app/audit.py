@@ -53,10 +53,32 @@ def _why(state: ListState) -> str:
             "unsubscribed by the person (or not by this service): kept, never re-subscribed "
             "(consent kept)"
         )
+    if not state.verified:
+        return (
+            "an exit seen before this service ever subscribed them: nothing of ours to undo, "
+            "nothing sent (AC's status is not ours)"
+        )
     return "unsubscribed on an exit before this service had subscribed them: treated as theirs"
 
 
-def state_json(state: ListState) -> dict[str, Any]:
+def _trust(state: ListState) -> str:
+    if state.pending:
+        statuses = " or ".join(STATUS_WORDS.get(s, str(s)) for s in sorted(state.pending_statuses))
+        what = f"a write of ours ({statuses or 'an import'}) may or may not have landed"
+        return f"uncertain: {what}; AC is read before anything else is sent"
+    if state.status == 1 and not state.verified:
+        return (
+            "not verified: subscribed by an import, which never re-subscribes, so AC may show "
+            "the person's own unsubscribe; AC is read before an exit is applied"
+        )
+    if state.status == 2 and state.set_by is SetBy.UNKNOWN and not state.verified:
+        return "AC was not asked (nothing of ours there)"
+    if state.status == 2 and state.set_by is SetBy.SERVICE and not state.verified:
+        return "not verified as ours: a re-entry will not override it (treated as theirs)"
+    return "verified"
+
+
+def state_json(state: ListState, stale_tolerance_ms: int | None = None) -> dict[str, Any]:
     return {
         "list": state.list,
         "status": state.status,
@@ -75,10 +97,21 @@ def state_json(state: ListState) -> dict[str, Any]:
             "source_offset": state.source_offset,
         },
         "applied_at": _time(state.applied_at_ms),
+        "verified": state.verified,
+        "pending": sorted(state.pending_statuses) + (["import"] if state.pending_import else []),
+        "trust": _trust(state),
+        "stale_before": (
+            None if stale_tolerance_ms is None else _time(state.event_time_ms - stale_tolerance_ms)
+        ),
     }
 
 
-def explain_json(email: str, entry: LedgerEntry | None, list_label: str | None) -> dict[str, Any]:
+def explain_json(
+    email: str,
+    entry: LedgerEntry | None,
+    list_label: str | None,
+    stale_tolerance_ms: int | None = None,
+) -> dict[str, Any]:
     states = (
         []
         if entry is None
@@ -92,12 +125,17 @@ def explain_json(email: str, entry: LedgerEntry | None, list_label: str | None) 
         "email": email,
         "found": entry is not None,
         "contact_id": entry.contact_id if entry else None,
-        "lists": [state_json(s) for s in sorted(states, key=lambda s: s.list)],
+        "lists": [state_json(s, stale_tolerance_ms) for s in sorted(states, key=lambda s: s.list)],
     }
 
 
-def explain_lines(email: str, entry: LedgerEntry | None, list_label: str | None) -> list[str]:
-    data = explain_json(email, entry, list_label)
+def explain_lines(
+    email: str,
+    entry: LedgerEntry | None,
+    list_label: str | None,
+    stale_tolerance_ms: int | None = None,
+) -> list[str]:
+    data = explain_json(email, entry, list_label, stale_tolerance_ms)
     who = printable(email)
     if entry is None:
         return [f"{who}: no ledger entry (this service has applied nothing for this email)"]
@@ -117,7 +155,13 @@ def explain_lines(email: str, entry: LedgerEntry | None, list_label: str | None)
             f"    event {printable(event['event_id'])} at {event['event_time']}: {context}",
             f"    applied at {item['applied_at']} "
             f"(source partition {event['source_partition']}, offset {event['source_offset']})",
+            f"    {item['trust']}",
         ]
+        if item["stale_before"] is not None:
+            lines.append(
+                f"    a change for this list that occurred before {item['stale_before']} is "
+                "skipped as stale (STALE_EVENT_TOLERANCE_SECONDS)"
+            )
     return lines
 
 
@@ -146,12 +190,28 @@ def differences(
             continue
         ac_word = STATUS_WORDS.get(actual, "absent") if actual is not None else "absent"
         ledger_word = STATUS_WORDS[want] if want else "none"
-        if want == 1 and actual == 2:
+        if state is not None and state.pending:
+            meaning = (
+                f"{ac_word} in AC while a write of ours is unconfirmed (a crash came between): "
+                "the service reads AC before it sends anything else for this email"
+            )
+        elif want == 1 and actual == 2 and state is not None and not state.verified:
+            meaning = (
+                "unsubscribed in AC; the ledger's subscription came from an import (not "
+                "verified), which never re-subscribes: an unsubscribe from before the import "
+                "(theirs) or after it (theirs or a manual edit)"
+            )
+        elif want == 1 and actual == 2:
             meaning = (
                 "unsubscribed in AC, not by this service (their own unsubscribe or a manual edit)"
             )
         elif want == 1:
             meaning = "not on the list in AC (removed, or the contact was deleted)"
+        elif want == 2 and state is not None and state.set_by is SetBy.UNKNOWN:
+            meaning = (
+                "subscribed in AC, not by this service: it only saw an exit before it ever "
+                "subscribed them (nothing of ours to undo)"
+            )
         elif want == 2:
             meaning = "subscribed in AC, though the ledger says unsubscribed (a manual edit or their own re-subscribe)"
         else:

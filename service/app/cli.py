@@ -332,10 +332,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         why = f"{exc.field}: {exc.why}" if isinstance(exc, ConfigError) else str(exc)
         print(f"ac-audience-sync explain: {why}", file=sys.stderr)
         return EXIT_CONFIG
+    tolerance = settings.stale_event_tolerance_seconds
+    tolerance_ms = None if tolerance is None else round(tolerance * 1000)
     if args.json:
-        print(json.dumps(explain_json(email, entry, args.list), indent=2))
+        print(json.dumps(explain_json(email, entry, args.list, tolerance_ms), indent=2))
     else:
-        print("\n".join(explain_lines(email, entry, args.list)))
+        print("\n".join(explain_lines(email, entry, args.list, tolerance_ms)))
     return 0 if entry is not None else 1
 
 

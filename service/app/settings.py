@@ -156,6 +156,8 @@ class Settings:
     max_lists: int = 10_000
     ac_rate_guard_seconds: float = 0.04
     ac_tools_tick_every: int = 20
+    # The staleness guard's tolerance (None: off): see README "The ledger".
+    stale_event_tolerance_seconds: float | None = 60.0
 
     @property
     def ac_base_url(self) -> str:
@@ -616,6 +618,15 @@ def _tools_tick_every(env: Mapping[str, str]) -> int:
     return value
 
 
+STALE_DEFAULT: float | None = 60.0
+
+
+def _stale_tolerance(env: Mapping[str, str]) -> float | None:
+    if (_get(env, "STALE_EVENT_TOLERANCE_SECONDS") or "").strip().lower() == "off":
+        return None
+    return _number(env, "STALE_EVENT_TOLERANCE_SECONDS", 60.0, minimum=0.0, maximum=30 * 86400.0)
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Build and validate settings from an environment mapping. Raises ``ConfigProblems``
     listing every problem found (a ``ConfigError``)."""
@@ -786,6 +797,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             lambda: _number(env, "AC_RATE_GUARD_SECONDS", 0.04, minimum=0.0, maximum=1.0), 0.04
         ),
         ac_tools_tick_every=take(lambda: _tools_tick_every(env), 20),
+        stale_event_tolerance_seconds=take(lambda: _stale_tolerance(env), STALE_DEFAULT),
     )
     if problems:
         raise ConfigProblems(problems)

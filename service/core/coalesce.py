@@ -1,8 +1,9 @@
 """One pending state per (partition, email, list). Pure: every method takes ``now``.
 
 Invariants:
-- the last event added for a key wins (partition order); the change keeps every source offset it
-  covers, so completing it completes the events it superseded;
+- the last event added for a key wins (partition order), unless it occurred more than the
+  staleness tolerance before the event it would replace (then that one stays); the change keeps
+  every source offset it covers, so completing it completes the events it superseded;
 - a key becomes due ``window`` seconds after its *first* pending event (a hot key cannot starve);
   once its partition is caught up (``expedite``), ``window`` after that event was *published*
   if that is sooner: a backlog is then sent when a consumer that had kept up would have sent it,
@@ -70,8 +71,10 @@ class PendingChange:
 
 
 class Coalescer:
-    def __init__(self, window: float) -> None:
+    def __init__(self, window: float, stale_tolerance_ms: int | None = None) -> None:
         self.window = window
+        self.stale_tolerance_ms = stale_tolerance_ms
+        self.stale_records = 0  # records folded by the staleness guard, ever (a metric)
         self._pending: dict[ChangeKey, PendingChange] = {}
         # email -> the keys of its pending changes (in any partition; usually one). The key
         # tuples themselves, so adding a change builds no other object for this index.
@@ -145,6 +148,16 @@ class Coalescer:
         key = (partition, email, target)
         current = self._pending.get(key)
         if current is not None:
+            tolerance = self.stale_tolerance_ms
+            if (
+                tolerance is not None
+                and event.occurred_at_ms + tolerance < current.event.occurred_at_ms
+            ):
+                # Older than the event it would replace (the staleness guard, as in
+                # ``plan_change``): covered, not applied.
+                current.offsets.append(offset)
+                self.stale_records += 1
+                return True
             self.raw_bytes += (len(raw) if raw else 0) - (len(current.raw) if current.raw else 0)
             current.event = event
             current.raw = raw
@@ -268,12 +281,31 @@ class Coalescer:
 
     def requeue(self, change: PendingChange, not_before: float) -> None:
         """Put back a change that must be retried. A newer pending change for the key wins and
-        inherits the older offsets (it will supersede what we failed to apply)."""
-        newer = self._pending.get(change.key)
+        inherits the older offsets (it will supersede what we failed to apply), unless it is
+        stale beside it (the staleness guard)."""
+        key = change.key
+        newer = self._pending.get(key)
         if newer is not None:
-            newer.offsets[:0] = change.offsets
-            newer.force_single = newer.force_single or change.force_single
-            return
+            tolerance = self.stale_tolerance_ms
+            if (
+                tolerance is None
+                or newer.event.occurred_at_ms + tolerance >= change.event.occurred_at_ms
+            ):
+                newer.offsets[:0] = change.offsets
+                newer.force_single = newer.force_single or change.force_single
+                return
+            # The pending one is stale beside the change that failed (the guard, as in
+            # ``add``): the failed change stays, covering the stale one's records.
+            self.stale_records += 1
+            change.offsets.extend(newer.offsets)
+            change.force_single = change.force_single or newer.force_single
+            del self._pending[key]
+            if newer.raw:
+                self.raw_bytes -= len(newer.raw)
+            keys = self._by_email[change.email]
+            keys.remove(key)
+            if not keys:
+                del self._by_email[change.email]
         change.due_at = not_before
         self._insert(change)
 

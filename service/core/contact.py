@@ -105,7 +105,7 @@ def apply_contact(
     for index, change in enumerate(changes):
         list_id = list_ids.get(change.target)
         try:
-            if change.plan in (Plan.SKIP, Plan.CONSENT_KEPT):
+            if change.plan in (Plan.SKIP, Plan.STALE, Plan.CONSENT_KEPT):
                 # Riding along for the contact's fields: no list request.
                 outcomes.append(Outcome(change, OutcomeKind.APPLIED, contact_id=contact_id))
                 continue

@@ -126,6 +126,7 @@ class Plan(enum.Enum):
     """What one change needs from AC, decided from the ledger."""
 
     SKIP = "skip"  # the ledger already holds this state (or a later one): no request
+    STALE = "stale"  # older (by occurred_at) than the event the ledger applied: no request
     CONSENT_KEPT = "consent_kept"  # ENTERED, but the person opted out: no request, record it
     EXIT = "exit"  # EXITED of our subscription: read AC's status first (then UNSUBSCRIBE)
     RECHECK = "recheck"  # a write of ours may or may not have landed: read AC, then decide
@@ -137,9 +138,20 @@ class Plan(enum.Enum):
 
 
 def plan_change(
-    state: ListState | None, action: Action, partition: int, offset: int, event_time_ms: int
+    state: ListState | None,
+    action: Action,
+    partition: int,
+    offset: int,
+    event_time_ms: int,
+    stale_tolerance_ms: int | None = None,
 ) -> Plan:
-    """The decision table (pure). ``offset`` is the change's last source offset."""
+    """The decision table (pure). ``offset`` is the change's last source offset.
+
+    The staleness guard (``stale_tolerance_ms``; None: off): a change that occurred more than
+    the tolerance before the event the ledger applied for this email and list is ``STALE``
+    and sends nothing. Kafka orders one partition only; a redriven record, a producer that
+    re-sends late, or a second producer would otherwise let an old ENTERED undo a newer
+    EXITED. The tolerance covers producers' clock skew: within it, offset order decides."""
     if state is not None and state.pending:
         # A crash came between a write of ours and its confirmation: the state is uncertain.
         return Plan.RECHECK
@@ -154,6 +166,8 @@ def plan_change(
         and event_time_ms <= state.event_time_ms
     ):
         return Plan.SKIP  # a replay: the ledger holds what a later record of this partition set
+    if stale_tolerance_ms is not None and event_time_ms + stale_tolerance_ms < state.event_time_ms:
+        return Plan.STALE
     if action is Action.ENTERED:
         if state.status == 1:
             return Plan.SKIP
@@ -221,6 +235,8 @@ SUBSCRIBED_BY_IMPORT = Known(1, SetBy.SERVICE, False)  # an import never re-subs
 SUBSCRIBED = Known(1, SetBy.SERVICE, True)  # per contact: AC said so after we asked or wrote
 UNSUBSCRIBED_BY_US = Known(2, SetBy.SERVICE, True)  # AC had 1 when we read, we set 2
 OPTED_OUT = Known(2, SetBy.PERSON, True)  # AC had 2 that we did not set: the person's
+# An exit of a contact never ours: nothing sent, AC not asked (recorded for the event's time).
+EXIT_SEEN = Known(2, SetBy.UNKNOWN, False)
 
 
 def merged(

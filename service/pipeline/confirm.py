@@ -29,6 +29,7 @@ from service.core.backoff import backoff_delay
 from service.core.coalesce import Coalescer, ListRef, PendingChange
 from service.core.errors import ApiError, PermanentApiError, PoisonMessage
 from service.core.ledger import (
+    EXIT_SEEN,
     SUBSCRIBED_BY_IMPORT,
     UNSUBSCRIBED_BY_US,
     Known,
@@ -39,6 +40,7 @@ from service.core.ledger import (
     merged,
     with_pending,
 )
+from service.core.model import Action
 from service.core.offsets import OffsetTracker
 from service.core.outcome import Outcome, OutcomeKind, outcome_for_error
 from service.metrics import Metrics
@@ -123,29 +125,32 @@ class Confirmer:
                 )
             if state is None:
                 if change.plan is Plan.SKIP:
-                    self.metrics.changes_skipped.inc()
+                    self.metrics.changes_skipped.labels("already_applied").inc()
+                    # Nothing sent, but the newest event is recorded (an exit of a contact
+                    # never ours as such; a duplicate as the state it repeats): an older event
+                    # sent again later (a redrive, a late re-send) is then stale beside it.
+                    # A replay of records the ledger covers already changes nothing.
+                    previous = change.previous
+                    if previous is None and change.event.action is Action.EXITED:
+                        states.append(self._state(change, EXIT_SEEN, applied_ms, list_ids))
+                    elif previous is not None and not _replay(change, previous):
+                        unchanged = Known(previous.status, previous.set_by, previous.verified)
+                        states.append(self._state(change, unchanged, applied_ms, list_ids))
+                elif change.plan is Plan.STALE:
+                    self.metrics.changes_skipped.labels("stale").inc()
+                    logger.info(
+                        "change skipped: older than the event the ledger applied",
+                        extra={
+                            "email_hash": self.hasher(email),
+                            "partition": partition,
+                            "offset": change.offsets[-1],
+                            "list": change.target.label(),
+                        },
+                    )
                 continue
             if state.status == change.event.action.status:
                 applied.append(change)
-            event = change.event
-            states.append(
-                ListState(
-                    change.target.label(),
-                    state.status,
-                    state.set_by,
-                    event.event_id,
-                    event.occurred_at_ms,
-                    applied_ms,
-                    change.partition,
-                    change.offsets[-1],
-                    event.audience_id,
-                    event.audience_name,
-                    event.campaign_id,
-                    event.treatment_group,
-                    state.verified,
-                    (list_ids or {}).get(change.target),
-                )
-            )
+            states.append(self._state(change, state, applied_ms, list_ids))
         if contact_id:
             self.forgotten_contacts.discard(email)
         new_entry = merged(entry, states, contact_id, fields_hash or None)
@@ -168,6 +173,31 @@ class Confirmer:
             return
         self.metrics.ledger_writes.inc()
         self.ledger.write(partition, email, new_entry, written)
+
+    @staticmethod
+    def _state(
+        change: PendingChange,
+        known: Known,
+        applied_ms: int,
+        list_ids: Mapping[ListRef, str] | None,
+    ) -> ListState:
+        event = change.event
+        return ListState(
+            change.target.label(),
+            known.status,
+            known.set_by,
+            event.event_id,
+            event.occurred_at_ms,
+            applied_ms,
+            change.partition,
+            change.offsets[-1],
+            event.audience_id,
+            event.audience_name,
+            event.campaign_id,
+            event.treatment_group,
+            known.verified,
+            (list_ids or {}).get(change.target),
+        )
 
     def settle(
         self,
@@ -490,6 +520,15 @@ class Confirmer:
                 self.tracker.complete(partition, offset)
 
         self.dlq.send(letter, parked)
+
+
+def _replay(change: PendingChange, state: ListState) -> bool:
+    """The change's records are ones the state already covers (read again after a crash)."""
+    return (
+        change.partition == state.source_partition
+        and change.offsets[-1] <= state.source_offset
+        and change.event.occurred_at_ms <= state.event_time_ms
+    )
 
 
 def _target(plan: Plan, action_status: int) -> int:

@@ -143,6 +143,7 @@ class Delivery:
             s.attribute_map,
             s.field_map,
             verified_after=now - VERIFY_FRESH_SECONDS,
+            stale_tolerance_ms=s.stale_tolerance_ms,
         )
         if plan.route is Route.SETTLED:
             desk.confirm.record(group, {}, generation, list_ids=list_ids)

@@ -95,6 +95,7 @@ class DeliverySettings:
     sender_reminder: str
     attribute_map: Mapping[str, str]
     field_map: Mapping[str, str]
+    stale_tolerance_ms: int | None = None  # the staleness guard (None: off)
 
 
 Route = Callable[[int, list[PendingChange], float], None]

@@ -87,7 +87,12 @@ class Loop:
         self.topic, self.consumer = s.kafka_topic, ports.consumer
         self.ownership = Ownership()
         self.tracker = OffsetTracker()
-        self.coalescer = Coalescer(s.coalesce_window_seconds)
+        stale_tolerance_ms = (
+            None
+            if s.stale_event_tolerance_seconds is None
+            else round(s.stale_event_tolerance_seconds * 1000)
+        )
+        self.coalescer = Coalescer(s.coalesce_window_seconds, stale_tolerance_ms)
         self.pauses = flow.Pauses(self.topic, self.consumer)
         self.ledger = LedgerStore(
             s.kafka_ledger_topic,
@@ -125,6 +130,7 @@ class Loop:
                 s.ac_list_sender_reminder,
                 s.attribute_map,
                 s.field_map,
+                stale_tolerance_ms,
             ),
             self.coalescer,
             self.ledger,

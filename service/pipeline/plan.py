@@ -3,8 +3,9 @@
 ``plan_group`` sets each change's ``plan`` (``service/core/ledger.py:plan_change``) and sorts
 the group into one of four routes:
 
-- ``settled``: nothing to send (every change is a state the ledger holds, a kept opt-out, or an
-  exit of a contact never ours) and no field changed: record it now, no request;
+- ``settled``: nothing to send (every change is a state the ledger holds, a kept opt-out, an
+  exit of a contact never ours, or older than what the ledger applied: stale) and no field
+  changed: record it now, no request;
 - ``verify``: an exit of a subscription of ours: AC is asked first whether the person is still
   subscribed (they may have opted out since; see ``service/core/bulk.py:verify_exits``);
 - ``recheck``: a state left uncertain by a crash (a write of ours not confirmed): AC is read
@@ -47,6 +48,7 @@ def plan_group(
     attribute_map: Mapping[str, str],
     field_map: Mapping[str, str],
     verified_after: float = float("-inf"),
+    stale_tolerance_ms: int | None = None,
 ) -> GroupPlan:
     """Decide every change of one email (one partition) and the group's route. Changes whose
     plan was settled by a verification (``UNSUBSCRIBE``) since ``verified_after`` keep it; an
@@ -68,13 +70,14 @@ def plan_group(
             change.partition,
             change.offsets[-1],
             change.event.occurred_at_ms,
+            stale_tolerance_ms,
         )
     standard, custom = contact_fields(group, attribute_map, field_map)
     value = fields_hash(standard, custom)
     changed = value != 0 and (entry is None or entry.fields_hash != value)
     fields = (standard, custom) if changed else None
     plans = {c.plan for c in group}
-    if plans <= {Plan.SKIP, Plan.CONSENT_KEPT} and not changed:
+    if plans <= {Plan.SKIP, Plan.STALE, Plan.CONSENT_KEPT} and not changed:
         return GroupPlan(Route.SETTLED, None, value)
     if Plan.RECHECK in plans:
         return GroupPlan(Route.RECHECK, fields, value)

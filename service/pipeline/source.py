@@ -125,6 +125,7 @@ class Source:
     def _process(self, accepted: list[Any], now: float) -> None:
         decoded = self.decoder.decode_batch([m.value() for m in accepted])
         valid = coalesced = 0
+        stale_before = self.coalescer.stale_records
         last: dict[int, Any] = {}
         for message, event in zip(accepted, decoded, strict=True):
             partition = message.partition()
@@ -159,6 +160,9 @@ class Source:
             )
         self._counters["valid"].inc(valid)
         self.metrics.events_coalesced.inc(coalesced)
+        if self.coalescer.stale_records > stale_before:
+            stale = self.coalescer.stale_records - stale_before
+            self.metrics.changes_skipped.labels("stale").inc(stale)
         # When the batch's records were published, per partition: its last record's timestamp
         # bounds every earlier one's (for ``_caught_up``).
         for partition, message in last.items() if self.expedite else ():

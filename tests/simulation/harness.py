@@ -26,7 +26,7 @@ from service.metrics import Metrics
 from service.pipeline.loop import Loop, Ports
 from tests.simulation.ac import Network, SimAccount, SimExecutor, SimLimiter
 from tests.simulation.kafka import Record, SimCluster
-from tests.simulation.model import Oracle, Workload, make_workload
+from tests.simulation.model import STALE_TOLERANCE_MS, Oracle, Workload, make_workload
 from tests.simulation.world import Actor, World
 
 TOPIC = "cdp.audience"
@@ -121,6 +121,7 @@ def settings_for(profile: Profile) -> Settings:
         import_timeout_seconds=90.0,
         list_verify_seconds=120.0,
         attribute_map={"first_name": "firstName"},
+        stale_event_tolerance_seconds=STALE_TOLERANCE_MS / 1000,  # the default, as the model's
     )
 
 

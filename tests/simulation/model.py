@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import random
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from service.core.codec import encode_event, load_reader_schema
 
 SCHEMA = load_reader_schema()
+STALE_TOLERANCE_MS = 60_000  # the service's default STALE_EVENT_TOLERANCE_SECONDS
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Event:
     attributes: dict[str, str]
     event_id: str
     kind: str = "valid"  # valid / invalid_email / garbage
+    late: bool = False  # a copy of an older event sent again (a redrive, a late re-send)
 
     def encode(self) -> bytes:
         if self.kind == "garbage":
@@ -72,6 +74,7 @@ def make_workload(
     duration: float,
     backlog: float,
     poison: float = 0.01,
+    late: float = 0.01,
 ) -> Workload:
     pool = [f"p{i}.{rng.randrange(10**6)}@example.com" for i in range(emails)]
     hot = pool[: max(1, emails // 10)]
@@ -105,6 +108,10 @@ def make_workload(
             event.kind = "garbage"
         out.append((at, event))
     out.sort(key=lambda item: item[0])
+    # Event times follow production order (one producer's clock), a second apart.
+    for index, (_, event) in enumerate(out):
+        event.occurred_ms = start_ms + index * 1000
+    out = _with_late_copies(rng, out, late)
     excluded = set(rng.sample(pool, k=min(len(pool), max(0, emails // 50))))
     # People who opted out before the service started (their contact exists in AC). Not among
     # excluded emails: AC refuses to create those, so none of them has a contact to keep.
@@ -112,6 +119,30 @@ def make_workload(
     before = [(rng.choice(allowed), rng.choice(names)) for _ in range(max(1, emails // 25))]
     opt_outs = sorted(rng.uniform(0.0, duration * 1.5) for _ in range(max(1, emails // 20)))
     return Workload(out, pool, names, excluded, before, opt_outs)
+
+
+def _with_late_copies(
+    rng: random.Random, events: list[tuple[float, Event]], late: float
+) -> list[tuple[float, Event]]:
+    """Now and then, after an event (at once, or up to 20 s later), the same record of an older
+    event of that email and list again: older than the newest by more than twice the staleness
+    tolerance, so the service's guard must skip it (the oracle ignores it)."""
+    result: list[tuple[float, Event]] = []
+    history: dict[tuple[str, str], list[Event]] = {}
+    for at, event in events:
+        result.append((at, event))
+        if event.kind != "valid":
+            continue
+        key = (event.email, event.audience)
+        seen = history.setdefault(key, [])
+        old = [e for e in seen if event.occurred_ms - e.occurred_ms > 2 * STALE_TOLERANCE_MS]
+        if old and rng.random() < late:
+            copy = rng.choice(old)
+            again = at + rng.choice([0.0, rng.uniform(0.0, 20.0)])  # at once, or a while later
+            result.append((again, replace(copy, attributes=dict(copy.attributes), late=True)))
+        seen.append(event)
+    result.sort(key=lambda item: item[0])
+    return result
 
 
 @dataclass
@@ -138,7 +169,7 @@ class Oracle:
         last: dict[tuple[str, str], Event] = {}
         for records in self.records.values():
             for event in records:
-                if event.kind == "valid":
+                if event.kind == "valid" and not event.late:
                     last[(event.email, event.audience)] = event
         return last
 
