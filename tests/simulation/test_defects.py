@@ -197,3 +197,21 @@ def test_issue14_6_the_default_guard_keeps_every_second_at_5_requests() -> None:
     every second of AC's arrival log at 5 requests or fewer (invariant 2, checked by ``run``)."""
     report = saturated(guard=None).run()
     assert report.drained and report.requests > 600
+
+
+# ---- found while writing these: failing on core-14 ---------------------------------------------
+
+
+def test_issue14_4_an_import_slower_than_the_import_timeout_never_lands_after_a_newer_exit() -> (
+    None
+):
+    """Issue 14 §4: "after the import timeout ... emails were released while the import could
+    still complete". AC takes 120 s to process an import (``IMPORT_TIMEOUT_SECONDS`` is 90 s
+    here, 600 s by default) and reports it "processing" meanwhile; the twelve people it
+    subscribes exit two seconds after entering. At the timeout the import's emails are
+    released, their exits are decided while it has not landed yet ("not a member": nothing to
+    undo, recorded), and then it lands and subscribes them: AC's final state must still be
+    the model's (invariant 1)."""
+    sim = import_then_exit(1, import_delay=120.0, slow_answer=0.0)
+    report = sim.run()
+    assert report.drained

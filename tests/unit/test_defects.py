@@ -1332,3 +1332,81 @@ def test_issue14_9_a_park_of_an_older_generation_completes_nothing() -> None:
     rig.confirm.failed(Outcome(change, OutcomeKind.PERMANENT, error=refusal), old, rig.now)
     assert len(rig.producer.to(DLQ)) == 1  # an old generation's failure parks nothing
     assert rig.committable() == 0
+
+
+# ---- found while writing these: failing on core-14 ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [{"status": 40}, {"status": 4}, {"status": -1}, {"pending": 300}],
+    ids=["status-40", "status-4", "status-negative", "pending-300"],
+)
+def test_issue14_1_a_ledger_record_the_index_cannot_hold_is_refused_at_decode(
+    odd: dict[str, int],
+) -> None:
+    """Issue 14 §1: anything a ledger record cannot represent in the index must be refused
+    at decode (as an unreadable record: ignored, with a warning), never reach
+    ``CompactIndex``. ``status`` and ``pending`` are Avro ints, but the packed index keeps
+    ``status * 8 + verified * 4 + set_by`` in one byte (with a flag at 32) and ``pending`` in
+    another: a record with a status of 40 or -1, or a pending of 300, makes ``pack`` raise
+    inside the restore (every replica that is assigned the partition crashes on it, for
+    ever), and a status of 4 packs into the pending flag and makes every later read of the
+    email raise. The other emails of the partition are restored."""
+    bad = LedgerEntry("1", 0, (state(**odd),))
+    good = LedgerEntry("2", 0, (state(),))
+    records = [
+        (0, b"odd@example.com", ledger_value(bad)),
+        (0, b"ok@example.com", ledger_value(good)),
+    ]
+    store = LedgerStore(
+        LEDGER,
+        AckedProducer(FakeProducer(), sleep=lambda seconds: None),
+        readers_of(records),
+        clock=lambda: 0.0,
+    )
+    store.start_restore([0])
+    assert store.restore_step(1.0) is not None
+    assert store.get(0, "ok@example.com") == good
+    assert store.get(0, "odd@example.com") is None
+
+
+def test_issue14_4_an_import_still_processing_past_the_timeout_keeps_its_emails() -> None:
+    """Issue 14 §4: "after the import timeout ... emails were released while the import could
+    still complete". For ten minutes past ``IMPORT_TIMEOUT_SECONDS`` AC answers every
+    ``import/info`` with "processing" and counts the import as outstanding in its summary:
+    the import has not landed and still will, so its emails stay held whatever the lifecycle
+    asks (the module's diagram: processing past the timeout -> UNKNOWN). They are released
+    once AC says the import completed."""
+    from service.core.acapi import import_info
+
+    rig = Rig()
+    lifecycle = rig.lifecycle
+    import_id, _changes, _entries = import_of(rig, ["a@example.com"])
+    lifecycle.submitted(import_id, Submitted("batch-1", [0], [], None, 1), rig.now, rig.wall)
+    started = lifecycle.imports[import_id].started
+
+    def ask_ac(now: float, *, landed: bool) -> set[str]:
+        """Answer whatever the lifecycle asks at ``now``; the emails it releases."""
+        actions: list[Any] = []
+        for imp in lifecycle.polls_due(now):
+            lifecycle.polling(imp, now)
+            answer = (
+                {"status": "completed", "success": ["5"], "failure": []}
+                if landed
+                else {"status": "processing"}
+            )
+            status, _ = drive(import_info("batch-1"), iter([ok(answer)]))
+            actions += lifecycle.polled(imp.import_id, status, now)
+        if lifecycle.summary_due(now):
+            lifecycle.asking_summary(now)
+            actions += lifecycle.summarized(0 if landed else 1, now)
+        return released(actions)
+
+    for step in range(120):  # from the timeout on, ten more minutes of "processing"
+        assert ask_ac(started + 601.0 + 5.0 * step, landed=False) == set()
+        assert lifecycle.busy_emails() == {"a@example.com"}
+    freed = set()
+    for step in range(60):
+        freed |= ask_ac(started + 1201.0 + 5.0 * step, landed=True)
+    assert freed == {"a@example.com"} and lifecycle.busy_emails() == set()
