@@ -84,7 +84,8 @@ class Metrics:
         )
         self.imports = Counter(
             "ac_sync_imports",
-            "Bulk imports by outcome: submitted, queued, completed, rate_limited, failed, timed_out.",
+            "Bulk imports by outcome: prepared, submitted, queued, completed, rate_limited, "
+            "failed, abandoned (still processing at AC after IMPORT_GIVE_UP_SECONDS: resent).",
             ["outcome"],
             registry=r,
         )
@@ -269,5 +270,13 @@ class Metrics:
             self.ac_retries.labels(reason)
         for kind in ("assign", "revoke", "lost"):
             self.rebalances.labels(kind)
-        for outcome in ("submitted", "queued", "completed", "rate_limited", "failed", "timed_out"):
+        for outcome in (
+            "prepared",
+            "submitted",
+            "queued",
+            "completed",
+            "rate_limited",
+            "failed",
+            "abandoned",
+        ):
             self.imports.labels(outcome)

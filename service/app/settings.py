@@ -141,6 +141,7 @@ class Settings:
     bulk_min_contacts: int = 10
     ac_imports_per_minute: int = 100
     import_timeout_seconds: float = 600.0
+    import_give_up_seconds: float = 3600.0
     ac_rate_share: str = "partitions"
     # All interfaces of the pod's own network namespace: the kubelet's probes and Prometheus
     # reach the pod IP, ``kubectl exec ... localhost`` the loopback (README "Configuration").
@@ -760,6 +761,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             lambda: _number(env, "IMPORT_TIMEOUT_SECONDS", 600.0, minimum=5.0, maximum=86400.0),
             600.0,
         ),
+        import_give_up_seconds=take(
+            lambda: _number(
+                env, "IMPORT_GIVE_UP_SECONDS", 3600.0, minimum=5.0, maximum=7 * 86400.0
+            ),
+            3600.0,
+        ),
         ac_rate_share=take(
             lambda: _choice(env, "AC_RATE_SHARE", ("partitions", "none"), "partitions"),
             "partitions",
@@ -799,6 +806,10 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         ac_tools_tick_every=take(lambda: _tools_tick_every(env), 20),
         stale_event_tolerance_seconds=take(lambda: _stale_tolerance(env), STALE_DEFAULT),
     )
+    if settings.import_give_up_seconds < settings.import_timeout_seconds:
+        problems.append(
+            ConfigError("IMPORT_GIVE_UP_SECONDS", "must be at least IMPORT_TIMEOUT_SECONDS")
+        )
     if problems:
         raise ConfigProblems(problems)
     return settings

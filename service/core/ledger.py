@@ -90,6 +90,9 @@ class ListState(NamedTuple):
 PENDING_IMPORT = 10
 
 
+_PENDING_VALUES = frozenset(bits + via for bits in range(4) for via in (0, PENDING_IMPORT))
+
+
 def pending_bit(status: int) -> int:
     return 1 if status == 1 else 2
 
@@ -356,6 +359,13 @@ class LedgerCodec:
             raise ValueError(f"not a ledger record: {type(exc).__name__}") from None
         if buffer.tell() != len(data):
             raise ValueError("not a ledger record: trailing bytes")
+        for item in record["lists"]:
+            # What the index packs in a byte each: anything else is not a record of ours (a
+            # corrupt or foreign one), refused here rather than crashing every restore.
+            if item["status"] not in (0, 1, 2):
+                raise ValueError(f"not a ledger record: status {item['status']} out of range")
+            if item.get("pending", 0) not in _PENDING_VALUES:
+                raise ValueError(f"not a ledger record: pending {item['pending']} out of range")
         return LedgerEntry(
             record["contact_id"],
             int(record["fields_hash"]),

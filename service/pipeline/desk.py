@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,19 @@ class Held:
         return any(email in s for s in self.sets)
 
 
+@dataclass(eq=False)
+class LearnBatch:
+    """The contact ids one completed import reported, and its emails (AC does not say which id
+    is whose): read a hundred at a time until every id was asked."""
+
+    ids: deque[str]
+    emails: dict[str, tuple[int, int]]  # email -> (partition, generation)
+    asking: int = 0  # ids in reads not answered yet
+
+    def done(self) -> bool:
+        return not self.ids and not self.asking
+
+
 @dataclass(frozen=True)
 class DeliverySettings:
     concurrency: int
@@ -117,6 +131,8 @@ class Desk:
     adopted: set[str] = field(default_factory=set)  # emails adopted imports still block
     # Per-contact work waiting for its write-ahead's ack (each will take a worker).
     announcing: list[Ready] = field(default_factory=list)
+    # Emails of completed imports whose contact ids are still being learned (``Importing``).
+    learning: dict[str, LearnBatch] = field(default_factory=dict)
 
     def room(self, *, polling: bool = False) -> int:
         """Workers free for new work; polls never take the last one (a backlog must not

@@ -106,6 +106,7 @@ class LearnTask(Task):
     """Which email is which contact id, for ids an import reported (background priority)."""
 
     of: dict[str, tuple[int, int]]  # email -> (partition, generation)
+    batches: list[tuple[Any, int]] = field(default_factory=list)  # (LearnBatch, ids asked)
 
 
 @dataclass(eq=False)

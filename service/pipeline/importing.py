@@ -32,14 +32,14 @@ from service.core.coalesce import PendingChange
 from service.core.contact import contact_fields
 from service.core.ledger import Plan, fields_hash
 from service.pipeline import imports as steps
-from service.pipeline.desk import Desk, Ready
+from service.pipeline.desk import Desk, LearnBatch, Ready
 from service.pipeline.dispatch import ImportTask, LearnTask, PollTask, SummaryTask
 from service.pipeline.imports import Action, Group, ImportLifecycle
 from service.pipeline.lists import Lists
 from service.pipeline.verify import Verification
 
 IMPORT_GATHER_SECONDS = 0.2  # the bulk path takes due changes once the first is this late
-MAX_TO_LEARN = 25_000
+MAX_TO_LEARN = 200_000  # ids (a few MB): a first load's worth
 MAX_PREPARING = 2
 
 
@@ -53,7 +53,7 @@ class Importing:
     ready: deque[Ready] = field(default_factory=deque)
     preparing: dict[str, list[Ready]] = field(default_factory=dict)  # import id -> its groups
     # Contact ids completed imports reported, with the emails they may belong to (bounded).
-    to_learn: deque[tuple[str, dict[str, tuple[int, int]]]] = field(default_factory=deque)
+    to_learn: deque[LearnBatch] = field(default_factory=deque)
 
     def pending(self) -> int:
         queued = sum(len(r.changes) for r in self.ready)
@@ -153,30 +153,64 @@ class Importing:
     # ---- learning contact ids ---------------------------------------------------------------
 
     def start_learning(self) -> None:
-        """One read of up to 100 ids at a time, at background priority: it takes a request slot
+        """One read of up to 100 ids at a time. At background priority it takes a request slot
         only when nothing else waits for one (imports and their polls leave about a third of
-        the budget free at full speed, so a first load learns most of its ids for free)."""
-        if not self.to_learn or any(self.desk.dispatcher.tasks(LearnTask)):
+        the budget free at full speed, so a first load learns most of its ids for free); while
+        an exit waits for one of these ids, at normal priority: a read of 100 ids then saves
+        up to 100 reads of one email each."""
+        if not self.to_learn:
+            return
+        urgent = self.verification.awaiting_ids()
+        if len(list(self.desk.dispatcher.tasks(LearnTask))) >= (2 if urgent else 1):
             return
         if self.desk.room() < 2:
             return
         ids: list[str] = []
         emails: dict[str, tuple[int, int]] = {}
-        while self.to_learn and len(ids) < acapi.IDS_PER_READ:
-            contact_id, of = self.to_learn.popleft()
-            ids.append(contact_id)
-            emails.update(of)
-        call = acapi.contacts_page(ids=ids, priority=acapi.BACKGROUND)
-        self.desk.submit(LearnTask(of=emails), call)
+        batches: list[tuple[LearnBatch, int]] = []
+        # The batches an exit waits on first, then the oldest.
+        waited = {id(b): b for b in self.verification.awaited_batches(self.desk.learning)}
+        order = [*waited.values(), *(b for b in self.to_learn if id(b) not in waited)]
+        for batch in order:
+            taken = 0
+            while batch.ids and len(ids) < acapi.IDS_PER_READ:
+                ids.append(batch.ids.popleft())
+                taken += 1
+            if taken:
+                batch.asking += taken
+                batches.append((batch, taken))
+                emails.update(batch.emails)
+            if len(ids) >= acapi.IDS_PER_READ:
+                break
+        while self.to_learn and not self.to_learn[0].ids:
+            self.to_learn.popleft()  # fully asked (answers still counted in ``asking``)
+        if not ids:
+            return
+        priority = acapi.NORMAL if urgent else acapi.BACKGROUND
+        call = acapi.contacts_page(ids=ids, priority=priority)
+        self.desk.submit(LearnTask(of=emails, batches=batches), call)
 
     def learned(self, task: LearnTask, result: Any) -> None:
-        if not isinstance(result, acapi.Page):
-            return  # a background read: what was not learned is asked by email later
-        self.desk.opened(task)
-        for email, contact_id in result.contacts.items():
+        page = result if isinstance(result, acapi.Page) else None
+        if page is not None:
+            self.desk.opened(task)
+        found = page.contacts if page is not None else {}
+        for email, contact_id in found.items():
             where = task.of.get(email)
             if where is not None:
                 self.desk.confirm.remember_contact(email, where[0], where[1], contact_id)
+        # Not learned on a failed read: those emails' exits are asked by email instead.
+        woken: set[str] = set(found)
+        for batch, asked in task.batches:
+            batch.asking -= asked
+            if batch.done():
+                woken |= {e for e, b in self.desk.learning.items() if b is batch}
+        self._woken(woken, found)
+
+    def _woken(self, emails: set[str], found: Mapping[str, str]) -> None:
+        for email in emails:
+            self.desk.learning.pop(email, None)
+        self.verification.ids_learned(emails, found)
 
     # ---- following imports --------------------------------------------------------------------
 
@@ -240,6 +274,8 @@ class Importing:
         )
 
     def _requeue(self, action: steps.Requeue, now: float) -> None:
+        if action.abandoned:
+            self.desk.metrics.imports.labels("abandoned").inc()
         if action.not_queued:
             self._clear_pending(action.changes, action.stamp)
         self.desk.confirm.requeue(action.changes, action.stamp, now, single=action.force_single)
@@ -255,10 +291,16 @@ class Importing:
         self.desk.adopted -= action.emails
 
     def _learn(self, action: steps.Learn, now: float) -> None:
-        for contact_id in action.ids:
-            self.to_learn.append((contact_id, action.emails))
-        while len(self.to_learn) > MAX_TO_LEARN:
-            self.to_learn.popleft()
+        batch = LearnBatch(deque(action.ids), dict(action.emails))
+        self.to_learn.append(batch)
+        for email in batch.emails:
+            self.desk.learning[email] = batch
+        # Bounded: the oldest batches are dropped (their emails' exits are asked by email).
+        while sum(len(b.ids) for b in self.to_learn) > MAX_TO_LEARN:
+            dropped = self.to_learn.popleft()
+            dropped.ids.clear()
+            if dropped.done():
+                self._woken({e for e, b in self.desk.learning.items() if b is dropped}, {})
 
     def _landed(self, action: steps.Landed, now: float) -> None:
         for email in action.emails:

@@ -4,13 +4,18 @@
 
     prepare ──► PREPARING ──(intents and budget acked)──► SUBMITTING ──► QUEUED ──► completed
                                                             │              │  (import/info)
-                                                            │ unknown       │ 404, or processing
+                                                            │ unknown       │ 404, or no answer
                                                             ▼ outcome       ▼ past the timeout
                                                           UNKNOWN ◄─────────┘
                                                             │ AC reports no import outstanding
-                                                            ▼ (or the timeout)
+                                                            ▼
                                                           resent: the changes go back, nothing
                                                           older can land any more
+
+    An import AC still reports processing (QUEUED), or outstanding (UNKNOWN), keeps its emails
+    until IMPORT_GIVE_UP_SECONDS (default an hour); then its changes are resent and its emails
+    released all the same (counted, logged as an error): the one bounded window in which an
+    old import may land after a newer change.
 
 The rule that shapes it: **an import may land in AC long after it was sent** (AC processes
 imports asynchronously), so an email whose import outcome is unknown gets no newer write until
@@ -131,6 +136,7 @@ class Requeue:
     stamp: dict[int, int]
     force_single: bool = False
     not_queued: bool = False  # AC surely did not take them: their write-ahead is void
+    abandoned: bool = False  # given up on (IMPORT_GIVE_UP_SECONDS): it may still land
 
 
 @dataclass
@@ -177,9 +183,12 @@ Action = (
 @dataclass
 class ImportLifecycle:
     budget: ImportBudget
-    timeout: float  # seconds an import may stay unconfirmed before its changes are resent
+    timeout: float  # seconds AC may leave an import unconfirmed before it counts as unknown
     rng: random.Random
     new_id: Callable[[], str]
+    # Seconds after which an import AC still reports processing (or outstanding) is given up:
+    # its changes are sent again and its emails released, though it may still land.
+    give_up: float = 3600.0
     expected_seconds: float = 2.0  # learned from completions (EWMA)
     imports: dict[str, Import] = field(default_factory=dict)
     next_summary_at: float = 0.0
@@ -355,25 +364,31 @@ class ImportLifecycle:
                 delay = max(delay, status.retry_after)
             imp.polls += 1
             imp.next_poll_at = now + delay
-            return self._maybe_time_out(imp, now)
+            if now - imp.started > self.timeout:
+                # AC cannot say for this long: unknown, settled by AC's summary.
+                return self._unknown(imp, now)
+            return []
         if not status.completed:
             imp.polls += 1
             imp.next_poll_at = now + next_poll_delay(
                 imp.polls, self.expected_seconds, MAX_POLL_INTERVAL
             )
-            return self._maybe_time_out(imp, now)
+            return self._maybe_give_up(imp, now)
         elapsed = now - imp.started
         self.expected_seconds = 0.7 * self.expected_seconds + 0.3 * min(elapsed, 60.0)
         return self._completed(imp, status)
 
-    def _maybe_time_out(self, imp: Import, now: float) -> list[Action]:
-        if now - imp.started <= self.timeout:
+    def _maybe_give_up(self, imp: Import, now: float) -> list[Action]:
+        """AC says the import is still processing: its emails wait (it may land any time),
+        up to ``give_up``; then the stall is bounded at the cost of that certainty."""
+        if now - imp.started <= self.give_up:
             return []
         logger.error(
-            "import not confirmed in time; its changes are sent again (it may still land)",
+            "import still processing at AC after IMPORT_GIVE_UP_SECONDS; its changes are sent "
+            "again and its emails released (if it lands later, it may undo newer changes)",
             extra={"import": imp.import_id, "batch_id": imp.batch_id},
         )
-        return self._resend(imp)
+        return self._resend(imp, abandoned=True)
 
     def _completed(self, imp: Import, status: ImportStatus) -> list[Action]:
         failed = {e.strip().lower() for e in status.failed_emails}
@@ -411,9 +426,11 @@ class ImportLifecycle:
             ]
         return actions + self._close(imp, release=True)
 
-    def _resend(self, imp: Import) -> list[Action]:
+    def _resend(self, imp: Import, *, abandoned: bool = False) -> list[Action]:
         changes = [c for g in imp.groups for c in g.changes]
-        actions: list[Action] = [Requeue(changes, imp.stamp)] if changes else []
+        actions: list[Action] = (
+            [Requeue(changes, imp.stamp, abandoned=abandoned)] if changes or abandoned else []
+        )
         return actions + self._close(imp, release=True)
 
     def _close(self, imp: Import, *, release: bool) -> list[Action]:
@@ -451,12 +468,14 @@ class ImportLifecycle:
                 and imp.started <= asked
             ):
                 actions += self._resend(imp)
-            elif now - imp.started > self.timeout:
+            elif now - imp.started > self.give_up:
                 logger.error(
-                    "import outcome still unknown after the timeout; its changes are sent again",
+                    "import outcome still unknown after IMPORT_GIVE_UP_SECONDS; its changes are "
+                    "sent again and its emails released (if it lands later, it may undo newer "
+                    "changes)",
                     extra={"import": imp.import_id},
                 )
-                actions += self._resend(imp)
+                actions += self._resend(imp, abandoned=True)
         return actions
 
     # ---- a previous owner's imports -----------------------------------------------------

@@ -142,7 +142,13 @@ class Loop:
             clock.wall,
             clock.monotonic,
         )
-        lifecycle = ImportLifecycle(budget, s.import_timeout_seconds, ports.rng, ports.new_id)
+        lifecycle = ImportLifecycle(
+            budget,
+            s.import_timeout_seconds,
+            ports.rng,
+            ports.new_id,
+            give_up=s.import_give_up_seconds,
+        )
         self.delivery = Delivery(desk, lifecycle)
         self.source = Source(
             self.topic,

@@ -3,6 +3,8 @@
 - **Exits** (``Plan.EXIT``): the person may have opted out since the service subscribed them,
   so before an exit is sent AC is asked who on the list is still subscribed, batched per list
   (``verify_exits``: 100 known contact ids per read, one read per email whose id is unknown).
+  An exit whose id a completed import reported and ``Importing`` is learning waits for it (up
+  to ``AWAIT_ID_SECONDS``; learning then runs at normal priority).
   Still subscribed -> ``UNSUBSCRIBE`` (sent by import or per contact); not subscribed -> nothing
   to undo, recorded, nothing sent. An answer older than ``VERIFY_FRESH_SECONDS`` when its
   unsubscribe is about to leave (it waited for an import slot, a retry) is asked again
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,12 +25,13 @@ from service.core import acapi
 from service.core.bulk import Verified, verify_exits
 from service.core.coalesce import ListRef, PendingChange
 from service.core.ledger import Known, Plan, SetBy, rechecked
-from service.pipeline.desk import Desk, Ready, Route
+from service.pipeline.desk import Desk, LearnBatch, Ready, Route
 from service.pipeline.dispatch import RecheckTask, VerifyTask
 
 VERIFY_GATHER_SECONDS = 0.2
 VERIFY_BATCH = 250
 VERIFY_FRESH_SECONDS = 10.0  # an exit's "still subscribed" is trusted this long
+AWAIT_ID_SECONDS = 600.0  # an exit waits at most this long for its id to be learned
 NOT_SUBSCRIBED = Known(2, SetBy.UNKNOWN, True)  # an exit found nothing of ours to undo
 
 
@@ -37,13 +41,57 @@ class Verification:
     route: Route
     exits: dict[ListRef, deque[Ready]] = field(default_factory=dict)
     uncertain: deque[Ready] = field(default_factory=deque)
+    # Exits whose contact id an import reported and ``Importing`` is still learning, by email
+    # (insertion order is arrival order: the oldest wait longest).
+    awaiting: dict[str, Ready] = field(default_factory=dict)
 
     def pending(self) -> int:
-        return sum(len(r.changes) for q in (*self.exits.values(), self.uncertain) for r in q)
+        queues = (*self.exits.values(), self.uncertain, self.awaiting.values())
+        return sum(len(r.changes) for q in queues for r in q)
 
     def exit(self, ready: Ready) -> None:
+        desk = self.desk
+        if ready.email in desk.learning and desk.contact_id(ready.email, ready.partition) is None:
+            # Its id is being learned (a hundred to a read): asked by id once it is, rather
+            # than alone by email now (one read per exit: a first load's exits would cost ten
+            # times the reads of learning every id).
+            self.awaiting[ready.email] = ready
+            return
         target = next(c.target for c in ready.changes if c.plan is Plan.EXIT)
         self.exits.setdefault(target, deque()).append(ready)
+
+    def awaiting_ids(self) -> bool:
+        return bool(self.awaiting)
+
+    def awaited_batches(self, learning: Mapping[str, LearnBatch]) -> list[LearnBatch]:
+        """The learning batches holding the ids exits wait for, oldest exit first."""
+        found = (learning.get(email) for email in self.awaiting)
+        return [batch for batch in found if batch is not None and batch.ids]
+
+    def ids_learned(self, emails: set[str], found: Mapping[str, str]) -> None:
+        """``Importing`` learned these emails' ids (``found``) or gave up on them: their exits
+        are asked now (by id when found)."""
+        for email in emails:
+            ready = self.awaiting.pop(email, None)
+            if ready is None:
+                continue
+            contact_id = found.get(email)
+            if contact_id is not None:
+                for change in ready.changes:
+                    change.contact_id = change.contact_id or contact_id
+            self._queue(ready)
+
+    def _queue(self, ready: Ready) -> None:
+        target = next(c.target for c in ready.changes if c.plan is Plan.EXIT)
+        self.exits.setdefault(target, deque()).append(ready)
+
+    def _expire_awaiting(self, now: float) -> None:
+        while self.awaiting:
+            email, ready = next(iter(self.awaiting.items()))
+            if now - ready.since < AWAIT_ID_SECONDS:
+                return
+            del self.awaiting[email]
+            self._queue(ready)
 
     def recheck(self, ready: Ready) -> None:
         self.uncertain.append(ready)
@@ -62,6 +110,7 @@ class Verification:
 
     def start(self, now: float, *, flush: bool) -> None:
         self._start_rechecks()
+        self._expire_awaiting(now)
         for ref in list(self.exits):
             queue = self.exits[ref]
             while queue and self.desk.room() > 0:
@@ -87,7 +136,11 @@ class Verification:
     def _ask(self, ref: ListRef, batch: list[Ready]) -> None:
         list_id = self.desk.directory.get(ref)
         assert list_id is not None, "lists are resolved before their changes are decided"
-        emails = {r.email: self.desk.contact_id(r.email, r.partition) for r in batch}
+        emails = {
+            r.email: self.desk.contact_id(r.email, r.partition)
+            or next((c.contact_id for c in r.changes if c.contact_id), None)
+            for r in batch
+        }
         task = VerifyTask(ref, list_id, [(r.generation, r.changes) for r in batch])
         self.desk.submit(task, verify_exits(list_id, emails))
 
@@ -172,5 +225,9 @@ class Verification:
             for ready in [r for r in queue if r.partition in partitions]:
                 queue.remove(ready)
                 self.desk.release({ready.email})
+        for email, ready in list(self.awaiting.items()):
+            if ready.partition in partitions:
+                del self.awaiting[email]
+                self.desk.release({email})
         for ref in [r for r, q in self.exits.items() if not q]:
             del self.exits[ref]

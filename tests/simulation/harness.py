@@ -119,6 +119,7 @@ def settings_for(profile: Profile) -> Settings:
         retry_give_up_seconds=240.0,
         bulk_min_contacts=profile.bulk_min,
         import_timeout_seconds=90.0,
+        import_give_up_seconds=240.0,
         list_verify_seconds=120.0,
         attribute_map={"first_name": "firstName"},
         stale_event_tolerance_seconds=STALE_TOLERANCE_MS / 1000,  # the default, as the model's
