@@ -455,6 +455,7 @@ class Confirmer:
             covered_offsets=tuple(change.offsets),
             ac_status=error.status,
             ac_code=error.code,
+            extra_headers=tuple(change.headers or ()),
         )
         self._send(letter, change.partition, generation, tuple(change.offsets))
 
@@ -466,6 +467,7 @@ class Confirmer:
         offset: int,
         poison: PoisonMessage,
         generation: int,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         letter = DeadLetter(
             key,
@@ -476,6 +478,7 @@ class Confirmer:
             self.topic,
             partition,
             offset,
+            extra_headers=tuple(headers or ()),
         )
         self._send(letter, partition, generation, (offset,))
 
