@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
-import functools
 import json
 import logging
 import os
@@ -395,12 +394,15 @@ def _members(tool: Any, list_id: str, status: int, progress: _Progress) -> dict[
     result: dict[str, str] = {}
     after: int | None = None
     while True:
-        page = _retrying(
-            functools.partial(
-                tool.call, acapi.contacts_page(list_id=list_id, status=status, id_greater=after)
-            ),
-            "reading members",
-        )
+        # A call is a generator, used up by one attempt: a new one per attempt (a retry of
+        # the same generator would return None).
+        def read(after: int | None = after) -> acapi.Page:
+            page: acapi.Page = tool.call(
+                acapi.contacts_page(list_id=list_id, status=status, id_greater=after)
+            )
+            return page
+
+        page = _retrying(read, "reading members")
         result.update(page.contacts)
         done = len(page.contacts) < acapi.PAGE_SIZE or page.last_id < 0
         progress(status, len(result), max(page.total, len(result)), final=done)
