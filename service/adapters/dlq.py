@@ -3,7 +3,10 @@
 Headers (all strings): ``dlq.reason`` (enumerated), ``dlq.error_class``, ``dlq.detail`` (never an
 email or the token), ``dlq.source.topic``, ``dlq.source.partition``, ``dlq.source.offset``,
 ``dlq.covered_offsets`` (for an AC refusal: every source offset the final state covered),
-``dlq.ac_status`` and ``dlq.ac_code`` when AC refused the change, ``dlq.failed_at`` (epoch ms).
+``dlq.ac_status`` and ``dlq.ac_code`` when AC refused the change, ``dlq.failed_at`` (epoch ms);
+then the parked record's own headers, as it had them (``extra_headers``). A record that
+``redrive`` put back carries its ``redrive.*`` headers (``service/core/redrive.py``), so when it
+fails again it is parked with both histories: the new ``dlq.*`` and the earlier ones.
 A delivery failure is retried until the broker acknowledges: an offset is never completed
 without the ack.
 """
@@ -32,7 +35,7 @@ class DeadLetter:
     covered_offsets: tuple[int, ...] = ()
     ac_status: int | None = None
     ac_code: str | None = None
-    extra_headers: tuple[tuple[str, bytes], ...] = ()  # e.g. the record's own headers
+    extra_headers: tuple[tuple[str, bytes], ...] = ()  # the record's own headers
 
     def headers(self, now_ms: int) -> list[tuple[str, bytes]]:
         headers = [

@@ -32,15 +32,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from service.adapters.kafka import AckedProducer, LogReader, LogReaderFactory
-from service.core.ledger import CompactIndex, LedgerCodec, LedgerEntry, newest
+from service.core.ledger import (
+    BUDGET_KEY,
+    INTENT_PREFIX,
+    CompactIndex,
+    LedgerCodec,
+    LedgerEntry,
+    newest,
+)
 
 logger = logging.getLogger(__name__)
 
 RESTORE_BATCH = 5000
-
-# Not an email (no "@"), so never an entry's key; compaction keeps only the latest.
-BUDGET_KEY = "import-budget"
-INTENT_PREFIX = "import/"
 
 
 def encode_budget(charges: list[tuple[float, float]]) -> bytes:

@@ -1,7 +1,8 @@
 """``ac-audience-sync``: the composition root. The only place that builds real clients.
 
 Subcommands: ``run`` (the service), ``check`` (config, broker, topic, token), ``explain`` and
-``reconcile`` (the ledger, for support), ``emulator`` (the ActiveCampaign emulator), ``demo``
+``reconcile`` (the ledger, for support), ``redrive`` (dead letters back to the source topic),
+``forget`` (erase emails from the ledger), ``emulator`` (the ActiveCampaign emulator), ``demo``
 (everything end to end on this machine).
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
-import functools
 import json
 import logging
 import os
@@ -266,7 +266,7 @@ def _quiet(config: Mapping[str, Any]) -> dict[str, Any]:
     return {**config, "logger": quiet_kafka_logger()}
 
 
-def _ledger_partitions(settings: Settings, timeout: float) -> list[int]:
+def ledger_partitions(settings: Settings, timeout: float) -> list[int]:
     from service.app.check import list_topics
 
     metadata = list_topics(settings, timeout)
@@ -315,7 +315,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print("ac-audience-sync explain: not a valid email address", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        partitions = _ledger_partitions(settings, args.timeout)
+        partitions = ledger_partitions(settings, args.timeout)
         entry = read_entry(
             kafka_log_reader(_quiet(settings.consumer_config())),
             settings.kafka_ledger_topic,
@@ -345,7 +345,7 @@ RECONCILE_ATTEMPTS = 4
 PROGRESS_EVERY_SECONDS = 2.0
 
 
-def _retrying(call: Callable[[], T], what: str) -> T:
+def _retrying(call: Callable[[], T], what: str, command: str = "reconcile") -> T:
     """``call`` again after a transient AC failure (a few times, with back-off): one 5xx must
     not end a reconcile that has read thousands of members."""
     from service.core.errors import RateLimited, TransientApiError
@@ -358,7 +358,7 @@ def _retrying(call: Callable[[], T], what: str) -> T:
                 raise
             wait = min(30.0, exc.retry_after if isinstance(exc, RateLimited) else 2.0**attempt)
             print(
-                f"ac-audience-sync reconcile: {what}: ActiveCampaign answered {exc}; "
+                f"ac-audience-sync {command}: {what}: ActiveCampaign answered {exc}; "
                 f"retrying in {wait:g}s",
                 file=sys.stderr,
             )
@@ -397,12 +397,15 @@ def _members(tool: Any, list_id: str, status: int, progress: _Progress) -> dict[
     result: dict[str, str] = {}
     after: int | None = None
     while True:
-        page = _retrying(
-            functools.partial(
-                tool.call, acapi.contacts_page(list_id=list_id, status=status, id_greater=after)
-            ),
-            "reading members",
-        )
+        # A call is a generator, used up by one attempt: a new one per attempt (a retry of
+        # the same generator would return None).
+        def read(after: int | None = after) -> acapi.Page:
+            page: acapi.Page = tool.call(
+                acapi.contacts_page(list_id=list_id, status=status, id_greater=after)
+            )
+            return page
+
+        page = _retrying(read, "reading members")
         result.update(page.contacts)
         done = len(page.contacts) < acapi.PAGE_SIZE or page.last_id < 0
         progress(status, len(result), max(page.total, len(result)), final=done)
@@ -428,7 +431,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     settings = _settings_or_exit(os.environ)
     label = args.list
     try:
-        partitions = _ledger_partitions(settings, args.timeout)
+        partitions = ledger_partitions(settings, args.timeout)
     except BrokerUnreachable as exc:
         return _broker_unreachable("reconcile", settings, str(exc))
     except BrokerRefusedCredentials as exc:
@@ -500,6 +503,121 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 PROGRESS_MIN_MEMBERS = 1000
 
 
+def _kafka_errors(command: str, settings: Settings, work: Callable[[], int]) -> int:
+    """``work()``, with the broker's and the topics' problems as one line and an exit status."""
+    from confluent_kafka import KafkaException
+
+    from service.app.check import BrokerRefusedCredentials, BrokerUnreachable
+
+    try:
+        return work()
+    except BrokerUnreachable as exc:
+        return _broker_unreachable(command, settings, str(exc))
+    except BrokerRefusedCredentials as exc:
+        return _broker_refused(command, str(exc))
+    except KafkaException as exc:
+        return _broker_unreachable(command, settings, settings.redact(str(exc)))
+    except (ConfigError, LookupError) as exc:
+        why = f"{exc.field}: {exc.why}" if isinstance(exc, ConfigError) else str(exc)
+        print(f"ac-audience-sync {command}: {why}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _reasons(values: Sequence[str] | None) -> frozenset[str] | None:
+    from service.metrics import DLQ_REASONS
+
+    if not values:
+        return None
+    named = {r.strip() for value in values for r in value.split(",") if r.strip()}
+    unknown = sorted(named - set(DLQ_REASONS))
+    if unknown:
+        raise ValueError(
+            f"unknown reason(s) {', '.join(unknown)}; the reasons are {', '.join(DLQ_REASONS)}"
+        )
+    return frozenset(named)
+
+
+def cmd_redrive(args: argparse.Namespace) -> int:
+    """Put dead-lettered records back on the source topic (``service/app/redrive.py``). Exit
+    statuses: 0 done (a dry run: reported), 1 some records could not be checked or written
+    (run again), 2 configuration or usage, 3 broker unreachable."""
+    from service.app.redrive import Options, Progress, run
+    from service.core.redrive import Criteria, parse_time
+
+    now = time.time()
+    try:
+        criteria = Criteria(
+            reasons=_reasons(args.reason),
+            partitions=frozenset(args.partition) if args.partition else None,
+            from_offset=args.from_offset,
+            to_offset=args.to_offset,
+            since_ms=parse_time(args.since, now) if args.since else None,
+            until_ms=parse_time(args.until, now) if args.until else None,
+            limit=args.limit,
+        )
+    except ValueError as exc:
+        print(f"ac-audience-sync redrive: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    settings = _settings_or_exit(kafka_only_env(os.environ))
+    options = Options(criteria, args.execute, args.json, args.timeout)
+    return _kafka_errors("redrive", settings, lambda: run(settings, options, Progress("redrive")))
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Erase emails from the ledger (``service/app/forget.py``). Exit statuses: 0 done, 1 the
+    service is running (nothing written) or started meanwhile, 2 configuration or usage (a
+    malformed email: nothing written), 3 broker unreachable, 4 AC unreachable, 5 AC refused."""
+    from pathlib import Path
+
+    from service.app.forget import (
+        BrokerWriteFailed,
+        GroupActive,
+        Options,
+        read_emails,
+        run,
+    )
+
+    if (args.email is None) == (args.from_file is None):
+        print("ac-audience-sync forget: give an EMAIL or --from-file, not both", file=sys.stderr)
+        return EXIT_CONFIG
+
+    def read(path: str) -> str:
+        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+
+    try:
+        emails, problems = read_emails(args.email, args.from_file, read)
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"ac-audience-sync forget: cannot read {args.from_file}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if problems:
+        for problem in problems:
+            print(f"ac-audience-sync forget: {problem}", file=sys.stderr)
+        print("ac-audience-sync forget: nothing was written", file=sys.stderr)
+        return EXIT_CONFIG
+    env = os.environ if args.delete_contact else kafka_only_env(os.environ)
+    settings = _settings_or_exit(env)
+    options = Options(args.delete_contact, args.dry_run, args.json, args.exclusive, args.timeout)
+
+    def retrying(call: Callable[[], T], what: str) -> T:
+        return _retrying(call, what, "forget")
+
+    def work() -> int:
+        try:
+            return run(settings, options, emails, retrying)
+        except GroupActive as exc:
+            print(
+                f"ac-audience-sync forget: the service is running (consumer group "
+                f"{settings.kafka_group_id}: {exc}); nothing was written. Stop every replica "
+                "first (kubectl scale --replicas=0), run forget, then start it again",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        except BrokerWriteFailed as exc:
+            return _broker_unreachable("forget", settings, f"a ledger write failed: {exc}")
+
+    return _kafka_errors("forget", settings, work)
+
+
 def kafka_only_env(env: Mapping[str, str]) -> dict[str, str]:
     """``explain`` reads only Kafka: stand-ins for the AC settings it never uses."""
     merged = dict(env)
@@ -516,6 +634,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(
         events=args.events, emails=args.emails, audiences=args.audiences, rate_limit=args.rate_limit
     )
+
+
+class _WithExamples(argparse.HelpFormatter):
+    """The description wrapped as usual; the epilog's examples as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -602,6 +729,118 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)"
     )
     reconcile.set_defaults(func=cmd_reconcile)
+
+    redrive = sub.add_parser(
+        "redrive",
+        help="put dead-lettered records back on the source topic",
+        formatter_class=_WithExamples,
+        description="Read the dead-letter topic, select records (by reason, source partition "
+        "and offsets, time), show the counts per reason and what would happen to each, and "
+        "with --execute write the records to redrive to their source partition with their "
+        "key, value and headers and a redrive.* group naming the redrive (a record is never "
+        "redriven twice: its copy on the source topic is its receipt). Reasons whose cause is "
+        "the record itself (invalid_email, undecodable, ...) and records that failed again "
+        "after a redrive are reported, not redriven, unless --reason names them; records "
+        "that still fail to decode with the current configuration, or that a later event of "
+        "the same email and list supersedes, are never redriven. Reads KAFKA_* (and the "
+        "schema registry and list naming settings); progress on stderr. Exit status: 0 done, "
+        "1 some records could not be checked or written (run again), 2 configuration error "
+        "or bad usage, 3 broker unreachable.",
+        epilog="""examples:
+  ac-audience-sync redrive                          # dry run: counts per reason
+  ac-audience-sync redrive --reason list_missing --since 24h --execute
+  ac-audience-sync redrive --partition 3 --from-offset 1200 --to-offset 1300 --json
+  ac-audience-sync redrive --reason ac_rejected --since 2025-01-31T00:00:00Z --limit 10 --execute
+""",
+    )
+    redrive.add_argument(
+        "--reason",
+        action="append",
+        metavar="REASON",
+        help="only this dlq.reason (repeat, or comma-separated); naming a reason also redrives "
+        "it when it is not redriven by default (after a fix)",
+    )
+    redrive.add_argument(
+        "--partition", type=int, action="append", metavar="P", help="only this source partition"
+    )
+    redrive.add_argument(
+        "--from-offset", type=int, metavar="N", help="only source offsets >= N (inclusive)"
+    )
+    redrive.add_argument(
+        "--to-offset", type=int, metavar="N", help="only source offsets <= N (inclusive)"
+    )
+    redrive.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only records parked at or after WHEN: ISO 8601 (UTC unless an offset is given) "
+        "or a duration ago (30m, 12h, 7d)",
+    )
+    redrive.add_argument("--until", metavar="WHEN", help="only records parked before WHEN")
+    redrive.add_argument(
+        "--limit", type=int, metavar="N", help="redrive at most N records (in source order)"
+    )
+    mode = redrive.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--dry-run",
+        action="store_false",
+        dest="execute",
+        help="report only (the default)",
+    )
+    mode.add_argument("--execute", action="store_true", help="write the records to redrive")
+    redrive.add_argument("--json", action="store_true", help="print JSON")
+    redrive.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)"
+    )
+    redrive.set_defaults(func=cmd_redrive, execute=False)
+
+    forget = sub.add_parser(
+        "forget",
+        help="erase emails from the ledger (and their AC contacts)",
+        formatter_class=_WithExamples,
+        description="Write the ledger tombstone of each email (in every partition holding its "
+        "entry) and rewrite the import intents naming it, so that compaction leaves nothing "
+        "of it; with --delete-contact also delete its ActiveCampaign contact (through the "
+        "tools' ticks of the request budget). The service must be stopped: a running replica "
+        "holds the entries in memory and could write them back, so forget writes nothing "
+        "while the consumer group has members. Emails are never printed (input position and "
+        "email_hash instead). Exit status: 0 done, 1 the service is running (nothing "
+        "written) or started meanwhile (restart it), 2 configuration error or a malformed "
+        "email (nothing written), 3 broker unreachable, 4 ActiveCampaign unreachable, "
+        "5 ActiveCampaign refused the token or the request.",
+        epilog="""examples:
+  kubectl -n crm-sync scale deploy/ac-audience-sync --replicas=0
+  ac-audience-sync forget person@example.com --delete-contact
+  ac-audience-sync forget --from-file erasure-requests.txt --json   # one email a line, # comments
+  ac-audience-sync forget --from-file - --dry-run < erasure-requests.txt
+  kubectl -n crm-sync scale deploy/ac-audience-sync --replicas=1
+""",
+    )
+    forget.add_argument("email", nargs="?", help="the email (matched in its normalised form)")
+    forget.add_argument(
+        "--from-file", metavar="PATH", help="emails, one a line ('-': stdin); '#' comments"
+    )
+    forget.add_argument(
+        "--delete-contact",
+        action="store_true",
+        help="also delete the AC contact (GET /contacts?email=, DELETE /contacts/{id})",
+    )
+    forget.add_argument(
+        "--exclusive",
+        action="store_true",
+        help="use every tick of the request budget for --delete-contact (by default the ticks "
+        "kept for tools, AC_TOOLS_TICK_EVERY; other tools may be running)",
+    )
+    forget.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="say what would be written; write nothing, ask AC nothing (allowed while the "
+        "service runs)",
+    )
+    forget.add_argument("--json", action="store_true", help="print JSON")
+    forget.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)"
+    )
+    forget.set_defaults(func=cmd_forget)
 
     demo = sub.add_parser(
         "demo",

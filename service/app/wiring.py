@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from service.app.settings import Settings
 from service.core.errors import ConfigError
 from service.pipeline.loop import Loop
+
+if TYPE_CHECKING:
+    from service.core.codec import EventDecoder
 
 logger = logging.getLogger("service")
 
@@ -25,11 +29,9 @@ def build_runner(settings: Settings, registry: Any) -> Loop:
     from service.adapters.executor import ThreadedExecutor
     from service.adapters.kafka import AckedProducer, kafka_log_reader
     from service.adapters.ratelimit import RateLimitedTransport, RateLimiter
-    from service.adapters.schema_registry import SchemaRegistryLookup
     from service.app.logs import EmailHasher
     from service.app.runtime import Collector
     from service.clock import SystemClock
-    from service.core.codec import EventDecoder, load_reader_schema
     from service.metrics import Metrics
     from service.pipeline.loop import Ports
 
@@ -52,23 +54,7 @@ def build_runner(settings: Settings, registry: Any) -> Loop:
         follow_redirects=False,
     )
     driver = HttpDriver(http, lambda: settings.current_token().reveal(), metrics, clock.monotonic)
-    lookup = None
-    if settings.schema_registry_url:
-        user = password = None
-        if settings.schema_registry_basic_auth_user_info is not None:
-            user, _, password = settings.schema_registry_basic_auth_user_info.reveal().partition(
-                ":"
-            )
-        lookup = SchemaRegistryLookup(
-            settings.schema_registry_url,
-            basic_auth_user=user,
-            basic_auth_password=password,
-            ca_location=settings.schema_registry_ca_location,
-            cert_location=settings.schema_registry_cert_location,
-            key_location=settings.schema_registry_key_location,
-            timeout=settings.schema_registry_timeout_seconds,
-        )
-    decoder = EventDecoder(load_reader_schema(logical_types=False), lookup, clock=clock.monotonic)
+    decoder = build_decoder(settings, clock.monotonic)
     key = settings.email_hash_key.reveal().encode() if settings.email_hash_key else None
     hasher = EmailHasher(key)
 
@@ -112,6 +98,32 @@ def build_runner(settings: Settings, registry: Any) -> Loop:
     loop = Loop(settings, ports, metrics, hasher)
     holder["loop"] = loop
     return loop
+
+
+def build_decoder(settings: Settings, clock: Callable[[], float]) -> EventDecoder:
+    """The record decoder the service uses: schemaless Avro, or Confluent wire format with the
+    configured schema registry (``run`` and ``redrive``, which checks a record decodes before
+    it puts it back)."""
+    from service.adapters.schema_registry import SchemaRegistryLookup
+    from service.core.codec import EventDecoder, load_reader_schema
+
+    lookup = None
+    if settings.schema_registry_url:
+        user = password = None
+        if settings.schema_registry_basic_auth_user_info is not None:
+            user, _, password = settings.schema_registry_basic_auth_user_info.reveal().partition(
+                ":"
+            )
+        lookup = SchemaRegistryLookup(
+            settings.schema_registry_url,
+            basic_auth_user=user,
+            basic_auth_password=password,
+            ca_location=settings.schema_registry_ca_location,
+            cert_location=settings.schema_registry_cert_location,
+            key_location=settings.schema_registry_key_location,
+            timeout=settings.schema_registry_timeout_seconds,
+        )
+    return EventDecoder(load_reader_schema(logical_types=False), lookup, clock=clock)
 
 
 def ensure_topics(settings: Settings) -> None:

@@ -268,6 +268,25 @@ def sync_contact(email: str, fields: Mapping[str, str], custom: Mapping[str, str
     return str(synced["contact"]["id"])
 
 
+def find_contact(email: str) -> Call[str | None]:
+    """The id of the contact with ``email`` (normalised; AC matches case-insensitively), or
+    None when AC has none (``GET /contacts?email=``)."""
+    page = yield from contacts_page(email=email, limit=1)
+    return page.contacts.get(email)
+
+
+def delete_contact(contact_id: str) -> Call[bool]:
+    """Delete a contact (``DELETE /contacts/{id}``): its list memberships go with it. False
+    when AC has no contact with that id (404: deleted meanwhile)."""
+    try:
+        yield from request(ApiCall("DELETE", "/contacts/{id}", f"contacts/{contact_id}"))
+    except PermanentApiError as error:
+        if error.status == 404:
+            return False
+        raise
+    return True
+
+
 @dataclass(frozen=True)
 class Membership:
     status: int

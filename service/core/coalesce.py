@@ -62,6 +62,9 @@ class PendingChange:
     contact_id: str | None = None  # learned by an exit's verification (for its unsubscribe)
     verified_at: float = 0.0  # when the exit's verification read said "still subscribed"
     failing_since: float | None = None  # first failure of the current attempt series
+    # The Kafka headers of the record ``raw`` came from (None: it had none): parked with it, so
+    # a redriven record that fails again carries its redrive history into the DLQ.
+    headers: list[tuple[str, bytes]] | None = None
 
     @property
     def key(self) -> ChangeKey:
@@ -138,8 +141,10 @@ class Coalescer:
         raw: bytes | None,
         offset: int,
         now: float,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> bool:
         """Add one event. True when it superseded a pending change for the same key.
+        ``headers``: the record's own Kafka headers (kept with ``raw`` for the DLQ).
 
         Runs once per consumed record: ``_insert`` and ``_push`` are written out here, since a
         Python call costs about as much as each of their steps.
@@ -161,6 +166,7 @@ class Coalescer:
             self.raw_bytes += (len(raw) if raw else 0) - (len(current.raw) if current.raw else 0)
             current.event = event
             current.raw = raw
+            current.headers = headers
             current.offsets.append(offset)
             # A new event: what was decided for the old one (an exit checked and found still
             # subscribed, a back-off) no longer holds. ``force_single`` stays: AC refused the
@@ -172,6 +178,8 @@ class Coalescer:
             return True
         due_at = now + self.window
         change = PendingChange(partition, email, target, event, raw, [offset], now, due_at)
+        if headers:
+            change.headers = headers
         self._pending[key] = change
         if raw:
             self.raw_bytes += len(raw)

@@ -40,6 +40,10 @@ import fastavro
 from service.core.model import Action
 
 LEDGER_SCHEMA_FILE = "ledger_entry.avsc"
+# Keys of the ledger topic that are not emails (no "@"): the partition's import history, and an
+# import that may still land (``import/<id>``, its value naming the emails it carries).
+BUDGET_KEY = "import-budget"
+INTENT_PREFIX = "import/"
 LEDGER_V1_SCHEMA_FILE = "ledger_entry.v1.avsc"
 # A version-2 value starts with these bytes. A version-1 value cannot: its first byte is the
 # contact id's union index as a zigzag varint, 0x00 or 0x02.

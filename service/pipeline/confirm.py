@@ -485,6 +485,7 @@ class Confirmer:
             covered_offsets=tuple(change.offsets),
             ac_status=error.status,
             ac_code=error.code,
+            extra_headers=tuple(change.headers or ()),
         )
         self._send(letter, change.partition, generation, tuple(change.offsets))
 
@@ -496,6 +497,7 @@ class Confirmer:
         offset: int,
         poison: PoisonMessage,
         generation: int,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         letter = DeadLetter(
             key,
@@ -506,6 +508,7 @@ class Confirmer:
             self.topic,
             partition,
             offset,
+            extra_headers=tuple(headers or ()),
         )
         self._send(letter, partition, generation, (offset,))
 

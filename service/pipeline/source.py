@@ -156,7 +156,7 @@ class Source:
             valid += 1
             self.list_seen(target)
             coalesced += self.coalescer.add(
-                partition, target, event, message.value(), message.offset(), now
+                partition, target, event, message.value(), message.offset(), now, message.headers()
             )
         self._counters["valid"].inc(valid)
         self.metrics.events_coalesced.inc(coalesced)
@@ -184,6 +184,7 @@ class Source:
             offset,
             poison,
             self.ownership.generation(partition),
+            message.headers(),
         )
 
     def _caught_up(self, partition: int, now: float) -> None:

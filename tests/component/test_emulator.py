@@ -194,6 +194,66 @@ def test_contact_lists_status(fast: Emulator, validating: ValidatingTransport) -
         )
 
 
+def test_delete_contact_takes_its_memberships(
+    fast: Emulator, validating: ValidatingTransport
+) -> None:
+    """``DELETE /contacts/{id}`` as AC's reference describes it: ``{}``, then 404 with a
+    message; the contact's list memberships go with it, its email is free again."""
+    with client(fast, validating) as c:
+        list_id = make_list(c, "Erasable")
+        synced = c.post("contact/sync", json={"contact": {"email": "Gone@Example.com"}})
+        contact = synced.json()["contact"]["id"]
+        c.post(
+            "contactLists",
+            json={"contactList": {"list": list_id, "contact": contact, "status": "1"}},
+        )
+        kept = c.post("contact/sync", json={"contact": {"email": "kept@example.com"}})
+        assert state(fast)["lists"]["Erasable"]["members"] == {"gone@example.com": 1}
+        deleted = c.delete(f"contacts/{contact}")
+        assert (deleted.status_code, deleted.json()) == (200, {})
+        assert c.get("contacts", params={"email": "gone@example.com"}).json()["contacts"] == []
+        assert c.get(f"contacts/{contact}/contactLists").status_code == 404
+        again = c.delete(f"contacts/{contact}")
+        assert again.status_code == 404
+        assert again.json() == {"message": f"No result found for contact with id {contact}"}
+        new = c.post("contact/sync", json={"contact": {"email": "gone@example.com"}})
+        assert new.status_code == 201
+        assert new.json()["contact"]["id"] not in (contact, kept.json()["contact"]["id"])
+    assert validating.errors == []
+    assert validating.checked == 9  # every request and answer checked, the DELETEs included
+    assert state(fast)["lists"]["Erasable"]["members"] == {}
+
+
+def test_find_and_delete_contact_calls_through_the_tools_budget(fast: Emulator) -> None:
+    """``acapi.find_contact`` / ``delete_contact`` as ``forget --delete-contact`` sends them."""
+    from service.adapters.ac_http import AcTool
+    from service.core import acapi
+
+    with client(fast) as c:
+        contact = c.post("contact/sync", json={"contact": {"email": "x@example.com"}}).json()[
+            "contact"
+        ]["id"]
+    tool = AcTool(
+        fast.url + "/api/3", lambda: TOKEN, rate=1000, guard=0.0, tools_every=0, timeout=5
+    )
+    try:
+        assert tool.call(acapi.find_contact("x@example.com")) == contact
+        assert tool.call(acapi.find_contact("nobody@example.com")) is None
+        assert tool.call(acapi.delete_contact(contact)) is True
+        assert tool.call(acapi.delete_contact(contact)) is False  # 404: already gone
+        assert tool.call(acapi.find_contact("x@example.com")) is None
+    finally:
+        tool.close()
+    log = httpx.get(fast.url + "/_emulator/requests", headers=fast.inspection_headers).json()
+    assert [(r["method"], r["endpoint"], r["status"]) for r in log["requests"][-5:]] == [
+        ("GET", "/contacts", 200),
+        ("GET", "/contacts", 200),
+        ("DELETE", "/contacts/{id}", 200),
+        ("DELETE", "/contacts/{id}", 404),
+        ("GET", "/contacts", 200),
+    ]
+
+
 def bulk(
     emails: list[str], subscribe: list[str] = (), unsubscribe: list[str] = ()
 ) -> dict[str, Any]:  # type: ignore[assignment]

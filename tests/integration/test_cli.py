@@ -32,12 +32,26 @@ def cli(
 
 
 @pytest.mark.parametrize(
-    "sub", [[], ["run"], ["check"], ["explain"], ["reconcile"], ["emulator"], ["demo"]]
+    "sub",
+    [
+        [],
+        ["run"],
+        ["check"],
+        ["explain"],
+        ["reconcile"],
+        ["redrive"],
+        ["forget"],
+        ["emulator"],
+        ["demo"],
+    ],
 )
 def test_help_on_every_subcommand(sub: list[str]) -> None:
     result = cli(*sub, "--help")
     assert result.returncode == 0
     assert "usage: ac-audience-sync" in result.stdout
+    if sub in (["redrive"], ["forget"]):
+        assert "examples:" in result.stdout
+        assert "Exit status: 0" in " ".join(result.stdout.split())
 
 
 def test_run_without_topic_exits_2_naming_it() -> None:

@@ -514,6 +514,46 @@ def test_every_rendered_kustomization_validates(every_component: Path, tmp_path:
         assert "passed" in result.stdout + result.stderr
 
 
+def test_the_runbooks_tools_pod_runs_the_service_configuration_outside_its_selectors(
+    every_component: Path, tmp_path: Path
+) -> None:
+    """RUNBOOK "Erasure requests": the one-off pod ``forget`` runs in while the service is
+    scaled to zero. Built from each rendered Deployment by the runbook's own program: a valid
+    Pod with the service's image, configuration and mounted Secrets, no probes (it sleeps), and
+    labels neither the ReplicaSet (which would adopt and delete it) nor the Service select."""
+    [program] = re.findall(r"python3 -c '\n(.*?)\n' \|", RUNBOOK, re.S)
+    for name, docs in renders(every_component).items():
+        deployment = one(docs, "Deployment")
+        made = subprocess.run(
+            [sys.executable, "-c", program],
+            input=json.dumps(deployment),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert made.returncode == 0, made.stderr
+        pod = json.loads(made.stdout)
+        rendered = tmp_path / f"tools-{name.replace('/', '-').replace(' ', '-')}.yaml"
+        rendered.write_text(yaml.safe_dump(pod))
+        result = run(str(BIN / "kubernetes-validate"), "--strict", "-k", "1.37.0", str(rendered))
+        assert result.returncode == 0, name + result.stdout + result.stderr
+        template = deployment["spec"]["template"]["spec"]
+        [container] = pod["spec"]["containers"]
+        service = template["containers"][0]
+        assert container["command"] == ["sleep", "3600"]
+        assert not {"startupProbe", "livenessProbe", "readinessProbe"} & set(container)
+        for key in ("image", "envFrom", "env", "volumeMounts", "securityContext"):
+            assert container.get(key) == service.get(key), (name, key)
+        assert pod["spec"].get("volumes") == template.get("volumes")
+        assert pod["spec"]["securityContext"] == template["securityContext"]
+        labels = pod["metadata"]["labels"]
+        for selector in (
+            deployment["spec"]["selector"]["matchLabels"],
+            one(docs, "Service")["spec"]["selector"],
+        ):
+            assert not all(labels.get(k) == v for k, v in selector.items()), name
+
+
 def test_base_lists_every_manifest_and_overlay_points_at_base() -> None:
     kustomization = yaml.safe_load((DEPLOY / "base/kustomization.yaml").read_text())
     on_disk = {p.name for p in (DEPLOY / "base").glob("*.yaml")} - {"kustomization.yaml"}

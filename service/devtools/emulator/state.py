@@ -108,6 +108,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(r"/api/3/lists"), "/lists"),
     ("POST", re.compile(r"/api/3/contact/sync"), "/contact/sync"),
     ("GET", re.compile(r"/api/3/contacts"), "/contacts"),
+    ("DELETE", re.compile(r"/api/3/contacts/(\d+)"), "/contacts/{id}"),
     ("GET", re.compile(r"/api/3/contacts/(\d+)/contactLists"), "/contacts/{id}/contactLists"),
     ("POST", re.compile(r"/api/3/contactLists"), "/contactLists"),
     ("POST", re.compile(r"/api/3/import/bulk_import"), "/import/bulk_import"),
@@ -438,6 +439,20 @@ class Account:
             200,
             {"contacts": [self._contact_view(i) for i in page], "meta": {"total": str(total)}},
         )
+
+    def _delete_contacts_id(
+        self, match: re.Match[str], _q: Any, _p: Any, _n: int, _now: float
+    ) -> Response:
+        """AC deletes the contact and everything attached to it (its list memberships);
+        ``{}`` on success, 404 with a message when there is no such contact."""
+        contact_id = match.group(1)
+        contact = self.contacts.pop(contact_id, None)
+        if contact is None:
+            return Response(404, {"message": f"No result found for contact with id {contact_id}"})
+        self.email_index.pop(normalise_email(contact["email"]), None)
+        for key in [k for k in self.memberships if k[0] == contact_id]:
+            del self.memberships[key]
+        return Response(200, {})
 
     def _get_contacts_id_contactLists(
         self, match: re.Match[str], _q: Any, _p: Any, _n: int, _now: float
