@@ -156,6 +156,10 @@ class Settings:
     max_lists: int = 10_000
     ac_rate_guard_seconds: float = 0.04
     ac_tools_tick_every: int = 20
+    # The dead-letter breaker: more than this share of a partition's last ``window`` records
+    # poison pauses it (1.0: never).
+    dlq_breaker_window: int = 1000
+    dlq_breaker_max_share: float = 0.5
 
     @property
     def ac_base_url(self) -> str:
@@ -786,6 +790,13 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             lambda: _number(env, "AC_RATE_GUARD_SECONDS", 0.04, minimum=0.0, maximum=1.0), 0.04
         ),
         ac_tools_tick_every=take(lambda: _tools_tick_every(env), 20),
+        dlq_breaker_window=take(
+            lambda: _integer(env, "DLQ_BREAKER_WINDOW", 1000, minimum=10, maximum=10_000_000),
+            1000,
+        ),
+        dlq_breaker_max_share=take(
+            lambda: _number(env, "DLQ_BREAKER_MAX_SHARE", 0.5, minimum=0.01, maximum=1.0), 0.5
+        ),
     )
     if problems:
         raise ConfigProblems(problems)
