@@ -227,10 +227,10 @@ class Metrics:
             registry=r,
         )
         self.dlq_breaker_open = Gauge(
-            "ac_sync_dlq_breaker_open",
-            "1 while the dead-letter breaker holds the partition paused: more than "
-            "DLQ_BREAKER_MAX_SHARE of its last DLQ_BREAKER_WINDOW records were poison.",
-            ["topic", "partition"],
+            "ac_sync_dlq_breaker_open_partitions",
+            "Partitions the dead-letter breaker holds paused until a restart: more than "
+            "DLQ_BREAKER_MAX_SHARE of their last DLQ_BREAKER_WINDOW records were poison "
+            "(/readyz names them).",
             registry=r,
         )
         self.paused_partitions = Gauge(

@@ -160,6 +160,9 @@ class Settings:
     # poison pauses it (1.0: never).
     dlq_breaker_window: int = 1000
     dlq_breaker_max_share: float = 0.5
+    # The preview (``run --dry-run``): writes nothing, consumes with a group of its own.
+    dry_run: bool = False
+    preview_group_id: str = "ac-audience-sync.preview"
 
     @property
     def ac_base_url(self) -> str:
@@ -680,10 +683,20 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     hash_key = take(lambda: _secret(env, "EMAIL_HASH_KEY"), None)
     create_lists = take(lambda: _boolean(env, "AC_CREATE_LISTS", True), True)
 
+    group = _get(env, "KAFKA_GROUP_ID") or "ac-audience-sync"
+    preview_group = _get(env, "KAFKA_PREVIEW_GROUP_ID") or f"{group}.preview"
+    if preview_group == group:
+        # A preview in the live group would take its partitions and commit its offsets.
+        problems.append(
+            ConfigError(
+                "KAFKA_PREVIEW_GROUP_ID", "must differ from KAFKA_GROUP_ID (the live group)"
+            )
+        )
+
     settings = Settings(
         kafka_bootstrap_servers=bootstrap,
         kafka_topic=topic,
-        kafka_group_id=_get(env, "KAFKA_GROUP_ID") or "ac-audience-sync",
+        kafka_group_id=group,
         kafka_dlq_topic=_get(env, "KAFKA_DLQ_TOPIC") or f"{topic}.dlq",
         kafka_ledger_topic=_get(env, "KAFKA_LEDGER_TOPIC") or f"{topic}.ledger",
         kafka_properties=plain,
@@ -797,6 +810,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         dlq_breaker_max_share=take(
             lambda: _number(env, "DLQ_BREAKER_MAX_SHARE", 0.5, minimum=0.01, maximum=1.0), 0.5
         ),
+        dry_run=take(lambda: _boolean(env, "AC_DRY_RUN", False), False),
+        preview_group_id=preview_group,
     )
     if problems:
         raise ConfigProblems(problems)

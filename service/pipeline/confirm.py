@@ -13,7 +13,8 @@
   probe at a time checks whether it is fixed; the gate opens only when a request succeeds.
 
 Every result is applied only if its partition is still owned in the same generation as when
-the work started (``Ownership.owns``).
+the work started (``Ownership.owns``). An ``Observer`` (the dry run's report) sees each change
+recorded and each record parked.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from service.adapters.dlq import DeadLetter, DeadLetterQueue
 from service.adapters.ledger_store import LedgerStore
@@ -70,6 +72,20 @@ class Gate:
         self.probe_at = now + self.probe_every
 
 
+class Observer(Protocol):
+    """Sees what becomes of every change (``run --dry-run``'s report)."""
+
+    def recorded(
+        self,
+        change: PendingChange,
+        known: Known | None,
+        list_id: str | None,
+        contact_id: str | None,
+    ) -> None: ...
+
+    def parked(self, change: PendingChange | None, reason: str, key: bytes | None) -> None: ...
+
+
 @dataclass
 class Confirmer:
     topic: str
@@ -87,6 +103,7 @@ class Confirmer:
     gate: Gate = field(default_factory=Gate)
     last_success: float = float("-inf")  # monotonic: when AC last confirmed any change
     forgotten_contacts: set[str] = field(default_factory=set)  # ledger ids AC no longer has
+    observer: Observer | None = None
 
     # ---- recorded ------------------------------------------------------------------------
 
@@ -113,6 +130,10 @@ class Confirmer:
         applied: list[PendingChange] = []
         for index, change in enumerate(changes):
             state = known.get(index)
+            if self.observer is not None:
+                self.observer.recorded(
+                    change, state, (list_ids or {}).get(change.target), contact_id
+                )
             if change.plan is Plan.CONSENT_KEPT or (
                 state is not None and state.status == 2 and change.event.action.status == 1
             ):
@@ -443,6 +464,8 @@ class Confirmer:
             },
         )
         reason = reason or ("list_missing" if error.code == "list_missing" else "ac_rejected")
+        if self.observer is not None:
+            self.observer.parked(change, reason, None)
         letter = DeadLetter(
             change.email.encode(),
             change.raw,
@@ -467,6 +490,8 @@ class Confirmer:
         poison: PoisonMessage,
         generation: int,
     ) -> None:
+        if self.observer is not None:
+            self.observer.parked(None, poison.reason, key)
         letter = DeadLetter(
             key,
             value,

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -198,7 +197,7 @@ class Source:
         )
         if self.breaker.poison(partition, offset):
             self.hold(partition, POISON)
-            self.metrics.dlq_breaker_open.labels(self.topic, str(partition)).set(1)
+            self.metrics.dlq_breaker_open.set(len(self.breaker.tripped))
             logger.error(
                 "dead-letter breaker open: partition paused until a restart",
                 extra={
@@ -227,10 +226,8 @@ class Source:
             logger.debug("caught up", extra={"partition": partition, "sooner": moved})
 
     def forget(self, partitions: set[int]) -> None:
-        for partition in partitions & self.breaker.tripped:
-            with contextlib.suppress(KeyError):
-                self.metrics.dlq_breaker_open.remove(self.topic, str(partition))
         self.breaker.forget(partitions)
+        self.metrics.dlq_breaker_open.set(len(self.breaker.tripped))
         for partition in partitions:
             self.held.pop(partition, None)
             self.held_until.pop(partition, None)

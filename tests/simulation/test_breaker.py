@@ -9,7 +9,7 @@ import uuid
 from dataclasses import replace
 
 from service.pipeline.source import POISON
-from tests.simulation.harness import TOPIC, Profile, Simulation
+from tests.simulation.harness import Profile, Simulation
 from tests.simulation.model import Event
 
 VALID_BEFORE, GARBAGE, VALID_AFTER = 20, 60, 20
@@ -63,8 +63,7 @@ def test_a_run_of_garbage_stops_the_partition_and_a_restart_resumes_it() -> None
     assert first.loop.pauses.held(POISON) == {0}
     assert first.consumer.paused == {0}
     registry = first.loop.metrics.registry
-    open_labels = {"topic": TOPIC, "partition": "0"}
-    assert registry.get_sample_value("ac_sync_dlq_breaker_open", open_labels) == 1.0
+    assert registry.get_sample_value("ac_sync_dlq_breaker_open_partitions") == 1.0
     _run(sim, 120)  # it stays stopped: no more dead letters, no commit beyond the trip
     assert sim.committed[0] == trip + 1 and len(sim.parked) == trip + 1 - VALID_BEFORE
     _stop(sim)
@@ -86,6 +85,7 @@ def test_a_run_of_garbage_stops_the_partition_and_a_restart_resumes_it() -> None
     assert sim.committed[0] == end
     assert sim.parked == {(0, o) for o in range(VALID_BEFORE, VALID_BEFORE + GARBAGE)}
     assert third.loop.readiness()[1]["dlq_breaker_open_partitions"] == []
+    assert third.loop.metrics.registry.get_sample_value("ac_sync_dlq_breaker_open_partitions") == 0
     members = sim.account.account.snapshot(sim.world.now)["lists"]["Audience A"]["members"]
     assert len(members) == VALID_BEFORE + VALID_AFTER  # nothing valid was lost
 

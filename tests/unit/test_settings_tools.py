@@ -38,3 +38,27 @@ def test_breaker_nonsense_names_the_variable(name: str, value: str) -> None:
         load_settings({**BASE, name: value})
     assert info.value.field == name
     assert value not in info.value.why
+
+
+def test_the_preview_has_a_group_of_its_own() -> None:
+    s = load_settings(BASE)
+    assert (s.dry_run, s.preview_group_id) == (False, "ac-audience-sync.preview")
+    s = load_settings({**BASE, "KAFKA_GROUP_ID": "live", "AC_DRY_RUN": "true"})
+    assert (s.dry_run, s.preview_group_id) == (True, "live.preview")
+    s = load_settings({**BASE, "KAFKA_PREVIEW_GROUP_ID": "look"})
+    assert s.preview_group_id == "look"
+
+
+def test_the_preview_group_is_never_the_live_one() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({**BASE, "KAFKA_GROUP_ID": "g", "KAFKA_PREVIEW_GROUP_ID": "g"})
+    assert info.value.field == "KAFKA_PREVIEW_GROUP_ID"
+
+
+def test_preview_settings_consume_as_the_preview_group_and_take_no_share() -> None:
+    from service.app.preview import preview_settings
+
+    s = preview_settings(load_settings({**BASE, "KAFKA_GROUP_ID": "live"}))
+    assert s.kafka_group_id == "live.preview"
+    assert s.consumer_config()["group.id"] == "live.preview"
+    assert s.ac_rate_share == "none" and s.dry_run
