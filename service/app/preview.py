@@ -10,9 +10,11 @@ them (the ledger topic is read, to decide as the live service would). The confir
 (``Preview.recorded``/``parked``) pairs each decision with the write answered for it and feeds
 the report.
 
-The run ends by itself once every assigned partition has been read to its end and all its
-work is done (``--follow``: on SIGTERM), then prints the report (``--json``: as JSON) on stdout.
-While it runs, a ``dry run report`` log line every ``LOG_EVERY_SECONDS`` gives the counts.
+The run previews the topic as it is when first read to its end: then every partition is
+paused (``AT_END``: records published later are left for a later run, so a busy topic ends
+too), the work in hand is finished, and the run stops and prints the report (``--json``: as
+JSON) on stdout. ``--follow``: it keeps reading until SIGTERM. While it runs, a
+``dry run report`` log line every ``LOG_EVERY_SECONDS`` gives the counts.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from service.pipeline.loop import Loop, Ports
 logger = logging.getLogger(__name__)
 
 LOG_EVERY_SECONDS = 30.0
+AT_END = "preview_end"  # the pause of a partition the preview has read to its end
 WORDS = {
     "subscribe": "would subscribe",
     "unsubscribe": "would unsubscribe",
@@ -67,6 +70,7 @@ class Preview:
         self.loop: Loop | None = None
         self.started: float | None = None
         self.logged_at = 0.0
+        self.at_end = False  # every partition read to its end once, and paused there
         self.done = False
 
     # ---- wiring ----------------------------------------------------------------------------
@@ -129,15 +133,22 @@ class Preview:
         if now - self.logged_at >= LOG_EVERY_SECONDS:
             self.logged_at = now
             self.log()
-        if not self.follow and not self.done and self.finished():
+        loop = self.loop
+        if self.follow or self.done or loop is None:
+            return
+        if not self.at_end and self.read_to_end():
+            self.at_end = True
+            for partition in loop.ownership.assigned:
+                loop.pauses.hold(partition, AT_END)
+            logger.info("dry run: every partition read to its end; finishing the work in hand")
+        if self.at_end and loop.idle():
             self.done = True
-            logger.info("dry run: every partition read to its end; stopping")
-            assert self.loop is not None
-            self.loop.request_stop()
+            logger.info("dry run: done; stopping")
+            loop.request_stop()
 
-    def finished(self) -> bool:
-        """Every assigned partition read to its end (but those the dead-letter breaker
-        stopped) and nothing left to decide."""
+    def read_to_end(self) -> bool:
+        """Every assigned partition (but those the dead-letter breaker stopped) restored and
+        read to its end, no record held back."""
         loop, watch = self.loop, self.watch
         if loop is None or watch is None:
             return False
@@ -150,7 +161,6 @@ class Preview:
             and not loop.ownership.restoring
             and held == 0
             and watch.read_to_end(reading)
-            and loop.idle()
         )
 
     def summary(self) -> dict[str, Any]:

@@ -73,6 +73,18 @@ def _start_preview(sim: Simulation, name: str) -> tuple[Preview, KeyedReport, An
     return preview, report, actor, loop
 
 
+def _apart(sim: Simulation) -> None:
+    """The simulation checks every commit against the ledger: the preview's commits (of its
+    own group, with no ledger behind them) are not the live service's."""
+    live_commit = sim.cluster.on_commit
+
+    def committed(group: str, partition: int, offset: int) -> None:
+        if group != PREVIEW_GROUP:
+            live_commit(group, partition, offset)
+
+    sim.cluster.on_commit = committed
+
+
 def _statuses(sim: Simulation) -> dict[tuple[str, str], int]:
     snapshot = sim.account.account.snapshot(sim.world.now)
     return {
@@ -165,16 +177,7 @@ def test_a_preview_writes_nothing_and_foretells_the_live_run(seed: int) -> None:
     sim.checks.people(world.now)
     for _, event in sim.workload.events:
         sim.produce(event)
-    preview_commits: dict[int, int] = {}
-    live_commit = sim.cluster.on_commit
-
-    def committed(group: str, partition: int, offset: int) -> None:
-        if group == PREVIEW_GROUP:
-            preview_commits[partition] = offset
-        else:
-            live_commit(group, partition, offset)
-
-    sim.cluster.on_commit = committed
+    _apart(sim)
     excluded = sim.workload.excluded
     opted_out = set(sim.workload.opted_out_before)
 
@@ -211,3 +214,24 @@ def test_a_preview_writes_nothing_and_foretells_the_live_run(seed: int) -> None:
     seen = {c for categories in report.by_key.values() for c in categories}
     assert {UNSUBSCRIBE, SKIP} <= seen
     print(seed, sorted(seen))
+
+
+def test_a_preview_of_a_busy_topic_ends_at_the_end_it_first_read() -> None:
+    """Records keep arriving faster than the coalescing window: the preview still ends, with
+    the records up to where it first reached the end of each partition."""
+    sim = Simulation(7, Profile(partitions=3, replicas=1, events=0, crashes=0, faults=0))
+    world = sim.world
+    _apart(sim)
+    for n in range(60):
+        sim.produce(_event(f"b{n}@example.com", "Audience A", "ENTERED", n))
+    for n in range(60, 60 + 4000):  # one every 0.3 s for 20 minutes
+        world.at(
+            world.now + (n - 59) * 0.3,
+            lambda n=n: sim.produce(_event(f"b{n}@example.com", "Audience A", "ENTERED", n)),
+        )
+    preview, report, actor, _ = _start_preview(sim, "busy")
+    world.run(until=world.now + 600, stop=lambda: actor.finished)
+    assert actor.finished and actor.error is None, actor.error
+    read = preview.watch.records if preview.watch else 0
+    assert 60 <= read < sim.report.events
+    assert sum(e.counts[SUBSCRIBE] for e in report.lists.values()) == read
