@@ -171,8 +171,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = loaded
     preview = None
     if getattr(args, "dry_run", False) or settings.dry_run:
-        from service.app.preview import Preview, preview_settings
+        from service.app.preview import Preview, preview_problems, preview_settings
 
+        problems = preview_problems(settings, exclusive=args.exclusive)
+        for problem in problems:
+            _log_config_error(problem)
+        if problems:
+            return EXIT_CONFIG
         preview = Preview(
             live_group=settings.kafka_group_id, follow=args.follow, exclusive=args.exclusive
         )

@@ -28,6 +28,7 @@ from service.adapters.preview import DiscardingProducer, EndWatch, PreviewExecut
 from service.app.audit import printable, quoted
 from service.app.settings import Settings
 from service.core.coalesce import PendingChange
+from service.core.errors import ConfigError
 from service.core.ledger import Known
 from service.core.preview import CATEGORIES, PreviewReport, classify
 from service.pipeline.loop import Loop, Ports
@@ -52,6 +53,20 @@ def preview_settings(settings: Settings) -> Settings:
     return dataclasses.replace(
         settings, kafka_group_id=settings.preview_group_id, ac_rate_share="none", dry_run=True
     )
+
+
+def preview_problems(settings: Settings, *, exclusive: bool) -> list[ConfigError]:
+    """Beside a live deployment a preview sends only in the ticks kept for tools: without
+    them (``AC_TOOLS_TICK_EVERY=0``) it has no budget that is not the live one's."""
+    if exclusive or settings.ac_tools_tick_every:
+        return []
+    return [
+        ConfigError(
+            "AC_TOOLS_TICK_EVERY",
+            "is 0: a dry run beside a live deployment sends in the ticks kept for tools; "
+            'use --exclusive only when no live deployment runs (README "Preview")',
+        )
+    ]
 
 
 class Preview:

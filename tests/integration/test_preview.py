@@ -244,11 +244,17 @@ def test_a_dry_run_of_a_missing_topic_creates_nothing_and_exits_2(
     bootstrap: str, fast_emulator: Emulator
 ) -> None:
     missing = f"missing-{uuid.uuid4().hex[:8]}"
-    env = service_env(bootstrap, missing, "g-none", fast_emulator, METRICS_PORT=str(free_port()))
-    done = run_cli("run", "--dry-run", env=env, timeout=60)
+    env = service_env(
+        bootstrap, missing, "g-none", fast_emulator, AC_DRY_RUN="true", METRICS_PORT="0"
+    )
+    done = run_cli("run", env=env, timeout=60)
     assert done.returncode == 2, done.stderr[-2000:]
     assert json.loads(done.stderr.strip().splitlines()[-1])["field"] == "KAFKA_TOPIC"
     assert not {missing, f"{missing}.dlq", f"{missing}.ledger"} & _topics(bootstrap)
+    # Beside a live deployment, a preview needs the tools' ticks.
+    done = run_cli("run", env={**env, "AC_TOOLS_TICK_EVERY": "0"}, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert json.loads(done.stderr.strip().splitlines()[-1])["field"] == "AC_TOOLS_TICK_EVERY"
 
 
 def test_a_following_dry_run_reports_on_sigterm_and_says_so_in_its_metrics(
