@@ -32,7 +32,7 @@ AGE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1800, 3600, 144
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, dry_run: bool = False) -> None:
         self.registry = registry
         r = registry
         self.events_consumed = Counter(
@@ -230,6 +230,13 @@ class Metrics:
             "Partitions currently assigned.",
             registry=r,
         )
+        self.dlq_breaker_open = Gauge(
+            "ac_sync_dlq_breaker_open_partitions",
+            "Partitions the dead-letter breaker holds paused until a restart: more than "
+            "DLQ_BREAKER_MAX_SHARE of their last DLQ_BREAKER_WINDOW records were poison "
+            "(/readyz names them).",
+            registry=r,
+        )
         self.paused_partitions = Gauge(
             "ac_sync_paused_partitions",
             "Partitions paused for back-pressure.",
@@ -254,12 +261,19 @@ class Metrics:
         )
         self.build_info = Gauge(
             "ac_sync_build_info",
-            "Build metadata.",
-            ["version", "librdkafka_version"],
+            "Build metadata; dry_run is true for a preview (``run --dry-run``), which writes "
+            "nothing to ActiveCampaign or Kafka.",
+            ["version", "librdkafka_version", "dry_run"],
             registry=r,
         )
-        self.build_info.labels(__version__, confluent_kafka.libversion()[0]).set(1)
-        # Every bounded label value exists from the start, so rates and alerts see a 0, not nothing.
+        self.build_info.labels(
+            __version__, confluent_kafka.libversion()[0], "true" if dry_run else "false"
+        ).set(1)
+        self._zeroes()
+
+    def _zeroes(self) -> None:
+        """Every bounded label value exists from the start, so rates and alerts see a 0, not
+        nothing."""
         for reason in DLQ_REASONS:
             self.dlq_records.labels(reason)
         for action in ("entered", "exited"):

@@ -23,7 +23,7 @@ from typing import Any, NoReturn, TypeVar
 
 from service import __version__
 from service.app.settings import Settings, load_settings, problems_of
-from service.app.wiring import build_runner, ensure_topics
+from service.app.wiring import build_runner, ensure_topics, preview_start, preview_topics
 from service.core.errors import ConfigError
 
 T = TypeVar("T")
@@ -109,17 +109,22 @@ class _Probes:
         return self.runner.readiness()  # type: ignore[no-any-return]
 
 
-def _start_up(settings: Settings, registry: Any, stopper: _Stopper) -> Any:
+def _start_up(settings: Settings, registry: Any, stopper: _Stopper, preview: Any = None) -> Any:
     """``ensure_topics`` and ``build_runner`` on a helper thread, so that the main thread keeps
     handling signals while librdkafka calls block (listing topics waits up to 10 s for a broker
-    that does not answer). Returns the runner, or None when a signal came first."""
+    that does not answer). Returns the runner, or None when a signal came first. A dry run
+    (``preview``) creates no topic."""
     result: dict[str, Any] = {}
     done = threading.Event()
 
     def start() -> None:
         try:
-            ensure_topics(settings)
-            result["runner"] = build_runner(settings, registry)
+            if preview is not None:
+                preview.ledger_exists = preview_topics(settings)
+                preview.start_offsets = preview_start(settings, preview.live_group)
+            else:
+                ensure_topics(settings)
+            result["runner"] = build_runner(settings, registry, preview)
         except BaseException as exc:
             result["error"] = exc
         finally:
@@ -146,7 +151,8 @@ def _exit_now(code: int) -> NoReturn:
 def cmd_run(args: argparse.Namespace) -> int:
     """The service. Exit statuses: 0 after a clean stop (SIGTERM/SIGINT, also during start-up),
     2 for a configuration error (each problem one JSON line), 1 for a crash (one JSON line
-    with the traceback)."""
+    with the traceback). ``--dry-run`` (or ``AC_DRY_RUN=true``): the preview, which stops by
+    itself once the topic is read (``--follow``: on a signal) and prints its report."""
     stopper = _Stopper()  # before anything slow: SIGTERM is honoured from the first instant
     from prometheus_client import CollectorRegistry, ProcessCollector
 
@@ -163,6 +169,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             _log_config_error(problem)
         return EXIT_CONFIG
     settings = loaded
+    preview = None
+    if getattr(args, "dry_run", False) or settings.dry_run:
+        from service.app.preview import Preview, preview_problems, preview_settings
+
+        problems = preview_problems(settings, exclusive=args.exclusive)
+        for problem in problems:
+            _log_config_error(problem)
+        if problems:
+            return EXIT_CONFIG
+        preview = Preview(
+            live_group=settings.kafka_group_id, follow=args.follow, exclusive=args.exclusive
+        )
+        settings = preview_settings(settings)
     logging.getLogger().setLevel(settings.log_level)
     if stopper.requested:
         logger.info("stopped before start-up", extra={"signal": stopper.signal})
@@ -187,10 +206,22 @@ def cmd_run(args: argparse.Namespace) -> int:
             "version": __version__,
             "metrics_port": health.port,
             "rate_limit_per_second": settings.ac_rate_limit_per_second,
+            "dry_run": preview is not None,
         },
     )
+    if preview is not None:
+        shared = not preview.exclusive and settings.ac_tools_tick_every > 0
+        logger.info(
+            "dry run: nothing is written to ActiveCampaign, the ledger or the dead-letter topic",
+            extra={
+                "group": settings.kafka_group_id,
+                "starts_where": preview.live_group,
+                "ac_budget": "the ticks kept for tools" if shared else "a budget of its own",
+                "follow": preview.follow,
+            },
+        )
     try:
-        runner = _start_up(settings, registry, stopper)
+        runner = _start_up(settings, registry, stopper, preview)
     except ConfigError as exc:
         for problem in problems_of(exc):
             _log_config_error(problem)
@@ -207,8 +238,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     tune_gc()  # after start-up, so that what start-up made is frozen
     code = int(runner.run())
     health.stop()
+    if preview is not None:
+        _print_report(preview, as_json=args.json)
     logger.info("exiting", extra={"status": code, "signal": stopper.signal})
     return code
+
+
+def _print_report(preview: Any, *, as_json: bool) -> None:
+    from service.app.preview import render
+
+    data = preview.summary()
+    preview.log()
+    if as_json:
+        print(json.dumps(data, indent=2), flush=True)
+    else:
+        print("\n".join(render(data)), flush=True)
 
 
 def _log_config_error(problem: ConfigError) -> None:
@@ -659,6 +703,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the service",
         description="Run the sync service until SIGTERM. Exit status: 0 after SIGTERM/SIGINT "
         "(also during start-up), 2 configuration error (one JSON line per problem), 1 crash.",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="preview (also AC_DRY_RUN=true): consume with the group KAFKA_PREVIEW_GROUP_ID "
+        "(default <KAFKA_GROUP_ID>.preview), read ActiveCampaign, write nothing to it nor to "
+        "the ledger or the DLQ; stop once the topic is read and print what would happen per "
+        "list",
+    )
+    run.add_argument("--json", action="store_true", help="with --dry-run: print the report as JSON")
+    run.add_argument(
+        "--follow",
+        action="store_true",
+        help="with --dry-run: keep reading until SIGTERM/SIGINT (the report is logged every 30 s)",
+    )
+    run.add_argument(
+        "--exclusive",
+        action="store_true",
+        help="with --dry-run: use every tick of the request budget (only while no live "
+        "deployment runs; by default the preview sends in the ticks kept for tools, "
+        "AC_TOOLS_TICK_EVERY)",
     )
     run.set_defaults(func=cmd_run)
 

@@ -159,6 +159,13 @@ class Settings:
     ac_tools_tick_every: int = 20
     # The staleness guard's tolerance (None: off): see README "The ledger".
     stale_event_tolerance_seconds: float | None = 60.0
+    # The dead-letter breaker: more than this share of a partition's last ``window`` records
+    # poison pauses it (1.0: never).
+    dlq_breaker_window: int = 1000
+    dlq_breaker_max_share: float = 0.5
+    # The preview (``run --dry-run``): writes nothing, consumes with a group of its own.
+    dry_run: bool = False
+    preview_group_id: str = "ac-audience-sync.preview"
 
     @property
     def ac_base_url(self) -> str:
@@ -688,10 +695,20 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     hash_key = take(lambda: _secret(env, "EMAIL_HASH_KEY"), None)
     create_lists = take(lambda: _boolean(env, "AC_CREATE_LISTS", True), True)
 
+    group = _get(env, "KAFKA_GROUP_ID") or "ac-audience-sync"
+    preview_group = _get(env, "KAFKA_PREVIEW_GROUP_ID") or f"{group}.preview"
+    if preview_group == group:
+        # A preview in the live group would take its partitions and commit its offsets.
+        problems.append(
+            ConfigError(
+                "KAFKA_PREVIEW_GROUP_ID", "must differ from KAFKA_GROUP_ID (the live group)"
+            )
+        )
+
     settings = Settings(
         kafka_bootstrap_servers=bootstrap,
         kafka_topic=topic,
-        kafka_group_id=_get(env, "KAFKA_GROUP_ID") or "ac-audience-sync",
+        kafka_group_id=group,
         kafka_dlq_topic=_get(env, "KAFKA_DLQ_TOPIC") or f"{topic}.dlq",
         kafka_ledger_topic=_get(env, "KAFKA_LEDGER_TOPIC") or f"{topic}.ledger",
         kafka_properties=plain,
@@ -805,6 +822,15 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         ),
         ac_tools_tick_every=take(lambda: _tools_tick_every(env), 20),
         stale_event_tolerance_seconds=take(lambda: _stale_tolerance(env), STALE_DEFAULT),
+        dlq_breaker_window=take(
+            lambda: _integer(env, "DLQ_BREAKER_WINDOW", 1000, minimum=10, maximum=10_000_000),
+            1000,
+        ),
+        dlq_breaker_max_share=take(
+            lambda: _number(env, "DLQ_BREAKER_MAX_SHARE", 0.5, minimum=0.01, maximum=1.0), 0.5
+        ),
+        dry_run=take(lambda: _boolean(env, "AC_DRY_RUN", False), False),
+        preview_group_id=preview_group,
     )
     if settings.import_give_up_seconds < settings.import_timeout_seconds:
         problems.append(

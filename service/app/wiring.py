@@ -13,6 +13,7 @@ from service.core.errors import ConfigError
 from service.pipeline.loop import Loop
 
 if TYPE_CHECKING:
+    from service.app.preview import Preview
     from service.core.codec import EventDecoder
 
 logger = logging.getLogger("service")
@@ -20,8 +21,10 @@ logger = logging.getLogger("service")
 GC_QUIESCE_SECONDS = 0.1  # see RateLimiter.quiesce
 
 
-def build_runner(settings: Settings, registry: Any) -> Loop:
-    """Wire the real parts together (used by ``run``, the demo and the integration tests)."""
+def build_runner(settings: Settings, registry: Any, preview: Preview | None = None) -> Loop:
+    """Wire the real parts together (used by ``run``, the demo and the integration tests).
+    With ``preview`` (``run --dry-run``, settings from ``preview_settings``), the ports are a
+    preview's: nothing is written to AC or Kafka (``service/app/preview.py``)."""
     import httpx
     from confluent_kafka import Consumer, Producer
 
@@ -35,7 +38,7 @@ def build_runner(settings: Settings, registry: Any) -> Loop:
     from service.metrics import Metrics
     from service.pipeline.loop import Ports
 
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, dry_run=preview is not None)
     clock = SystemClock()
     # Wall-clock time: replicas align their shares of the account budget on the same ticks.
     limiter = RateLimiter(
@@ -45,6 +48,12 @@ def build_runner(settings: Settings, registry: Any) -> Loop:
         clock=clock.wall,
         on_wait=metrics.ratelimit_wait.observe,
     )
+    if preview is not None and not preview.exclusive and settings.ac_tools_tick_every:
+        # As ``reconcile``: only the ticks a live deployment leaves for tools (its share is
+        # untouched); the preview's settings never take a share of partitions' ticks.
+        from service.core.budget import TOOLS
+
+        limiter.share(frozenset({TOOLS}), 1)
     transport = RateLimitedTransport(httpx.HTTPTransport(retries=0), limiter, clock.wall)
     http = httpx.Client(
         base_url=settings.ac_base_url + "/",
@@ -68,7 +77,8 @@ def build_runner(settings: Settings, registry: Any) -> Loop:
     consumer_cfg: dict[str, Any] = dict(settings.consumer_config())
     consumer_cfg["error_cb"] = on_error
     consumer = Consumer(consumer_cfg)
-    producer = Producer(settings.producer_config())
+    # A dry run sends nothing to Kafka: not even a producer is built.
+    producer: Any = Producer(settings.producer_config()) if preview is None else preview.kafka
     collector = Collector()
 
     def housekeeping(now: float) -> None:
@@ -84,10 +94,15 @@ def build_runner(settings: Settings, registry: Any) -> Loop:
                 extra={"unreachable": found, "pause_seconds": round(pause, 3)},
             )
 
+    readers = kafka_log_reader(settings.consumer_config())
+    if preview is not None and not preview.ledger_exists:
+        from service.adapters.preview import empty_log
+
+        readers = empty_log  # the service never ran: an empty ledger, not created
     ports = Ports(
         consumer=consumer,
         producer=AckedProducer(producer),
-        readers=kafka_log_reader(settings.consumer_config()),
+        readers=readers,
         executor=ThreadedExecutor(settings.ac_concurrency, driver.send),
         requests=limiter,
         decoder=decoder,
@@ -95,7 +110,11 @@ def build_runner(settings: Settings, registry: Any) -> Loop:
         rng=random.Random(),
         housekeeping=housekeeping,
     )
+    if preview is not None:
+        ports = preview.ports(ports)
     loop = Loop(settings, ports, metrics, hasher)
+    if preview is not None:
+        preview.attach(loop)
     holder["loop"] = loop
     return loop
 
@@ -124,6 +143,56 @@ def build_decoder(settings: Settings, clock: Callable[[], float]) -> EventDecode
             timeout=settings.schema_registry_timeout_seconds,
         )
     return EventDecoder(load_reader_schema(logical_types=False), lookup, clock=clock)
+
+
+def preview_start(settings: Settings, live_group: str) -> dict[int, int]:
+    """Put the preview's group (``settings``) where the live group is: its committed offsets,
+    or 0 (the beginning) for a partition it has none of. The preview then shows what the live
+    service is about to do. Reads the live group's offsets, commits only the preview's (as a
+    client outside the group: no member joins either group). Returns the offsets."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    from service.app.logs import quiet_kafka_logger
+
+    topic = settings.kafka_topic
+    config = {**settings.consumer_config(), "logger": quiet_kafka_logger()}
+    live = Consumer({**config, "group.id": live_group})
+    try:
+        partitions = sorted(live.list_topics(topic, timeout=10).topics[topic].partitions)
+        committed = live.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+    finally:
+        live.close()
+    offsets = {tp.partition: max(0, tp.offset) for tp in committed}
+    preview = Consumer(config)
+    try:
+        preview.commit(
+            offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False
+        )
+    except KafkaException as exc:
+        raise ConfigError(
+            "KAFKA_PREVIEW_GROUP_ID",
+            f"cannot set the offsets of {settings.kafka_group_id} (is another preview running "
+            f"in it?): {settings.redact(str(exc))}",
+        ) from None
+    finally:
+        preview.close()
+    return offsets
+
+
+def preview_topics(settings: Settings) -> bool:
+    """``ensure_topics`` for a dry run, which creates nothing: the source topic must exist;
+    True when the ledger topic does (it is read), False when the service never ran."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(dict(settings.producer_config()))
+    try:
+        metadata = admin.list_topics(timeout=10)
+    except Exception as exc:
+        logger.warning("cannot list topics", extra={"error": str(exc)})
+        return True
+    if settings.kafka_topic not in metadata.topics:
+        raise ConfigError("KAFKA_TOPIC", f"{settings.kafka_topic} does not exist")
+    return settings.kafka_ledger_topic in metadata.topics
 
 
 def ensure_topics(settings: Settings) -> None:

@@ -13,7 +13,8 @@
   probe at a time checks whether it is fixed; the gate opens only when a request succeeds.
 
 Every result is applied only if its partition is still owned in the same generation as when
-the work started (``Ownership.owns``).
+the work started (``Ownership.owns``). An ``Observer`` (the dry run's report) sees each change
+recorded and each record parked.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from service.adapters.dlq import DeadLetter, DeadLetterQueue
 from service.adapters.ledger_store import LedgerStore
@@ -72,6 +74,20 @@ class Gate:
         self.probe_at = now + self.probe_every
 
 
+class Observer(Protocol):
+    """Sees what becomes of every change (``run --dry-run``'s report)."""
+
+    def recorded(
+        self,
+        change: PendingChange,
+        known: Known | None,
+        list_id: str | None,
+        contact_id: str | None,
+    ) -> None: ...
+
+    def parked(self, change: PendingChange | None, reason: str, key: bytes | None) -> None: ...
+
+
 @dataclass
 class Confirmer:
     topic: str
@@ -89,6 +105,7 @@ class Confirmer:
     gate: Gate = field(default_factory=Gate)
     last_success: float = float("-inf")  # monotonic: when AC last confirmed any change
     forgotten_contacts: set[str] = field(default_factory=set)  # ledger ids AC no longer has
+    observer: Observer | None = None
 
     # ---- recorded ------------------------------------------------------------------------
 
@@ -115,6 +132,10 @@ class Confirmer:
         applied: list[PendingChange] = []
         for index, change in enumerate(changes):
             state = known.get(index)
+            if self.observer is not None:
+                self.observer.recorded(
+                    change, state, (list_ids or {}).get(change.target), contact_id
+                )
             if change.plan is Plan.CONSENT_KEPT or (
                 state is not None and state.status == 2 and change.event.action.status == 1
             ):
@@ -124,29 +145,9 @@ class Confirmer:
                     extra={"email_hash": self.hasher(email), "partition": partition},
                 )
             if state is None:
-                if change.plan is Plan.SKIP:
-                    self.metrics.changes_skipped.labels("already_applied").inc()
-                    # Nothing sent, but the newest event is recorded (an exit of a contact
-                    # never ours as such; a duplicate as the state it repeats): an older event
-                    # sent again later (a redrive, a late re-send) is then stale beside it.
-                    # A replay of records the ledger covers already changes nothing.
-                    previous = change.previous
-                    if previous is None and change.event.action is Action.EXITED:
-                        states.append(self._state(change, EXIT_SEEN, applied_ms, list_ids))
-                    elif previous is not None and not _replay(change, previous):
-                        unchanged = Known(previous.status, previous.set_by, previous.verified)
-                        states.append(self._state(change, unchanged, applied_ms, list_ids))
-                elif change.plan is Plan.STALE:
-                    self.metrics.changes_skipped.labels("stale").inc()
-                    logger.info(
-                        "change skipped: older than the event the ledger applied",
-                        extra={
-                            "email_hash": self.hasher(email),
-                            "partition": partition,
-                            "offset": change.offsets[-1],
-                            "list": change.target.label(),
-                        },
-                    )
+                unchanged = self._unchanged(email, change)
+                if unchanged is not None:
+                    states.append(self._state(change, unchanged, applied_ms, list_ids))
                 continue
             if state.status == change.event.action.status:
                 applied.append(change)
@@ -173,6 +174,32 @@ class Confirmer:
             return
         self.metrics.ledger_writes.inc()
         self.ledger.write(partition, email, new_entry, written)
+
+    def _unchanged(self, email: str, change: PendingChange) -> Known | None:
+        """A change AC was not asked to set: counted, and what to record for it (None:
+        nothing). Nothing was sent, but the newest event is recorded (an exit of a contact
+        never ours as such; a duplicate as the state it repeats): an older event sent again
+        later (a redrive, a late re-send) is then stale beside it. A replay of records the
+        ledger covers already changes nothing."""
+        previous = change.previous
+        if change.plan is Plan.SKIP:
+            self.metrics.changes_skipped.labels("already_applied").inc()
+            if previous is None and change.event.action is Action.EXITED:
+                return EXIT_SEEN
+            if previous is not None and not _replay(change, previous):
+                return Known(previous.status, previous.set_by, previous.verified)
+        elif change.plan is Plan.STALE:
+            self.metrics.changes_skipped.labels("stale").inc()
+            logger.info(
+                "change skipped: older than the event the ledger applied",
+                extra={
+                    "email_hash": self.hasher(email),
+                    "partition": change.partition,
+                    "offset": change.offsets[-1],
+                    "list": change.target.label(),
+                },
+            )
+        return None
 
     @staticmethod
     def _state(
@@ -473,6 +500,8 @@ class Confirmer:
             },
         )
         reason = reason or ("list_missing" if error.code == "list_missing" else "ac_rejected")
+        if self.observer is not None:
+            self.observer.parked(change, reason, None)
         letter = DeadLetter(
             change.email.encode(),
             change.raw,
@@ -499,6 +528,8 @@ class Confirmer:
         generation: int,
         headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
+        if self.observer is not None:
+            self.observer.parked(None, poison.reason, key)
         letter = DeadLetter(
             key,
             value,

@@ -38,6 +38,7 @@ from service.adapters.kafka import AckedProducer, Consumer, LogReaderFactory
 from service.adapters.ledger_store import LedgerStore
 from service.app.settings import Settings
 from service.clock import Clock
+from service.core.breaker import PoisonBreaker
 from service.core.budget import ImportBudget
 from service.core.coalesce import Coalescer
 from service.core.codec import EventDecoder
@@ -53,7 +54,7 @@ from service.pipeline.dispatch import Dispatcher
 from service.pipeline.imports import ImportLifecycle
 from service.pipeline.ownership import Ownership
 from service.pipeline.rebalance import Rebalancer
-from service.pipeline.source import SCHEMA, Source
+from service.pipeline.source import POISON, SCHEMA, Source
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ class Loop:
             self.pauses.release,
             self.delivery.want_list,
             expedite=s.coalesce_from_publish_time,
+            breaker=PoisonBreaker(s.dlq_breaker_window, s.dlq_breaker_max_share),
         )
         self.committer = Committer(
             self.topic, self.consumer, self.tracker, metrics, clock.monotonic, clock.wall
@@ -347,6 +349,9 @@ class Loop:
             "token_accepted": not self.confirm.gate.closed,
             "ledger_restoring_partitions": len(self.ownership.restoring),
             "schema_waiting_partitions": len(self.pauses.held(SCHEMA)),
+            # Paused by the dead-letter breaker until a restart (README "Dead-letter breaker");
+            # not a reason to be unready: the other partitions flow, and the alert pages.
+            "dlq_breaker_open_partitions": sorted(self.pauses.held(POISON)),
             "ac_paused_seconds": round(paused_for, 1),
         }
         ready = (

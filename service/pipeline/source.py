@@ -11,6 +11,10 @@
 - Once a partition's end is reached, changes of records published more than a window ago are
   due at once (``Coalescer.expedite``): a backlog then leaves when a consumer that had kept up
   would have sent it.
+- The dead-letter breaker (``service/core/breaker.py``): once too many of a partition's recent
+  records were poison, the partition is paused (``POISON``) and the records consumed after the
+  one that tripped it are held, untracked, until the process restarts (or the partition moves
+  to another owner, who starts with an empty window).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError
 
+from service.core.breaker import PoisonBreaker
 from service.core.coalesce import Coalescer, ListRef
 from service.core.codec import EventDecoder
 from service.core.errors import PoisonMessage, SchemaUnavailable
@@ -38,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMA = "schema"
 RESTORING = "restoring"
+POISON = "poison"  # the dead-letter breaker tripped
 
 
 @dataclass
@@ -55,6 +61,7 @@ class Source:
     unhold: Callable[[int, str], None]
     list_seen: Callable[[ListRef], None]
     expedite: bool = True
+    breaker: PoisonBreaker = field(default_factory=PoisonBreaker.off)
     broker_ok: bool = False
     held: dict[int, deque[Any]] = field(default_factory=dict)
     held_until: dict[int, float] = field(default_factory=dict)
@@ -113,7 +120,11 @@ class Source:
         """Decode held records again: a partition whose ledger is loaded, or whose registry
         back-off is over."""
         for partition in list(self.held):
-            if partition in self.ownership.restoring or now < self.held_until.get(partition, 0.0):
+            if (
+                partition in self.ownership.restoring
+                or partition in self.breaker.tripped
+                or now < self.held_until.get(partition, 0.0)
+            ):
                 continue
             queue = self.held.pop(partition)
             self.held_until.pop(partition, None)
@@ -129,6 +140,9 @@ class Source:
         last: dict[int, Any] = {}
         for message, event in zip(accepted, decoded, strict=True):
             partition = message.partition()
+            if partition in self.breaker.tripped:
+                self._hold(partition, message, POISON)  # read again by the next owner or life
+                continue
             if self.held.get(partition):
                 self.held[partition].append(message)  # behind a held record: keep the order
                 continue
@@ -186,6 +200,19 @@ class Source:
             self.ownership.generation(partition),
             message.headers(),
         )
+        if self.breaker.poison(partition, offset):
+            self.hold(partition, POISON)
+            self.metrics.dlq_breaker_open.set(len(self.breaker.tripped))
+            logger.error(
+                "dead-letter breaker open: partition paused until a restart",
+                extra={
+                    "partition": partition,
+                    "offset": offset,
+                    "poison_share": round(self.breaker.share(partition), 3),
+                    "window": self.breaker.window,
+                    "max_share": self.breaker.max_share,
+                },
+            )
 
     def _caught_up(self, partition: int, now: float) -> None:
         """The partition's end was reached: changes of records published more than a window ago
@@ -204,6 +231,8 @@ class Source:
             logger.debug("caught up", extra={"partition": partition, "sooner": moved})
 
     def forget(self, partitions: set[int]) -> None:
+        self.breaker.forget(partitions)
+        self.metrics.dlq_breaker_open.set(len(self.breaker.tripped))
         for partition in partitions:
             self.held.pop(partition, None)
             self.held_until.pop(partition, None)
