@@ -289,6 +289,9 @@ class Confirmer:
             if current is not None:
                 states.append(current._replace(pending=pending, pending_since_ms=since))
             else:
+                # A new state (nothing of ours there, or a write-ahead taken back): dated by
+                # this change's record and now, so a restore's merge (``newest``) puts it after
+                # whatever the ledger held for the list before, whatever the log order.
                 event = change.event
                 states.append(
                     ListState(
@@ -297,9 +300,9 @@ class Confirmer:
                         SetBy.UNKNOWN,
                         event.event_id,
                         event.occurred_at_ms,
-                        0,
-                        -1,
-                        -1,
+                        int(self.wall() * 1000),
+                        change.partition,
+                        max(change.offsets[-1], _raw_offset(entry, label)),
                         event.audience_id,
                         event.audience_name,
                         event.campaign_id,
@@ -554,6 +557,13 @@ class Confirmer:
                 self.tracker.complete(partition, offset)
 
         self.dlq.send(letter, parked)
+
+
+def _raw_offset(entry: LedgerEntry | None, label: str) -> int:
+    """The source offset the entry records for the list, also for a state ``state()`` hides."""
+    return (
+        max((s.source_offset for s in entry.lists if s.list == label), default=-1) if entry else -1
+    )
 
 
 def _replay(change: PendingChange, state: ListState) -> bool:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from service.core.coalesce import ListRef, PendingChange
 from service.core.contact import contact_fields
-from service.core.ledger import LedgerEntry, Plan, fields_hash, plan_change
+from service.core.ledger import LedgerEntry, Plan, SetBy, fields_hash, plan_change
 
 
 class Route(enum.Enum):
@@ -74,7 +74,11 @@ def plan_group(
         )
     standard, custom = contact_fields(group, attribute_map, field_map)
     value = fields_hash(standard, custom)
-    changed = value != 0 and (entry is None or entry.fields_hash != value)
+    changed = (
+        value != 0
+        and (entry is None or entry.fields_hash != value)
+        and _contact_of_ours(group, entry)
+    )
     fields = (standard, custom) if changed else None
     plans = {c.plan for c in group}
     if plans <= {Plan.SKIP, Plan.STALE, Plan.CONSENT_KEPT} and not changed:
@@ -86,3 +90,18 @@ def plan_group(
     if Plan.RESUBSCRIBE in plans or any(c.force_single for c in group):
         return GroupPlan(Route.SINGLE, fields, value)
     return GroupPlan(Route.BULK, fields, value)
+
+
+_WRITES_OR_READS = (Plan.FIRST_ENTRY, Plan.RESUBSCRIBE, Plan.EXIT, Plan.UNSUBSCRIBE, Plan.RECHECK)
+
+
+def _contact_of_ours(group: list[PendingChange], entry: LedgerEntry | None) -> bool:
+    """Fields are sent only for a contact the service subscribes, or has subscribed, or knows
+    to exist: sending them creates the contact (``contact/sync`` and imports both upsert), and
+    an exit of someone the service never subscribed must not create anybody in AC."""
+    if any(change.plan in _WRITES_OR_READS for change in group):
+        return True
+    return entry is not None and (
+        entry.contact_id is not None
+        or any(s.status == 1 or s.set_by is SetBy.SERVICE for s in entry.lists)
+    )
