@@ -27,8 +27,8 @@ test: $(STAMP) ## everything CI runs: system deps, ruff, mypy --strict, all test
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP) ## ruff lint and format check
-	$(BIN)/ruff check service tests benchmarks
-	$(BIN)/ruff format --check service tests benchmarks
+	$(BIN)/ruff check service tests benchmarks scripts/mutate
+	$(BIN)/ruff format --check service tests benchmarks scripts/mutate
 
 typecheck: $(STAMP) ## mypy --strict on service/
 	$(BIN)/mypy
