@@ -281,3 +281,45 @@ def test_catching_up_moves_changes_forward_only_and_loses_nothing(steps) -> None
     assert dues == sorted(dues)
     assert sorted(taken) == sorted({(p, e) for e, p, _, _, _ in steps})
     assert len(c) == 0
+
+
+def test_one_email_due_in_two_partitions_never_goes_to_two_workers_at_once() -> None:
+    """A mis-keyed producer put one email in two partitions: a call hands out one group of
+    that email (one partition's changes), the other waits for the next call, and is not lost."""
+    c = Coalescer(window=0)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=0)
+    c.add(1, B, ev("x@y.com", Action.EXITED), None, 7, now=0)
+    c.add(0, A, ev("z@y.com", Action.ENTERED), None, 2, now=0)
+    groups = c.take_due(0, limit=10, busy=set())
+    assert sorted((g[0].email, g[0].partition) for g in groups) == [("x@y.com", 0), ("z@y.com", 0)]
+    assert len(c) == 1
+    [[other]] = c.take_due(0, limit=10, busy=set())
+    assert (other.partition, other.target, other.offsets) == (1, B, [7])
+    assert len(c) == 0 and c.take_due(100, limit=10, busy=set()) == []
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2), st.sampled_from(["a@y.com", "b@y.com"]), st.booleans()),
+        min_size=1,
+        max_size=30,
+    ),
+    st.integers(1, 4),
+)
+def test_no_call_hands_out_one_email_twice_and_every_change_comes_out(  # type: ignore[no-untyped-def]
+    adds, limit
+) -> None:
+    c = Coalescer(window=0)
+    for offset, (partition, email, exit_) in enumerate(adds):
+        c.add(partition, A, ev(email, Action.EXITED if exit_ else Action.ENTERED), None, offset, 0)
+    expected = {(p, e) for p, e, _ in adds}
+    seen: set[tuple[int, str]] = set()
+    for _ in range(len(expected) + 1):
+        groups = c.take_due(0, limit=limit, busy=set())
+        assert len(groups) <= limit
+        emails = [g[0].email for g in groups]
+        assert len(emails) == len(set(emails))
+        for g in groups:
+            assert len({ch.partition for ch in g}) == 1
+            seen |= {(ch.partition, ch.email) for ch in g}
+    assert seen == expected and len(c) == 0
