@@ -122,3 +122,9 @@ def test_forgotten_partitions_keep_no_reason_and_others_stay_paused() -> None:
     assert pauses.held("restore") == {2} and pauses.paused() == 1
     pauses.hold(1, "restore")  # assigned again: paused again
     assert consumer.calls[-1] == ("pause", [("t", 1)])
+
+
+def test_a_fair_share_is_a_whole_number_of_offsets() -> None:
+    three = frozenset({0, 1, 2})  # 1000 // 3 = 333
+    assert decide(load(tracked={1: 333}), BOUNDS, frozenset(), three).pause == {1}
+    assert decide(load(tracked={1: 332}), BOUNDS, frozenset(), three).pause == frozenset()

@@ -677,3 +677,54 @@ def test_every_import_ends_with_its_intents_deleted_and_its_emails_released(
                 assert any(isinstance(a, Release) and a.emails == emails for a in actions)
                 del emails_of[import_id]
     assert set(emails_of) == set(life.imports)
+
+
+def test_every_email_ac_reports_as_failed_goes_back() -> None:
+    life = lifecycle()
+    a, b, c = group("a@x.co", 0), group("b@x.co", 0), group("c@x.co", 0)
+    imp = queued(life, [a, b, c])
+    actions = life.polled(imp.import_id, ImportStatus(True, [], ["a@x.co", "c@x.co"]), 110.0)
+    assert Requeue(a.changes + c.changes, STAMP, force_single=True, not_queued=True) in actions
+
+
+def test_a_landed_import_of_a_partition_missing_from_its_stamp_is_of_no_generation() -> None:
+    life = lifecycle()
+    life.adopt(2, [Intent("old", "b-7", ("a@x.co",), 1.0)], {}, 100.0)
+    actions = life.polled("old", ImportStatus(True, [], []), 101.0)
+    assert actions[0] == Landed(2, ("a@x.co",), set(), -1)
+
+
+def test_every_intent_of_a_restored_partition_is_adopted() -> None:
+    life = lifecycle()
+    life.adopt(2, [Intent("old-1", "b-1", ("a@x.co",), 1.0)], {2: 1}, 100.0)
+    life.adopt(
+        3,
+        [Intent("old-1", "b-1", ("b@x.co",), 1.0), Intent("old-2", None, ("c@x.co",), 1.0)],
+        {3: 1},
+        100.0,
+    )
+    assert set(life.imports) == {"old-1", "old-2"}
+    assert life.busy_emails() == {"a@x.co", "b@x.co", "c@x.co"}
+
+
+def test_an_import_untouched_by_a_handover_does_not_stop_the_others_being_released() -> None:
+    life = lifecycle()
+    queued(life, [group("a@x.co", 0)])
+    other = queued(life, [group("b@x.co", 1)])
+    assert life.forget({1}) == [Release({"b@x.co"})]
+    assert other.import_id not in life.imports and life.outstanding() == 1
+
+
+def test_one_summary_resends_every_unknown_import_sent_before_it() -> None:
+    life = lifecycle()
+    first = unknown(life, "a@x.co", 100.0)
+    second = unknown(life, "b@x.co", 100.5)
+    life.asking_summary(101.0)
+    actions = life.summarized(0, 102.0)
+    assert actions == [
+        Requeue(first.groups[0].changes, STAMP),  # type: ignore[attr-defined]
+        *closes(first.import_id, [0], {"a@x.co"}),  # type: ignore[attr-defined]
+        Requeue(second.groups[0].changes, STAMP),  # type: ignore[attr-defined]
+        *closes(second.import_id, [0], {"b@x.co"}),  # type: ignore[attr-defined]
+    ]
+    assert life.imports == {}

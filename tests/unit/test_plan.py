@@ -3,6 +3,7 @@ route the group takes (settled, recheck, verify, single, bulk)."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -231,3 +232,37 @@ def test_the_route_follows_from_the_plans(
     else:
         assert result.route is Route.BULK
     assert result.fields is None
+
+
+def test_a_fresh_unsubscribe_does_not_stop_the_rest_of_the_group_being_decided() -> None:
+    fresh = change(A, action=X, plan=Plan.UNSUBSCRIBE)
+    fresh.verified_at = 60.0
+    other = change(B, action=E)
+    e = entry(state("A", status=1), state("B", status=2, set_by=SetBy.SERVICE))
+    assert plan([fresh, other], e, verified_after=50.0).route is Route.SINGLE
+    assert other.plan is Plan.RESUBSCRIBE
+
+
+def test_a_skip_and_a_kept_opt_out_together_are_settled() -> None:
+    group = [change(A, action=E), change(B, action=E)]
+    e = entry(state("A", status=1), state("B", status=2, set_by=SetBy.PERSON))
+    assert plan(group, e) == GroupPlan(Route.SETTLED, None, 0)
+    assert {c.plan for c in group} == {Plan.SKIP, Plan.CONSENT_KEPT}
+
+
+@pytest.mark.parametrize(
+    ("recorded", "action", "route"),
+    [
+        (state(status=1, pending=1), E, Route.RECHECK),
+        (state(status=1), X, Route.VERIFY),
+        (state(status=2, set_by=SetBy.SERVICE), E, Route.SINGLE),
+        (None, E, Route.BULK),
+    ],
+)
+def test_every_route_that_sends_carries_the_changed_fields(
+    recorded: ListState | None, action: Action, route: Route
+) -> None:
+    group = [change(action=action, attributes={"first_name": "Ann"})]
+    value = fields_hash({"firstName": "Ann"}, {})
+    e = entry(recorded) if recorded else None
+    assert plan(group, e) == GroupPlan(route, ({"firstName": "Ann"}, {}), value)
