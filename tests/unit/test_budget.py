@@ -252,3 +252,41 @@ def test_a_pause_holds_every_import_and_never_shortens() -> None:
     assert budget.paused_until == 100.0
     assert not budget.available(99.99) and budget.available(100.0)
     assert budget.left(0.0) == 98.0  # a pause aside
+
+
+def test_expired_charges_are_forgotten() -> None:
+    budget = ImportBudget(per_minute=5, margin=0, window=60.0, skew=0.0)
+    for _ in range(3):
+        budget.settle(budget.take(0.0)[0], 0.0)
+    assert len(budget._history[POOL]) == 3
+    assert budget.left(60.0) == 5.0
+    assert budget._history[POOL] == []  # memory stays bounded
+
+
+def test_a_partition_given_up_must_be_adopted_again_when_it_comes_back() -> None:
+    budget = ImportBudget(per_minute=10, margin=0)
+    budget.share(frozenset({0, 1}), 2)
+    budget.adopt(0, [])
+    budget.adopt(1, [])
+    budget.share(frozenset({0}), 2)
+    assert not budget.adopted(1) and budget.adopted(0)
+    budget.share(frozenset({0, 1}), 2)
+    assert not budget.adopted(1)  # its next history is in the ledger, not here
+    assert budget.left(0.0) == pytest.approx(10 / 2)
+
+
+def test_one_partition_of_one_is_a_share_not_a_pool() -> None:
+    budget = ImportBudget(per_minute=10, margin=0)
+    budget.share(frozenset({0}), 1)
+    assert budget.owned == frozenset({0}) and not budget.available(0.0)
+    bucket = LeakyBucket(5, guard=0)
+    bucket.share(frozenset({0}), 1)
+    assert bucket.owned == frozenset({0}) and bucket.peek(0.0) == 0.0
+
+
+def test_a_pool_regained_takes_charges_again() -> None:
+    budget = ImportBudget(per_minute=10, margin=0)
+    budget.share(frozenset({0}), 2)
+    budget.share(None, 0)
+    assert budget.take(0.0) == (1, [POOL])
+    assert budget.history(POOL, 0.0) == [(60.0, 1.0)]

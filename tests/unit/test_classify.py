@@ -310,3 +310,19 @@ def test_parse_retry_after_bounds_and_defaults() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 7.0, 1445412400.0) == 80.0
     assert parse_retry_after("Wed, 99 Foo", 7.0, 0.0) == 7.0
     assert parse_retry_after("Wed, 21 Oct 99999 07:28:00 GMT", 7.0, 0.0) == 7.0
+
+
+def test_answer_reads_the_content_type() -> None:
+    call = ApiCall("GET", "lists", "lists")
+    with pytest.raises(AuthRejected):
+        answer(call, Reply(200, "text/html", b"<html>login</html>"))
+
+
+def test_a_refusal_that_is_not_json_has_no_body() -> None:
+    result = classify_response(422, "text/html", b"<html>no</html>", None)
+    assert isinstance(result, PermanentApiError) and result.body is None
+
+
+def test_an_unreadable_retry_after_on_a_503_waits_the_default() -> None:
+    result = classify_response(503, JSON, b"", "soon")
+    assert isinstance(result, RateLimited) and result.retry_after == 5.0

@@ -4,20 +4,26 @@ the stored hash and the compact form's edge values."""
 
 from __future__ import annotations
 
+import io
+
+import fastavro
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from service.core.ledger import (
+    LEDGER_V1_SCHEMA_FILE,
     OPTED_OUT,
     PENDING_IMPORT,
     CompactIndex,
     Known,
+    LedgerCodec,
     LedgerEntry,
     ListState,
     Plan,
     SetBy,
     fields_hash,
+    load_ledger_schema,
     merged,
     newest,
     pending_bit,
@@ -266,3 +272,40 @@ def test_a_partition_is_replaced_or_forgotten_whole() -> None:
     index.forget({0, 5})
     assert index.get(0, "a@x.co") is None and len(index) == 1
     assert index.get(7, "a@x.co") is None
+
+
+# ---- the Avro record's edges ------------------------------------------------------------------
+
+V1_LIST = {
+    "list": "VIP", "status": 2, "set_by": "SERVICE", "event_id": "e", "event_time": 1,
+    "applied_at": 2, "source_partition": 0, "source_offset": 3, "audience_id": "a",
+    "audience_name": "VIP", "campaign_id": None, "treatment_group": None,
+}  # fmt: skip
+
+
+def test_a_version_1_record_has_no_pending_write_and_no_list_id() -> None:
+    out = io.BytesIO()
+    record = {"contact_id": "5", "fields_hash": 9, "lists": [V1_LIST]}
+    fastavro.schemaless_writer(out, load_ledger_schema(LEDGER_V1_SCHEMA_FILE), record)
+    [s] = LedgerCodec().decode(out.getvalue()).lists
+    assert (s.verified, s.list_id, s.pending, s.pending_since_ms) == (False, None, 0, 0)
+
+
+def test_a_value_that_is_no_ledger_record_says_why() -> None:
+    codec = LedgerCodec()
+    with pytest.raises(ValueError, match=r"^not a ledger record: (?!NoneType)\w+$"):
+        codec.decode(b"\xff\x02garbage")
+    good = codec.encode(LedgerEntry("1", 0, (state(),)))
+    with pytest.raises(ValueError, match=r"^not a ledger record: trailing bytes$"):
+        codec.decode(good + b"\x00")
+
+
+def test_an_event_id_is_kept_exactly_even_when_it_reads_as_a_uuid() -> None:
+    index = CompactIndex()
+    for event_id in [
+        "0f8fad5b-d9cb-469f-a165-70867728950e",  # canonical: packed in 16 bytes
+        "0F8FAD5B-D9CB-469F-A165-70867728950E",  # a UUID, but not as str(uuid) writes it
+        "{0f8fad5b-d9cb-469f-a165-70867728950}",  # 36 characters, not a UUID
+    ]:
+        entry = LedgerEntry(None, 0, (state()._replace(event_id=event_id),))
+        assert index.unpack(index.pack(entry)).lists[0].event_id == event_id
