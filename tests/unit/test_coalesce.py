@@ -496,3 +496,15 @@ def test_a_retry_or_a_change_already_taken_is_never_expedited() -> None:
     assert c.next_due_at() == 102
     c.take_due(102, limit=10, busy=set())
     assert c.next_due_at() == 200
+
+
+def test_a_change_sent_back_without_a_failure_is_expedited_like_a_new_one() -> None:
+    """Requeued with no attempt counted (an import that never reached AC) at the very time the
+    last new change is due: it queues behind it, where catching up finds it."""
+    c = Coalescer(window=5)
+    c.add(0, A, ev("a@y.com", Action.ENTERED), None, 1, now=100)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 2, now=110)
+    [[a]] = c.take_due(105, limit=1, busy=set())
+    c.requeue(a, not_before=115)
+    assert c.expedite(0, 106.0, 1000.0, lambda _: 900.0) == 2
+    assert [g[0].email for g in c.take_due(106, limit=10, busy=set())] == ["a@y.com", "x@y.com"]
