@@ -728,3 +728,16 @@ def test_one_summary_resends_every_unknown_import_sent_before_it() -> None:
         *closes(second.import_id, [0], {"b@x.co"}),  # type: ignore[attr-defined]
     ]
     assert life.imports == {}
+
+
+def test_every_unknown_import_past_the_timeout_is_sent_again_at_once() -> None:
+    life = lifecycle(timeout=60.0)
+    first = unknown(life, "a@x.co", 100.0)
+    second = unknown(life, "b@x.co", 101.0)
+    actions = life.summarized(3, 200.0)  # imports still outstanding: only the timeout speaks
+    assert actions == [
+        Requeue(first.groups[0].changes, STAMP),  # type: ignore[attr-defined]
+        *closes(first.import_id, [0], {"a@x.co"}),  # type: ignore[attr-defined]
+        Requeue(second.groups[0].changes, STAMP),  # type: ignore[attr-defined]
+        *closes(second.import_id, [0], {"b@x.co"}),  # type: ignore[attr-defined]
+    ]
