@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint typecheck unit component simulation integration soak fuzz bench bench-ledger clean
+.PHONY: help install demo test lint typecheck unit mutate component simulation integration soak fuzz bench bench-ledger clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
@@ -27,14 +27,17 @@ test: $(STAMP) ## everything CI runs: system deps, ruff, mypy --strict, all test
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP) ## ruff lint and format check
-	$(BIN)/ruff check service tests benchmarks
-	$(BIN)/ruff format --check service tests benchmarks
+	$(BIN)/ruff check service tests benchmarks scripts/mutate
+	$(BIN)/ruff format --check service tests benchmarks scripts/mutate
 
 typecheck: $(STAMP) ## mypy --strict on service/
 	$(BIN)/mypy
 
 unit: $(STAMP) ## fast unit tests of the pure parts
 	$(BIN)/python -m pytest -q tests/unit
+
+mutate: $(STAMP) ## mutation testing of the pure core on tests/unit (MODULES="offsets plan" to limit; ~30 min for all)
+	$(BIN)/python scripts/mutate $(MODULES)
 
 component: $(STAMP) ## component tests (emulator over sockets, runner with fakes, the Kafka contract: sim and local broker)
 	$(BIN)/python -m pytest -q tests/component
@@ -62,4 +65,4 @@ bench-ledger: $(STAMP) ## ledger restore time and memory for 1,000,000 emails (p
 	$(BIN)/python benchmarks/ledger.py
 
 clean: ## remove the virtualenv and caches
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info mutants mutants.log

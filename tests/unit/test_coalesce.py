@@ -281,3 +281,230 @@ def test_catching_up_moves_changes_forward_only_and_loses_nothing(steps) -> None
     assert dues == sorted(dues)
     assert sorted(taken) == sorted({(p, e) for e, p, _, _, _ in steps})
     assert len(c) == 0
+
+
+def test_one_email_due_in_two_partitions_never_goes_to_two_workers_at_once() -> None:
+    """A mis-keyed producer put one email in two partitions: a call hands out one group of
+    that email (one partition's changes), the other waits for the next call, and is not lost."""
+    c = Coalescer(window=0)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=0)
+    c.add(1, B, ev("x@y.com", Action.EXITED), None, 7, now=0)
+    c.add(0, A, ev("z@y.com", Action.ENTERED), None, 2, now=0)
+    groups = c.take_due(0, limit=10, busy=set())
+    assert sorted((g[0].email, g[0].partition) for g in groups) == [("x@y.com", 0), ("z@y.com", 0)]
+    assert len(c) == 1
+    [[other]] = c.take_due(0, limit=10, busy=set())
+    assert (other.partition, other.target, other.offsets) == (1, B, [7])
+    assert len(c) == 0 and c.take_due(100, limit=10, busy=set()) == []
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2), st.sampled_from(["a@y.com", "b@y.com"]), st.booleans()),
+        min_size=1,
+        max_size=30,
+    ),
+    st.integers(1, 4),
+)
+def test_no_call_hands_out_one_email_twice_and_every_change_comes_out(  # type: ignore[no-untyped-def]
+    adds, limit
+) -> None:
+    c = Coalescer(window=0)
+    for offset, (partition, email, exit_) in enumerate(adds):
+        c.add(partition, A, ev(email, Action.EXITED if exit_ else Action.ENTERED), None, offset, 0)
+    expected = {(p, e) for p, e, _ in adds}
+    seen: set[tuple[int, str]] = set()
+    for _ in range(len(expected) + 1):
+        groups = c.take_due(0, limit=limit, busy=set())
+        assert len(groups) <= limit
+        emails = [g[0].email for g in groups]
+        assert len(emails) == len(set(emails))
+        for g in groups:
+            assert len({ch.partition for ch in g}) == 1
+            seen |= {(ch.partition, ch.email) for ch in g}
+    assert seen == expected and len(c) == 0
+
+
+def pending_raw(c: Coalescer) -> int:
+    return sum(len(ch.raw) for ch in c._pending.values() if ch.raw)
+
+
+def test_raw_bytes_count_exactly_the_records_pending_changes_keep() -> None:
+    c = Coalescer(window=0)
+    assert c.raw_bytes == 0
+    c.add(0, A, ev("x@y.com", Action.ENTERED), b"12345", 1, now=0)
+    assert c.raw_bytes == 5
+    c.add(0, A, ev("x@y.com", Action.EXITED), b"12", 2, now=0)  # superseded: the new record
+    assert c.raw_bytes == 2
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 3, now=0)  # a record kept without bytes
+    assert c.raw_bytes == 0
+    c.add(0, A, ev("x@y.com", Action.EXITED), b"123", 4, now=0)
+    c.add(0, B, ev("x@y.com", Action.ENTERED), b"1234", 5, now=0)
+    c.add(1, A, ev("z@y.com", Action.ENTERED), b"1", 6, now=0)
+    assert c.raw_bytes == 8
+    [group] = c.take_due(0, limit=1, busy=set())
+    assert {ch.email for ch in group} == {"x@y.com"} and c.raw_bytes == 1
+    c.requeue(group[0], not_before=1)
+    assert c.raw_bytes == 1 + len(group[0].raw or b"")
+    assert c.discard([1]) and c.raw_bytes == pending_raw(c)
+    c.discard([0])
+    assert c.raw_bytes == 0
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["add", "take", "discard", "requeue"]),
+            st.integers(0, 1),
+            st.sampled_from(["a@y.com", "b@y.com"]),
+            st.one_of(st.none(), st.binary(max_size=5)),
+        ),
+        max_size=30,
+    )
+)
+def test_raw_bytes_always_equal_what_pending_changes_hold(steps) -> None:  # type: ignore[no-untyped-def]
+    c = Coalescer(window=0)
+    taken: list = []  # type: ignore[type-arg]
+    for offset, (step, partition, email, raw) in enumerate(steps):
+        if step == "add":
+            c.add(partition, A, ev(email, Action.ENTERED, offset), raw, offset, now=offset)
+        elif step == "take":
+            taken += [ch for g in c.take_due(offset, limit=1, busy=set()) for ch in g]
+        elif step == "discard":
+            c.discard([partition])
+        elif taken:
+            c.requeue(taken.pop(), not_before=offset)
+        assert c.raw_bytes == pending_raw(c)
+
+
+def test_a_new_change_keeps_its_record_and_when_it_was_first_seen() -> None:
+    c = Coalescer(window=5)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), b"rec", 1, now=7)
+    assert c.next_due_at() == 12
+    [[change]] = c.take_due(12, limit=1, busy=set())
+    assert (change.raw, change.first_seen, change.due_at, change.offsets) == (b"rec", 7, 12, [1])
+
+
+def test_a_new_event_forgets_the_verification_and_the_back_off_but_not_a_refusal() -> None:
+    c = Coalescer(window=0)
+    c.add(0, A, ev("x@y.com", Action.EXITED), None, 1, now=0)
+    [[change]] = c.take_due(0, limit=1, busy=set())
+    change.verified_at, change.attempts, change.failing_since = 3.0, 2, 1.5
+    change.force_single = True
+    c.requeue(change, not_before=10)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 2, now=1)
+    assert change.verified_at == 0.0 and change.attempts == 0 and change.failing_since is None
+    assert change.force_single
+    # without a back-off to forget, nothing else changes
+    change.failing_since = 4.0
+    c.add(0, A, ev("x@y.com", Action.EXITED), None, 3, now=2)
+    assert change.failing_since == 4.0
+
+
+def test_next_due_at_is_the_earliest_live_change() -> None:
+    c = Coalescer(window=5)
+    assert c.next_due_at() is None
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=1)
+    c.add(0, A, ev("z@y.com", Action.ENTERED), None, 2, now=2)
+    assert c.next_due_at() == 6
+    c.take_due(6, limit=1, busy=set())
+    assert c.next_due_at() == 7
+    c.take_due(7, limit=1, busy=set())
+    assert c.next_due_at() is None
+
+
+def test_a_requeued_refusal_is_inherited_by_the_newer_change() -> None:
+    for old_refused, newer_refused in [(True, False), (False, True), (False, False)]:
+        c = Coalescer(window=0)
+        c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=0)
+        [[old]] = c.take_due(0, limit=1, busy=set())
+        old.force_single = old_refused
+        c.add(0, A, ev("x@y.com", Action.EXITED), None, 2, now=1)
+        c._pending[(0, "x@y.com", A)].force_single = newer_refused
+        c.requeue(old, not_before=5)
+        [[newer]] = c.take_due(1, limit=1, busy=set())
+        assert newer.force_single is (old_refused or newer_refused)
+        assert newer.offsets == [1, 2]
+
+
+def test_discarding_one_partition_of_a_mis_keyed_email_keeps_the_other() -> None:
+    c = Coalescer(window=0)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=0)
+    c.add(1, A, ev("x@y.com", Action.EXITED), None, 2, now=0)
+    [dropped] = c.discard([1])
+    assert dropped.partition == 1
+    [[kept]] = c.take_due(0, limit=10, busy=set())
+    assert (kept.partition, kept.offsets) == (0, [1])
+    # the partition comes back (assigned again): its changes work as before
+    c.add(1, A, ev("x@y.com", Action.EXITED), None, 3, now=1)
+    c.add(0, B, ev("x@y.com", Action.ENTERED), None, 4, now=1)
+    got = [g for _ in range(3) for g in c.take_due(1, limit=10, busy=set())]
+    assert sorted((g[0].partition, g[0].offsets[0]) for g in got) == [(0, 4), (1, 3)]
+    assert len(c) == 0
+
+
+def test_expedite_of_nothing_moves_nothing() -> None:
+    assert Coalescer(window=5).expedite(0, 1.0, 1000.0, lambda _: 0.0) == 0
+
+
+def test_a_change_once_examined_is_not_expedited_by_a_later_call() -> None:
+    c = Coalescer(window=5)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=100)
+    assert c.expedite(0, 100.0, 1000.0, lambda _: None) == 0  # publication unknown then
+    assert c.expedite(0, 100.0, 1000.0, lambda _: 900.0) == 0  # looked at already
+    assert c.next_due_at() == 105
+
+
+def test_each_partition_keeps_its_own_place_in_the_queue() -> None:
+    c = Coalescer(window=5)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=100)
+    assert c.expedite(1, 100.0, 1000.0, lambda _: 900.0) == 0  # partition 1 has nothing
+    assert c.expedite(0, 100.0, 1000.0, lambda _: 900.0) == 1
+
+
+def test_a_record_published_when_it_was_read_keeps_its_window() -> None:
+    c = Coalescer(window=5)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=100)
+    assert c.expedite(0, 100.0, 1000.0, lambda _: 1000.0) == 0
+    assert c.next_due_at() == 105
+
+
+def test_an_unknown_publication_does_not_stop_the_older_changes_being_expedited() -> None:
+    c = Coalescer(window=5)
+    c.add(0, A, ev("old@y.com", Action.ENTERED), None, 1, now=100)
+    c.add(1, A, ev("other@y.com", Action.ENTERED), None, 9, now=100)
+    c.add(0, A, ev("new@y.com", Action.ENTERED), None, 2, now=100)
+    published = {1: 900.0}  # offset 2: unknown
+    assert c.expedite(0, 100.0, 1000.0, published.get) == 1
+    [[change]] = c.take_due(100, limit=10, busy=set())
+    assert change.email == "old@y.com"
+
+
+def test_a_retry_or_a_change_already_taken_is_never_expedited() -> None:
+    c = Coalescer(window=5)
+    c.add(0, A, ev("a@y.com", Action.ENTERED), None, 1, now=100)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 2, now=100)
+    c.add(0, B, ev("x@y.com", Action.ENTERED), None, 3, now=101)  # x's B entry goes stale
+    [[a]] = c.take_due(105, limit=1, busy=set())
+    [group] = c.take_due(105, limit=1, busy=set())
+    assert {ch.target for ch in group} == {A, B}
+    c.add(0, A, ev("n@y.com", Action.ENTERED), None, 4, now=102)
+    a.attempts = 1
+    c.requeue(a, not_before=200)  # a retry, due at 200, queued after n
+    moved = c.expedite(0, 102.0, 1000.0, lambda _: 900.0)
+    assert moved == 1  # the new change only
+    assert c.next_due_at() == 102
+    c.take_due(102, limit=10, busy=set())
+    assert c.next_due_at() == 200
+
+
+def test_a_change_sent_back_without_a_failure_is_expedited_like_a_new_one() -> None:
+    """Requeued with no attempt counted (an import that never reached AC) at the very time the
+    last new change is due: it queues behind it, where catching up finds it."""
+    c = Coalescer(window=5)
+    c.add(0, A, ev("a@y.com", Action.ENTERED), None, 1, now=100)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 2, now=110)
+    [[a]] = c.take_due(105, limit=1, busy=set())
+    c.requeue(a, not_before=115)
+    assert c.expedite(0, 106.0, 1000.0, lambda _: 900.0) == 2
+    assert [g[0].email for g in c.take_due(106, limit=10, busy=set())] == ["a@y.com", "x@y.com"]

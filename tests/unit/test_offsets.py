@@ -78,3 +78,113 @@ def test_committable_never_passes_an_unconfirmed_offset(partitions: list[int], r
             assert all((part, off) in done for (pp, off) in polled if pp == part and off < commit)
     for part, commit in t.committable().items():
         assert commit == max(off for (pp, off) in polled if pp == part) + 1
+
+
+def test_a_completion_before_the_offset_is_polled_does_not_count() -> None:
+    t = OffsetTracker()
+    t.track(0, 5)
+    t.complete(0, 6)  # not polled yet: ignored, not remembered
+    t.track(0, 6)
+    t.complete(0, 5)
+    assert t.committable() == {0: 6}
+    assert t.outstanding(0) == 1
+
+
+def test_the_head_offset_itself_can_be_completed() -> None:
+    t = OffsetTracker()
+    t.track(0, 5)
+    t.complete(0, 5)
+    assert t.committable() == {0: 6}
+
+
+def test_a_late_completion_after_everything_was_committed_is_ignored() -> None:
+    t = OffsetTracker()
+    t.track(0, 5)
+    t.complete(0, 5)
+    assert t.committable() == {0: 6}
+    t.complete(0, 5)  # a duplicate outcome, after the head moved past it
+    t.complete(0, 4)
+    assert t.committable() == {0: 6}
+    t.track(0, 6)
+    t.complete(0, 4)  # older than every tracked offset
+    assert t.committable() == {0: 6}
+    assert len(t) == 1
+
+
+def test_a_partition_with_nothing_tracked_is_never_reported() -> None:
+    """A refused offset (here an invalid one, below any real offset) tracks nothing: the
+    partition has no commit point, and the partitions after it are still reported."""
+    t = OffsetTracker()
+    assert not t.track(1, -1001)
+    t.track(0, 3)
+    t.track(2, 0)
+    assert t.committable() == {0: 3, 2: 0}
+    assert t.outstanding(1) == 0 and len(t) == 2
+
+
+def test_dropping_a_partition_never_tracked_is_harmless() -> None:
+    t = OffsetTracker()
+    t.track(0, 1)
+    t.drop({7})
+    t.drop([0, 0])
+    assert t.committable() == {} and len(t) == 0
+
+
+def test_distance_counts_how_far_an_offset_is_past_the_commit_point() -> None:
+    t = OffsetTracker()
+    assert t.distance(3, 40) == 40  # untracked partition: the offset itself
+    for o in (10, 11, 13):
+        t.track(0, o)
+    assert t.distance(0, 10) == 0  # holds the commit back
+    assert t.distance(0, 13) == 3
+    assert t.distance(0, 9) == 0  # never negative
+    t.complete(0, 10)
+    assert t.distance(0, 13) == 2  # the head moved on to 11
+    t.complete(0, 11)
+    t.complete(0, 13)
+    assert t.distance(0, 20) == 6  # all done: counted from last tracked + 1
+    assert t.distance(1, 0) == 0
+
+
+def test_outstanding_and_len_count_tracked_offsets_not_yet_committable() -> None:
+    t = OffsetTracker()
+    assert t.outstanding(0) == 0 and len(t) == 0
+    for o in range(5):
+        t.track(0, o)
+    t.track(1, 100)
+    assert t.outstanding(0) == 5 and t.outstanding(1) == 1 and len(t) == 6
+    t.complete(0, 0)
+    t.complete(0, 1)
+    t.complete(0, 3)
+    assert t.outstanding(0) == 3  # 2, 3 and 4: 3 is done but behind 2
+    assert len(t) == 4
+    t.complete(1, 100)
+    assert t.outstanding(1) == 0 and len(t) == 3
+
+
+@given(
+    st.lists(st.integers(0, 2), min_size=1, max_size=40),
+    st.randoms(use_true_random=False),
+)
+def test_outstanding_and_distance_agree_with_the_commit_point(
+    partitions: list[int],
+    rnd,  # type: ignore[no-untyped-def]
+) -> None:
+    t = OffsetTracker()
+    next_offset = dict.fromkeys(range(3), 0)
+    polled: list[tuple[int, int]] = []
+    for p in partitions:
+        assert t.track(p, next_offset[p])
+        polled.append((p, next_offset[p]))
+        next_offset[p] += rnd.choice([1, 2])
+    done = set(rnd.sample(polled, rnd.randint(0, len(polled))))
+    for p, o in done:
+        t.complete(p, o)
+    commit = t.committable()
+    for p in set(partitions):
+        mine = [o for pp, o in polled if pp == p]
+        not_committable = [o for o in mine if o >= commit[p]]
+        assert t.outstanding(p) == len(not_committable)
+        for o in mine:
+            assert t.distance(p, o) == max(0, o - commit[p])
+    assert len(t) == sum(t.outstanding(p) for p in range(3))
