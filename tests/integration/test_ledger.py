@@ -120,7 +120,7 @@ def test_replay_from_offset_zero_with_a_new_group_makes_zero_ac_writes(
     wait_for_lag_zero(bootstrap, "g-replay", topic, ends, timeout=120, services=[replay])
     after = request_log(fast_emulator)[mark:]
     assert [r for r in after if r["method"] in WRITES] == []
-    assert metric(replay, "ac_sync_changes_skipped_total") > 0
+    assert metric(replay, 'ac_sync_changes_skipped_total{reason="already_applied"}') > 0
     assert metric(replay, "ac_sync_ledger_restored_records_total") > 0
     assert subscribed(emulator_lists(fast_emulator)) == subscribed(samples.expected)
 
@@ -165,8 +165,8 @@ def test_own_unsubscribe_is_kept_counted_and_explained(
     unsubscribed: int,
 ) -> None:
     # Someone else subscribed the person to the list; then the person unsubscribed themselves.
-    # With ``unsubscribed`` more people unsubscribed from it than one page holds, the service
-    # asks about the imported contacts by id instead of reading the list's unsubscribed page.
+    # With ``unsubscribed`` more people unsubscribed from it than one page holds (it must not
+    # matter: no list-wide read is made).
     created = api(
         fast_emulator,
         "POST",
@@ -212,11 +212,34 @@ def test_own_unsubscribe_is_kept_counted_and_explained(
     assert members["kept@example.com"] == 2
     assert all(members[p] == 1 for p in crowd)
     if others:
+        # An import never re-subscribes (AC's rule): consent held, but the ledger cannot know
+        # whose status 2 that is, and says so. It learns it at the exit, before any write.
         log = request_log(fast_emulator)
         assert any(r["endpoint"] == "/import/bulk_import" for r in log)
-        reads = [r for r in log if r["endpoint"] == "/contacts"]
-        # the list's unsubscribed page, then (when it held more than a page) one query by id
-        assert len(reads) == (2 if unsubscribed > 100 else 1)
+        shown = run_cli("explain", "kept@example.com", "--json", env=env)
+        assert shown.returncode == 0, shown.stderr
+        [vip] = json.loads(shown.stdout)["lists"]
+        assert vip["status"] == 1 and vip["verified"] is False and vip["set_by"] == "service"
+        assert vip["trust"].startswith("not verified: subscribed by an import")
+        assert metric(service, "ac_sync_consent_kept_total") == 0.0
+        mark = len(log)
+        exit_id = str(uuid.uuid4())
+        ends = produce(
+            bootstrap, topic, [event("kept@example.com", "EXITED", at=1000, event_id=exit_id)]
+        )
+        wait_for_lag_zero(bootstrap, "g-kept", topic, ends, timeout=60, services=services)
+        after = request_log(fast_emulator)[mark:]
+        # one read of the contact's status on the list, and no write: it was already theirs
+        assert [r["method"] for r in after] == ["GET"], after
+        assert emulator_lists(fast_emulator)["VIP"]["kept@example.com"] == 2
+        entered_id = str(uuid.uuid4())
+        ends = produce(
+            bootstrap, topic, [event("kept@example.com", "ENTERED", at=2000, event_id=entered_id)]
+        )
+        wait_for_lag_zero(bootstrap, "g-kept", topic, ends, timeout=60, services=services)
+        writes = [r for r in request_log(fast_emulator)[mark:] if r["method"] in WRITES]
+        assert writes == [], "the person's own unsubscribe was overridden"
+        assert emulator_lists(fast_emulator)["VIP"]["kept@example.com"] == 2
     assert metric(service, "ac_sync_consent_kept_total") == 1.0
     assert "kept@example.com" not in service.log_text()
 
@@ -255,19 +278,35 @@ def test_kill_9_between_the_ac_write_and_the_ledger_write_ends_exact(
     set_faults(fast_emulator, {"latency_ms": [400, 500]})
     ends = produce(bootstrap, topic, [event(p, "ENTERED") for p in people])
     deadline = time.monotonic() + 60
-    while not [r for r in request_log(fast_emulator) if r["method"] == "POST"]:
+    # A subscription (contactLists) is the write a write-ahead announces: the contact's
+    # upsert before it is not (it is repeated harmlessly).
+    while not [r for r in request_log(fast_emulator) if r["endpoint"] == "/contactLists"]:
         assert time.monotonic() < deadline, "the service sent nothing to AC"
         time.sleep(0.01)
-    broker.pause()  # from now on no ledger write can be acknowledged
+    # Every change is written ahead to the ledger before its AC write; the pause lets the
+    # writes already on their way land in AC and stops every later ledger write (the outcome).
+    broker.pause()
     try:
+        quiet_since, seen = time.monotonic(), len(request_log(fast_emulator))
         deadline = time.monotonic() + 60
-        while emulator_lists(fast_emulator).get("VIP") != {p: 1 for p in people}:
-            assert time.monotonic() < deadline, "AC was not written while the broker was paused"
+        while time.monotonic() - quiet_since < 3.0:  # AC quiet for 3 s: nothing more can go
+            assert time.monotonic() < deadline, "AC never went quiet"
             time.sleep(0.1)
-        service.kill()  # after the AC writes, before any ledger write was acknowledged
+            now_seen = len(request_log(fast_emulator))
+            if now_seen != seen:
+                quiet_since, seen = time.monotonic(), now_seen
+        in_ac = {p for p, s in emulator_lists(fast_emulator).get("VIP", {}).items() if s == 1}
+        assert in_ac, "AC was not written while the broker was paused"
+        service.kill()  # after the AC writes, before any outcome was acknowledged
     finally:
         broker.resume()
-    assert ledger_entries(bootstrap, topic) == {}  # the gap: AC has it, the ledger does not
+    # The gap: AC has them, the ledger holds only the write-ahead (a write that may have landed).
+    # (A write answered just before the pause may have had its outcome recorded already.)
+    held = ledger_entries(bootstrap, topic)
+    assert in_ac <= set(held)  # never in AC without at least the write-ahead
+    gap = {p for p in in_ac if held[p].state("VIP").pending_statuses == {1}}
+    assert gap, "no AC write was left without its recorded outcome"
+    assert all(held[p].state("VIP").status == 1 for p in in_ac - gap)
     set_faults(fast_emulator, {})
 
     again = ServiceProcess(env, tmp_path / "again").start()
@@ -277,6 +316,7 @@ def test_kill_9_between_the_ac_write_and_the_ledger_write_ends_exact(
     recorded = ledger_entries(bootstrap, topic)
     assert set(recorded) == set(people)
     assert {e.state("VIP").status for e in recorded.values()} == {1}
+    assert {e.state("VIP").pending for e in recorded.values()} == {0}  # every outcome known
 
 
 def set_faults(emulator: Emulator, faults: dict[str, Any]) -> None:
