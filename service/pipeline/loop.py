@@ -209,10 +209,15 @@ class Loop:
         if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
             self.source.broker_ok = False
 
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        # The group coordinator answered: the broker is reachable (records may never come).
+        self.source.broker_ok = True
+        self.rebalance.on_assign(consumer, partitions)
+
     def run(self) -> int:
         self.consumer.subscribe(
             [self.topic],
-            on_assign=self.rebalance.on_assign,
+            on_assign=self._on_assign,
             on_revoke=self.rebalance.on_revoke,
             on_lost=self.rebalance.on_lost,
         )

@@ -85,6 +85,7 @@ class Source:
             error = message.error()
             if error is not None:
                 if error.code() == KafkaError._PARTITION_EOF:
+                    self.broker_ok = True  # a broker's answer too: an empty partition is healthy
                     caught_up.append(message.partition())
                 else:
                     logger.warning("consumer error", extra={"error": error.str()})

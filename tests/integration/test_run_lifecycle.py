@@ -146,11 +146,14 @@ def test_a_broker_outage_writes_only_json_lines_at_a_bounded_rate(
         services.append(service.start())
         ready_url = f"http://127.0.0.1:{service.metrics_port}/readyz"
         deadline = time.monotonic() + 60
+        answer = ""
         while True:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(ready_url, timeout=2).status_code == 200:
+                ready = httpx.get(ready_url, timeout=2)
+                if ready.status_code == 200:
                     break
-            assert time.monotonic() < deadline, service.log_text()[-3000:]
+                answer = ready.text
+            assert time.monotonic() < deadline, answer + "\n" + service.log_text()[-3000:]
             assert service.alive(), service.log_text()[-3000:]
             time.sleep(0.2)
         before = len(service.log_text().splitlines())

@@ -99,3 +99,17 @@ def test_poison_up_to_the_share_keeps_flowing() -> None:
     assert sim.committed[0] == 200
     assert sim.parked == {(0, o) for o in range(1, 200, 2)}
     assert replica.loop.readiness()[1]["dlq_breaker_open_partitions"] == []
+
+
+def test_a_replica_on_an_empty_topic_is_ready_once_assigned_and_restored() -> None:
+    """Readiness asks whether the broker answers, not whether records flow: a replica whose
+    partitions hold nothing (a new audience topic, a quiet night) is ready. Found by the
+    broker-outage integration test: the pod never became ready on an empty topic."""
+    sim = _scenario(0.5, kinds=[])
+    replica = sim.start_replica()
+    _run(sim, 30)
+    ready, detail = replica.loop.readiness()
+    assert detail["assigned_partitions"] == 1 and detail["ledger_restoring_partitions"] == 0
+    assert detail["broker_connected"] is True
+    assert ready
+    _stop(sim)
