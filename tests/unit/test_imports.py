@@ -57,10 +57,16 @@ def group(email: str, partition: int, *plans: Plan) -> Group:
     )
 
 
-def lifecycle(budget: ImportBudget | None = None, timeout: float = 600.0) -> ImportLifecycle:
+def lifecycle(
+    budget: ImportBudget | None = None, timeout: float = 600.0, give_up: float = 3600.0
+) -> ImportLifecycle:
     ids = (f"imp-{n}" for n in itertools.count(1))
     return ImportLifecycle(
-        budget or ImportBudget(), timeout, random.Random(7), new_id=lambda: next(ids)
+        budget or ImportBudget(),
+        timeout,
+        random.Random(7),
+        new_id=lambda: next(ids),
+        give_up=give_up,
     )
 
 
@@ -392,19 +398,26 @@ def test_an_import_still_processing_is_polled_again_later_and_later() -> None:
     assert imp.next_poll_at == pytest.approx(110.0 + 60.0)  # capped at a minute
 
 
-def test_an_import_still_processing_past_the_timeout_is_sent_again(
+def test_an_import_still_processing_keeps_its_emails_until_the_give_up_then_is_sent_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    life = lifecycle(timeout=60.0)
+    """Past the timeout AC still says "processing": it may land any moment, so its emails stay
+    blocked; only past IMPORT_GIVE_UP_SECONDS are its changes resent (abandoned: it may land)."""
+    life = lifecycle(timeout=60.0, give_up=120.0)
     a = group("a@x.co", 0)
     imp = queued(life, [a])
-    assert life.polled(imp.import_id, ImportStatus(False, [], []), 160.0) == []  # at the timeout
+    assert life.polled(imp.import_id, ImportStatus(False, [], []), 160.5) == []  # past timeout
+    assert imp.state is State.QUEUED
+    assert life.polled(imp.import_id, ImportStatus(False, [], []), 220.0) == []  # at give-up
     with caplog.at_level(logging.ERROR, logger="service.pipeline.imports"):
-        actions = life.polled(imp.import_id, ImportStatus(False, [], []), 160.5)
-    assert actions == [Requeue(a.changes, STAMP), *closes(imp.import_id, [0], {"a@x.co"})]
+        actions = life.polled(imp.import_id, ImportStatus(False, [], []), 220.5)
+    assert actions == [
+        Requeue(a.changes, STAMP, abandoned=True),
+        *closes(imp.import_id, [0], {"a@x.co"}),
+    ]
     [record] = caplog.records
-    assert record.getMessage() == (
-        "import not confirmed in time; its changes are sent again (it may still land)"
+    assert record.getMessage().startswith(
+        "import still processing at AC after IMPORT_GIVE_UP_SECONDS; its changes are sent again"
     )
     assert record.__dict__["import"] == imp.import_id
     assert record.__dict__["batch_id"] == "b-1"
@@ -427,12 +440,13 @@ def test_a_failed_poll_backs_off_and_respects_retry_after() -> None:
     assert imp.next_poll_at - 120.0 < 60.0
 
 
-def test_a_failed_poll_past_the_timeout_sends_the_changes_again() -> None:
+def test_a_failed_poll_past_the_timeout_makes_the_outcome_unknown() -> None:
     life = lifecycle(timeout=30.0)
-    a = group("a@x.co", 0)
-    imp = queued(life, [a])
-    actions = life.polled(imp.import_id, TransientApiError(502, "x"), 131.0)
-    assert actions == [Requeue(a.changes, STAMP), *closes(imp.import_id, [0], {"a@x.co"})]
+    imp = queued(life, [group("a@x.co", 0)])
+    assert life.polled(imp.import_id, TransientApiError(502, "x"), 130.0) == []  # at timeout
+    assert imp.state is State.QUEUED
+    assert life.polled(imp.import_id, TransientApiError(502, "x"), 131.0) == []
+    assert imp.state is State.UNKNOWN and life.imports == {imp.import_id: imp}
 
 
 def test_a_batch_ac_does_not_know_leaves_the_outcome_unknown() -> None:
@@ -509,22 +523,23 @@ def test_imports_still_outstanding_or_an_unanswered_question_keep_waiting() -> N
     assert life.outstanding() == 1
 
 
-def test_an_unknown_outcome_past_the_timeout_is_sent_again(
+def test_an_unknown_outcome_waits_past_the_timeout_and_is_sent_again_after_the_give_up(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    life = lifecycle(timeout=60.0)
+    life = lifecycle(timeout=60.0, give_up=120.0)
     imp = unknown(life, "a@x.co", 100.0)
-    assert life.summarized(1, 160.0) == []
+    assert life.summarized(1, 160.5) == []  # past the timeout, imports outstanding: waits
+    assert life.summarized(1, 220.0) == []
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger="service.pipeline.imports"):
-        actions = life.summarized(1, 160.5)
+        actions = life.summarized(1, 220.5)
     assert actions == [
-        Requeue(imp.groups[0].changes, STAMP),  # type: ignore[attr-defined]
+        Requeue(imp.groups[0].changes, STAMP, abandoned=True),  # type: ignore[attr-defined]
         *closes(imp.import_id, [0], {"a@x.co"}),  # type: ignore[attr-defined]
     ]
     [record] = caplog.records
-    assert record.getMessage() == (
-        "import outcome still unknown after the timeout; its changes are sent again"
+    assert record.getMessage().startswith(
+        "import outcome still unknown after IMPORT_GIVE_UP_SECONDS; its changes are sent again"
     )
     assert record.__dict__["import"] == imp.import_id  # type: ignore[attr-defined]
 
@@ -730,14 +745,14 @@ def test_one_summary_resends_every_unknown_import_sent_before_it() -> None:
     assert life.imports == {}
 
 
-def test_every_unknown_import_past_the_timeout_is_sent_again_at_once() -> None:
-    life = lifecycle(timeout=60.0)
+def test_every_unknown_import_past_the_give_up_is_sent_again_at_once() -> None:
+    life = lifecycle(timeout=60.0, give_up=90.0)
     first = unknown(life, "a@x.co", 100.0)
     second = unknown(life, "b@x.co", 101.0)
-    actions = life.summarized(3, 200.0)  # imports still outstanding: only the timeout speaks
+    actions = life.summarized(3, 200.0)  # imports still outstanding: only the give-up speaks
     assert actions == [
-        Requeue(first.groups[0].changes, STAMP),  # type: ignore[attr-defined]
+        Requeue(first.groups[0].changes, STAMP, abandoned=True),  # type: ignore[attr-defined]
         *closes(first.import_id, [0], {"a@x.co"}),  # type: ignore[attr-defined]
-        Requeue(second.groups[0].changes, STAMP),  # type: ignore[attr-defined]
+        Requeue(second.groups[0].changes, STAMP, abandoned=True),  # type: ignore[attr-defined]
         *closes(second.import_id, [0], {"b@x.co"}),  # type: ignore[attr-defined]
     ]
