@@ -1,4 +1,4 @@
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from service.core.coalesce import Coalescer, ListRef
@@ -508,3 +508,107 @@ def test_a_change_sent_back_without_a_failure_is_expedited_like_a_new_one() -> N
     c.requeue(a, not_before=115)
     assert c.expedite(0, 106.0, 1000.0, lambda _: 900.0) == 2
     assert [g[0].email for g in c.take_due(106, limit=10, busy=set())] == ["a@y.com", "x@y.com"]
+
+
+# ---- the staleness guard (``stale_tolerance_ms``) ----------------------------------------------
+
+
+def at(n: int, occurred_at_ms: int, email: str = "x@y.com") -> MembershipEvent:
+    return MembershipEvent(f"e{n}", occurred_at_ms, email, "aud", "A", Action.ENTERED)
+
+
+RECORDS = st.one_of(st.none(), st.binary(min_size=1, max_size=4))
+
+
+@given(
+    tolerance=st.one_of(st.none(), st.integers(0, 50)),
+    events=st.lists(st.tuples(st.integers(0, 150), RECORDS, st.booleans()), min_size=1, max_size=8),
+)
+@example(tolerance=10, events=[(50, b"new", False), (40, b"ok", True)])  # exactly the tolerance
+@example(tolerance=10, events=[(50, b"new", True), (39, None, False), (20, b"old", True)])
+@example(tolerance=None, events=[(50, b"new", True), (0, b"old", False)])  # no guard
+def test_the_staleness_guard_keeps_the_newer_pending_event_and_counts_what_it_folds(
+    tolerance: int | None, events: list[tuple[int, bytes | None, bool]]
+) -> None:
+    """An event that occurred more than the tolerance before the pending one is covered (its
+    offset is committed with the change) but not applied; within the tolerance, or without a
+    guard, the later record wins with its raw record and its headers. Each record folded by
+    the guard is counted once."""
+    c = Coalescer(window=5, stale_tolerance_ms=tolerance)
+    assert c.stale_records == 0
+    kept: tuple[MembershipEvent, bytes | None, list[tuple[str, bytes]] | None] | None = None
+    folded = 0
+    for offset, (occurred, raw, has_headers) in enumerate(events):
+        headers = [("redrives", str(offset).encode())] if has_headers else None
+        event = at(offset, occurred)
+        assert c.add(0, A, event, raw, offset, now=0, headers=headers) is (offset > 0)
+        if (
+            kept is not None
+            and tolerance is not None
+            and occurred + tolerance < kept[0].occurred_at_ms
+        ):
+            folded += 1
+        else:
+            kept = (event, raw, headers)
+        assert c.stale_records == folded
+        assert c.raw_bytes == len(kept[1] or b"")
+    [[change]] = c.take_due(5, limit=1, busy=set())
+    assert (change.event, change.raw, change.headers) == kept
+    assert change.offsets == list(range(len(events)))
+
+
+@given(
+    tolerance=st.one_of(st.none(), st.integers(0, 50)),
+    failed_at=st.integers(0, 150),
+    newer=st.lists(st.tuples(st.integers(0, 150), RECORDS), min_size=1, max_size=3),
+    refused=st.tuples(st.booleans(), st.booleans()),
+    other_list=st.booleans(),
+)
+@example(tolerance=10, failed_at=50, newer=[(30, b"stale")], refused=(False, True), other_list=True)
+@example(tolerance=10, failed_at=50, newer=[(40, b"edge")], refused=(True, False), other_list=False)
+@example(tolerance=10, failed_at=50, newer=[(45, b"skew")], refused=(False, False), other_list=True)
+@example(
+    tolerance=None, failed_at=50, newer=[(0, b"old")], refused=(False, False), other_list=False
+)
+@example(  # the newer records fold once among themselves, then once more beside the failed one
+    tolerance=10,
+    failed_at=100,
+    newer=[(50, b"n"), (30, b"x")],
+    refused=(True, True),
+    other_list=False,
+)
+def test_a_requeued_change_yields_to_the_newer_one_unless_that_one_is_stale_beside_it(
+    tolerance: int | None,
+    failed_at: int,
+    newer: list[tuple[int, bytes | None]],
+    refused: tuple[bool, bool],
+    other_list: bool,
+) -> None:
+    """A change that failed comes back while newer records of its key are pending. The newer
+    change wins and inherits the failed one's offsets, unless it occurred more than the
+    tolerance before it: then the failed change stays (due at its retry), covering the newer
+    records, and the fold is counted. Either way a refusal is kept, the email's other lists
+    stay in its group and the raw bytes count what is pending."""
+    c = Coalescer(window=0, stale_tolerance_ms=tolerance)
+    c.add(0, A, at(0, failed_at), b"failed", 0, now=0)
+    [[failed]] = c.take_due(0, limit=1, busy=set())
+    failed.force_single = refused[0]
+    for offset, (occurred, raw) in enumerate(newer, start=1):
+        c.add(0, A, at(offset, occurred), raw, offset, now=1)
+    pending = c._pending[(0, "x@y.com", A)]
+    pending.force_single = refused[1]
+    if other_list:
+        c.add(0, B, at(9, 0), b"b", 9, now=1)
+    folded = c.stale_records
+    c.requeue(failed, not_before=7)
+    stale = tolerance is not None and pending.event.occurred_at_ms + tolerance < failed_at
+    assert c.stale_records == folded + stale
+    assert c.raw_bytes == pending_raw(c)
+    [group] = c.take_due(100, limit=5, busy=set())
+    assert len(c) == 0
+    assert sorted(ch.target.name or "" for ch in group) == (["A", "B"] if other_list else ["A"])
+    [change] = [ch for ch in group if ch.target == A]
+    assert change is (failed if stale else pending)
+    assert change.offsets == list(range(len(newer) + 1))
+    assert change.force_single is (refused[0] or refused[1])
+    assert change.due_at == (7 if stale else 1)

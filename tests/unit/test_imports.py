@@ -552,6 +552,27 @@ def test_a_queued_import_is_not_resent_by_the_summary() -> None:
     assert life.imports == {imp.import_id: imp}
 
 
+def test_either_give_up_is_logged_whole_saying_the_abandoned_import_may_still_land(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Given up while AC still processes it, or with its outcome unknown: the error says the
+    changes go again and that the import, if it lands later, may undo newer changes."""
+    life = lifecycle(timeout=60.0, give_up=120.0)
+    processing = queued(life, [group("a@x.co", 0)])
+    unknown(life, "b@x.co", 100.0)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="service.pipeline.imports"):
+        life.polled(processing.import_id, ImportStatus(False, [], []), 220.5)
+        life.summarized(1, 220.5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "import still processing at AC after IMPORT_GIVE_UP_SECONDS; its changes are sent again "
+        "and its emails released (if it lands later, it may undo newer changes)",
+        "import outcome still unknown after IMPORT_GIVE_UP_SECONDS; its changes are sent again "
+        "and its emails released (if it lands later, it may undo newer changes)",
+    ]
+    assert life.imports == {}
+
+
 # ---- a previous owner's imports -------------------------------------------------------------
 
 

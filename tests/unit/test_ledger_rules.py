@@ -8,7 +8,7 @@ import io
 
 import fastavro
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from service.core.ledger import (
@@ -117,6 +117,15 @@ def test_the_very_record_the_ledger_holds_is_a_replay() -> None:
     assert plan_change(ours, E, 0, 11, 1000) is Plan.RESUBSCRIBE  # a later record
     assert plan_change(ours, E, 0, 10, 1001) is Plan.RESUBSCRIBE  # a later event
     assert plan_change(ours, E, 1, 10, 1000) is Plan.RESUBSCRIBE  # another partition
+
+
+def test_a_change_just_the_tolerance_older_than_the_applied_event_is_not_stale() -> None:
+    """The staleness guard's edge: older by exactly the tolerance, offset order still decides;
+    a millisecond more and the change is stale."""
+    ours = state(status=2, set_by=SetBy.SERVICE, offset=10, at=100_000)
+    assert plan_change(ours, E, 1, 5, 40_000, 60_000) is Plan.RESUBSCRIBE
+    assert plan_change(ours, E, 1, 5, 39_999, 60_000) is Plan.STALE
+    assert plan_change(ours, E, 1, 5, 100_000, 0) is Plan.RESUBSCRIBE  # no tolerance: same time
 
 
 def test_an_uncertain_state_is_always_read_again() -> None:
@@ -298,6 +307,36 @@ def test_a_value_that_is_no_ledger_record_says_why() -> None:
     good = codec.encode(LedgerEntry("1", 0, (state(),)))
     with pytest.raises(ValueError, match=r"^not a ledger record: trailing bytes$"):
         codec.decode(good + b"\x00")
+
+
+PENDING_VALUES = {bits + via for bits in range(4) for via in (0, PENDING_IMPORT)}
+
+
+@given(status=st.integers(-2, 5), pending=st.integers(-2, 15))
+@example(status=0, pending=0)
+@example(status=3, pending=0)
+@example(status=1, pending=4)
+def test_a_record_with_a_status_or_pending_value_the_index_cannot_pack_is_refused(
+    status: int, pending: int
+) -> None:
+    """The compact index packs a status (0, 1, 2) and a write-ahead (its bits, plus
+    PENDING_IMPORT when by import) in a byte each: a record holding any other value is refused
+    as no ledger record of ours, naming the value; any other record reads back as written."""
+    codec = LedgerCodec()
+    entry = LedgerEntry("1", 0, (state(), state(status=status, label="B", pending=pending)))
+    data = codec.encode(entry)
+    if status not in (0, 1, 2):
+        with pytest.raises(
+            ValueError, match=rf"^not a ledger record: status {status} out of range$"
+        ):
+            codec.decode(data)
+    elif pending not in PENDING_VALUES:
+        with pytest.raises(
+            ValueError, match=rf"^not a ledger record: pending {pending} out of range$"
+        ):
+            codec.decode(data)
+    else:
+        assert codec.decode(data) == entry
 
 
 def test_an_event_id_is_kept_exactly_even_when_it_reads_as_a_uuid() -> None:

@@ -250,6 +250,18 @@ def test_a_skip_and_a_kept_opt_out_together_are_settled() -> None:
     assert {c.plan for c in group} == {Plan.SKIP, Plan.CONSENT_KEPT}
 
 
+def test_a_skip_a_stale_change_and_a_kept_opt_out_together_are_settled() -> None:
+    c = ListRef(name="C")
+    group = [change(A, action=E), change(B, action=E), change(c, action=E)]
+    e = entry(
+        state("A", status=1),
+        state("B", status=2, set_by=SetBy.PERSON),
+        state("C", status=2, set_by=SetBy.SERVICE, at=100_000),  # applied long after the change
+    )
+    assert plan(group, e, stale_tolerance_ms=1000) == GroupPlan(Route.SETTLED, None, 0)
+    assert [ch.plan for ch in group] == [Plan.SKIP, Plan.CONSENT_KEPT, Plan.STALE]
+
+
 @pytest.mark.parametrize(
     ("recorded", "action", "route"),
     [
