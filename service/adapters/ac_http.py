@@ -9,13 +9,14 @@ here ever carries the token, and URLs with emails in their query never reach a l
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import httpx
 
-from service.adapters.ratelimit import PRIORITY, LimiterClosed
+from service.adapters.ratelimit import CANCEL, PRIORITY, LimiterClosed, RequestCancelled
 from service.core.acapi import ApiCall, Call, Reply, run_sync
 from service.metrics import Metrics
 
@@ -35,8 +36,13 @@ class HttpDriver:
         self._metrics = metrics
         self._clock = clock
 
-    def send(self, call: ApiCall) -> Reply:
+    def send(self, call: ApiCall, cancel: threading.Event | None = None) -> Reply:
+        """``cancel``: set when the call's work was revoked; a request still waiting for its
+        slot then is not sent (``Reply(failure="cancelled")``)."""
         started = self._clock()
+        extensions: dict[str, object] = {PRIORITY: call.priority}
+        if cancel is not None:
+            extensions[CANCEL] = cancel
         try:
             request = self._http.build_request(
                 call.method,
@@ -44,7 +50,7 @@ class HttpDriver:
                 params=list(call.params) or None,
                 json=call.body,
                 headers={"Api-Token": self._token(), "Accept": "application/json"},
-                extensions={PRIORITY: call.priority},
+                extensions=extensions,
             )
             response = self._http.send(request)
         except httpx.TimeoutException:
@@ -52,6 +58,8 @@ class HttpDriver:
             return Reply(failure="timeout")
         except LimiterClosed:
             return Reply(failure="closed")
+        except RequestCancelled:
+            return Reply(failure="cancelled")
         except httpx.TransportError as exc:
             self._count(call, "conn_error", started)
             return Reply(failure=f"connection error: {type(exc).__name__}")

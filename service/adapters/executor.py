@@ -8,7 +8,9 @@ seed decides (``tests/simulation/``).
 
 A call whose cancel flag is set gets ``TransientApiError("cancelled")`` at its next request
 instead of sending it (its partition was revoked: no stale write may land after the new
-owner's); the request already on the wire finishes.
+owner's), and so does a request still waiting for its rate-limit slot when the flag is set
+(``send`` gets the flag; simulation seed 10075: a write queued through a 429 pause reached AC
+after the new owner had read the contact); the request already on the wire finishes.
 """
 
 from __future__ import annotations
@@ -35,19 +37,22 @@ class Executor(Protocol):
     def shutdown(self) -> None: ...
 
 
-def drive(call: Call[T], send: Callable[[ApiCall], Reply], cancel: threading.Event) -> T:
+Send = Callable[[ApiCall, threading.Event], Reply]
+
+
+def drive(call: Call[T], send: Send, cancel: threading.Event) -> T:
     """Run ``call`` to its end, sending each request with ``send`` (blocking)."""
     try:
         request = next(call)
         while True:
-            reply = Reply(failure="cancelled") if cancel.is_set() else send(request)
+            reply = Reply(failure="cancelled") if cancel.is_set() else send(request, cancel)
             request = call.send(reply)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
 
 
 class ThreadedExecutor:
-    def __init__(self, workers: int, send: Callable[[ApiCall], Reply]) -> None:
+    def __init__(self, workers: int, send: Send) -> None:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ac")
         self._send = send
 

@@ -27,7 +27,15 @@ from service.core.acapi import pause_after
 from service.core.budget import LeakyBucket
 
 PRIORITY = "ac_sync_priority"  # request extension: 0 urgent, 1 normal, 2 background
+# Request extension: a ``threading.Event``; set once the request's work was revoked. Checked
+# after the slot is granted (the wait can be long: a 429's pause), so a request queued before
+# its partition moved to another replica never reaches AC after the new owner read it.
+CANCEL = "ac_sync_cancel"
 _MAX_WAIT = 1.0  # a waiter re-checks at least this often (shares and pauses can change)
+
+
+class RequestCancelled(Exception):
+    """The request's work was revoked while it waited for its slot: it was not sent."""
 
 
 class LimiterClosed(Exception):
@@ -162,6 +170,9 @@ class RateLimitedTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         self._limiter.acquire(priority=int(request.extensions.get(PRIORITY, 1)))
+        cancel = request.extensions.get(CANCEL)
+        if cancel is not None and cancel.is_set():
+            raise RequestCancelled("revoked while waiting for a slot: not sent")
         response = self._inner.handle_request(request)
         pause = pause_after(response.status_code, response.headers.get("Retry-After"), self._wall())
         if pause:

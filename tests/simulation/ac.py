@@ -265,6 +265,9 @@ class SimExecutor:
     def _send(
         self, call: Call[Any], api: ApiCall, cancel: threading.Event, handle: SimHandle
     ) -> None:
+        if cancel.is_set():  # revoked while it waited for its slot: not sent (as HttpDriver)
+            self._step(call, Reply(failure="cancelled"), cancel, handle)
+            return
         self.requests += 1
         request = self.http.build_request(
             api.method,

@@ -17,7 +17,26 @@ from tests.simulation.soak import crash_profile
 SEEDS = int(os.environ.get("SIM_SEEDS", "250"))
 
 # Seeds that failed once, each on a real defect (kept for good: a regression replays exactly).
-REGRESSIONS = [1, 3, 9, 29, 72, 100, 118, 294, 305, 446, 477, 663, 776, 1097, 1388, 10015, 10080]
+REGRESSIONS = [
+    1,
+    3,
+    9,
+    29,
+    72,
+    100,
+    118,
+    294,
+    305,
+    446,
+    477,
+    663,
+    776,
+    1097,
+    1388,
+    10015,
+    10075,
+    10080,
+]
 
 
 @pytest.mark.parametrize("seed", range(10_000, 10_000 + SEEDS))

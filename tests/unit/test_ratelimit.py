@@ -10,8 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prometheus_client import CollectorRegistry
+
+from service.adapters.ac_http import HttpDriver
 from service.adapters.ratelimit import LimiterClosed, RateLimitedTransport, RateLimiter
-from service.core.acapi import MAX_RETRY_AFTER, parse_retry_after
+from service.core.acapi import MAX_RETRY_AFTER, ApiCall, parse_retry_after
+from service.metrics import Metrics
 from service.core.budget import TOOLS, ImportBudget, LeakyBucket
 
 
@@ -82,6 +86,32 @@ def test_transport_pauses_everyone_on_429() -> None:
     with httpx.Client(transport=transport, base_url="http://ac") as client:
         assert client.get("/x").status_code == 429
     assert 6.0 < limiter.paused_for() <= 7.0
+
+
+def test_a_request_revoked_while_it_waits_for_its_slot_is_not_sent() -> None:
+    """Simulation seed 10075: a write queued behind a 429's pause went out after its partition
+    had moved to another replica, which had read the contact meanwhile: AC ended wrong."""
+    sent: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        return httpx.Response(200, json={})
+
+    limiter = RateLimiter(1000, clock=time.monotonic)
+    limiter.pause_for(0.3)  # a 429's pause: the request waits for its slot
+    transport = RateLimitedTransport(httpx.MockTransport(answer), limiter)
+    http = httpx.Client(transport=transport, base_url="http://ac")
+    driver = HttpDriver(http, lambda: "t", Metrics(CollectorRegistry()), time.monotonic)
+    cancel = threading.Event()
+    threading.Timer(0.1, cancel.set).start()  # revoked during the pause
+    reply = driver.send(ApiCall("POST", "/contactLists", "contactLists", body={"x": 1}), cancel)
+    assert reply.failure == "cancelled" and sent == []
+    reply = driver.send(
+        ApiCall("POST", "/contactLists", "contactLists", body={"x": 1}), threading.Event()
+    )
+    assert reply.status == 200 and sent == ["/contactLists"]  # not revoked: sent
+    assert driver.send(ApiCall("GET", "/lists", "lists")).status == 200  # no flag: sent
+    http.close()
 
 
 def test_parse_retry_after() -> None:
