@@ -3,7 +3,8 @@ out what the import lifecycle (``service/pipeline/imports.py``) decides.
 
 - Groups that may go in an import wait in ``ready`` (their emails held) until there are at
   least ``BULK_MIN_CONTACTS`` (fewer after ``IMPORT_GATHER_SECONDS`` go per contact: AC says
-  imports are not for tiny updates) and the import budget has room (meanwhile the batch grows).
+  imports are not for tiny updates; ``IMPORT_GATHER_BUSY_SECONDS`` while imports are
+  outstanding, since their completions bring more) and the import budget has room (meanwhile the batch grows).
 - An import is filled to 250 contacts and under 400000 bytes (what does not fit waits for the
   next one), its lists checked when not confirmed for a while, then written ahead: each
   email's pending states, the partitions' intents and import history; it leaves once the
@@ -39,6 +40,10 @@ from service.pipeline.lists import Lists
 from service.pipeline.verify import Verification
 
 IMPORT_GATHER_SECONDS = 0.2  # the bulk path takes due changes once the first is this late
+# While imports are outstanding, a few due contacts wait this long for more before going per
+# contact: a backlog's imports release emails whose later changes were held back, a few at a
+# time, and one contact per contact costs up to three requests where an import costs 1/250.
+IMPORT_GATHER_BUSY_SECONDS = 5.0
 MAX_TO_LEARN = 200_000  # ids (a few MB): a first load's worth
 MAX_PREPARING = 2
 
@@ -70,7 +75,10 @@ class Importing:
             if not self.ready:
                 return
             if len(self.ready) < self.desk.settings.bulk_min:
-                if flush or now - self.ready[0].since >= IMPORT_GATHER_SECONDS:
+                gather = (
+                    IMPORT_GATHER_BUSY_SECONDS if self.lifecycle.imports else IMPORT_GATHER_SECONDS
+                )
+                if flush or now - self.ready[0].since >= gather:
                     while self.ready:
                         self.per_contact(self.ready.popleft())
                 return
