@@ -67,6 +67,11 @@ class Source:
     held_until: dict[int, float] = field(default_factory=dict)
     # Per partition, since it was last caught up: (last offset, publication time) per batch.
     published: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+    # Partitions whose end was reached while their records were held (the ledger restoring,
+    # the registry down): caught up once the held records are processed. librdkafka reports a
+    # partition's end once, so forgetting it left a backlog read at assignment waiting a whole
+    # window after it was read.
+    ended_while_held: set[int] = field(default_factory=set)
     _counters: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,7 +113,9 @@ class Source:
         if accepted:
             self._process(accepted, now)
         for partition in caught_up:
-            if not self.held.get(partition):
+            if self.held.get(partition) or partition in self.ownership.restoring:
+                self.ended_while_held.add(partition)
+            else:
                 self._caught_up(partition, now)
 
     def _hold(self, partition: int, message: Any, reason: str) -> None:
@@ -133,6 +140,10 @@ class Source:
             self.unhold(partition, SCHEMA)
             if queue:
                 self._process(list(queue), now)
+        for partition in list(self.ended_while_held):
+            if partition not in self.ownership.restoring and not self.held.get(partition):
+                self.ended_while_held.discard(partition)
+                self._caught_up(partition, now)
 
     def _process(self, accepted: list[Any], now: float) -> None:
         decoded = self.decoder.decode_batch([m.value() for m in accepted])
@@ -238,6 +249,7 @@ class Source:
             self.held.pop(partition, None)
             self.held_until.pop(partition, None)
             self.published.pop(partition, None)
+            self.ended_while_held.discard(partition)
 
     def held_records(self) -> int:
         return sum(len(q) for q in self.held.values())
