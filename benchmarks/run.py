@@ -9,20 +9,32 @@
    the baseline.
 3. CPU only: decode + coalesce against a bare fastavro loop (benchmarks/cpu.py).
 4. Latency from event time to applied in AC for a trickle of 1 event a second.
+5. Exit-heavy (issue 15), the setting of 1.: a first load of 20,000 emails into 1-5 of 5
+   audiences each, then 30 % of those memberships EXITED, then half of the exited ENTERED again,
+   each phase produced once the previous one drained. Per phase: drain time, memberships and
+   contacts per second, requests per 1,000 events and by endpoint, the consent reads (GET
+   /contacts by what it asked, GET /contacts/{id}/contactLists), peak requests in a second,
+   429s, whether AC's state is exact. ``--only-exits`` runs it alone (BENCH_EXIT_EMAILS sizes it).
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import random
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import httpx
 
@@ -31,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from benchmarks import cpu
 from service.devtools.demo import peak_per_second
 from service.devtools.emulator.server import Emulator
+from service.devtools.emulator.state import Response
 from service.devtools.localbroker import LocalBroker, committed_offsets, create_topics, free_port
 from service.devtools.samples import make_samples, produce, subscribed
 
@@ -232,6 +245,214 @@ def trickle(broker: LocalBroker, work: Path, seconds: int = 30) -> list[float]:
     return latencies
 
 
+@dataclass
+class ExitPhase:
+    """One phase of the exit-heavy workload: its events and the subscribed sets after it."""
+
+    name: str
+    records: list[tuple[bytes, bytes]]
+    contacts: int  # distinct emails with an event in the phase
+    expected: dict[str, set[str]]  # list name -> subscribed emails once the phase is applied
+
+
+def exit_phases(emails: int, lists: int, seed: int = 15) -> list[ExitPhase]:
+    """A first load (every email ENTERED into its lists: a seeded subset of 1 to ``lists``, one
+    event per membership), then 30 % of those memberships EXITED, then half of the exited ones
+    ENTERED again. Event times increase across the phases."""
+    from service.core.codec import encode_event, load_reader_schema
+
+    rng = random.Random(seed)
+    schema = load_reader_schema()
+    names = [f"Exit {chr(65 + i % 26)}{i // 26 or ''}" for i in range(lists)]
+    people = [f"leaver{i:06d}@example.com" for i in range(emails)]
+    members = [
+        (email, audience)
+        for email in people
+        for audience in sorted(rng.sample(range(lists), rng.randint(1, lists)))
+    ]
+    exits = sorted(rng.sample(members, round(0.3 * len(members))))
+    returns = sorted(rng.sample(exits, len(exits) // 2))
+    state = set(members)
+    clock = iter(range(1_767_225_600_000, 1_767_225_600_000 + 10 * len(members)))
+    phases = []
+    for name, memberships, action in (
+        ("first load", members, "ENTERED"),
+        ("30 % of the memberships exit", exits, "EXITED"),
+        ("half of those re-enter", returns, "ENTERED"),
+    ):
+        records = []
+        for email, audience in memberships:
+            event = {
+                "event_id": str(uuid.UUID(int=rng.getrandbits(128))),
+                "occurred_at": next(clock),
+                "email": email,
+                "audience_id": f"exit-{audience}",
+                "audience_name": names[audience],
+                "action": action,
+                "campaign_id": None,
+                "treatment_group": None,
+                "attributes": {},
+            }
+            records.append((email.encode(), encode_event(event, schema)))
+        if action == "ENTERED":
+            state |= set(memberships)
+        else:
+            state -= set(memberships)
+        expected: dict[str, set[str]] = {}
+        for email, audience in state:
+            expected.setdefault(names[audience], set()).add(email)
+        phases.append(ExitPhase(name, records, len({e for e, _ in memberships}), expected))
+    return phases
+
+
+def _contacts_read(query: str) -> str:
+    """What a ``GET /contacts`` asked: by list and status (a consent read of a list), by
+    ``ids[]`` (exits verified by contact id), by email (an id lookup)."""
+    keys = {key for key, _ in parse_qsl(query, keep_blank_values=True)}
+    if keys & {"listid", "status"}:
+        return "list/status"
+    if "ids[]" in keys:
+        return "ids[]"
+    return "email" if "email" in keys else "other"
+
+
+def exit_heavy(
+    broker: LocalBroker, work: Path, emails: int = 20_000, lists: int = 5, limit: float = 3600.0
+) -> dict[str, Any]:
+    """The exit-heavy workload (issue 15) against the emulator at AC's limits, as in
+    ``end_to_end``; one service at its defaults runs through the three phases. Each phase is
+    produced once the previous one drained (lag 0) and timed from its first event (the first
+    from the service's start, as in ``end_to_end``) to its drain; ``limit`` bounds each."""
+    emulator = Emulator(tokens={TOKEN}, rate_limit=5, import_delay=3.0, seed=4).start()
+    emulator.account.set_faults({"latency_ms": [100, 300]}, 0.0)
+    account = emulator.account
+    # What each GET /contacts asked (the log keeps only the route), by its index in the log:
+    # recorded under the account's lock, as the log is.
+    reads: dict[int, str] = {}
+    handle = account.handle
+
+    def recorded(
+        method: str, path: str, query: str, headers: Mapping[str, str], body: bytes, now: float
+    ) -> Response:
+        response = handle(method, path, query, headers, body, now)
+        if account.log and account.log[-1].endpoint == "/contacts" and method == "GET":
+            reads[len(account.log) - 1] = _contacts_read(query)
+        return response
+
+    account.handle = recorded  # type: ignore[method-assign]
+    topic = f"bench-exits-{int(time.time())}"
+    create_topics(broker.bootstrap, {topic: 12, f"{topic}.dlq": 12})
+    phases = exit_phases(emails, lists)
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+        "KAFKA_TOPIC": topic,
+        "KAFKA_GROUP_ID": topic,
+        "KAFKA_PROPERTY_SESSION_TIMEOUT_MS": "6000",
+        "AC_API_URL": emulator.url,
+        "AC_API_TOKEN": TOKEN,
+        "AC_LIST_SENDER_URL": "https://www.ac-audience-sync.test",
+        "METRICS_PORT": str(free_port()),
+    }
+    ends: dict[int, int] = {}
+    results: list[dict[str, Any]] = []
+    service: subprocess.Popen[bytes] | None = None
+    try:
+        for number, phase in enumerate(phases, 1):
+            with account.lock:
+                first = len(account.log)
+            began = time.monotonic()
+            for partition, end in produce(broker.bootstrap, topic, phase.records).items():
+                ends[partition] = max(ends.get(partition, 0), end)
+            if service is None:
+                service = start_service(env, work / f"{topic}.log")
+                began = time.monotonic()
+            while True:
+                remaining = lag(broker.bootstrap, topic, topic, ends)
+                elapsed = time.monotonic() - began
+                if remaining == 0 or elapsed > limit:
+                    break
+                if service.poll() is not None:
+                    raise RuntimeError(f"the service stopped: see {work / f'{topic}.log'}")
+                time.sleep(0.25)  # the drain time is measured to a quarter of a second
+            with account.lock:
+                log = account.log[first:]
+                kinds = [reads[i] for i in range(first, first + len(log)) if i in reads]
+                state = account.snapshot(time.time())
+            events = len(phase.records)
+            by_endpoint = Counter(f"{r.method} {r.endpoint}" for r in log)
+            results.append(
+                {
+                    "number": number,
+                    "name": phase.name,
+                    "events": events,
+                    "contacts": phase.contacts,
+                    "seconds": elapsed,
+                    "drained": remaining == 0,
+                    "memberships_per_s": (events - remaining) / elapsed,
+                    "contacts_per_s": phase.contacts / elapsed if remaining == 0 else 0.0,
+                    "requests": len(log),
+                    "requests_per_1000": 1000 * len(log) / max(1, events),
+                    "by_endpoint": dict(sorted(by_endpoint.items())),
+                    "contacts_reads": by_endpoint["GET /contacts"],
+                    "contacts_reads_by": dict(sorted(Counter(kinds).items())),
+                    "contact_lists_reads": by_endpoint["GET /contacts/{id}/contactLists"],
+                    "peak": peak_per_second([r.t for r in log]),
+                    "429s": sum(1 for r in log if r.status == 429),
+                    "exact": remaining == 0
+                    and subscribed({n: d["members"] for n, d in state["lists"].items()})
+                    == phase.expected,
+                }
+            )
+            if remaining:
+                break  # the next phase would be measured on top of this one's backlog
+        rss = peak_rss_mb(service.pid) if service is not None else float("nan")
+    finally:
+        if service is not None:
+            service.send_signal(signal.SIGTERM)
+            service.wait(60)
+        emulator.stop()
+    return {
+        "phases": results,
+        "rss_mb": rss,
+        "exact": len(results) == len(phases) and results[-1]["exact"],
+    }
+
+
+def print_exit_heavy(result: dict[str, Any]) -> None:
+    for phase in result["phases"]:
+        print(
+            f"   phase {phase['number']}, {phase['name']}: {phase['events']:,} events "
+            f"({phase['contacts']:,} contacts)"
+        )
+        drained = "drained" if phase["drained"] else "NOT drained, stopped"
+        print(
+            f"     {drained} in {phase['seconds']:.1f}s: {phase['memberships_per_s']:.1f} "
+            f"memberships/s, {phase['contacts_per_s']:.1f} contacts/s; state exact: {phase['exact']}"
+        )
+        print(
+            f"     requests per 1000 events: {phase['requests_per_1000']:.2f} "
+            f"({phase['requests']} requests); peak in a second: {phase['peak']}; "
+            f"429s: {phase['429s']}"
+        )
+        by = ", ".join(f"by {k} {v}" for k, v in phase["contacts_reads_by"].items()) or "none"
+        print(
+            f"     consent reads: GET /contacts {phase['contacts_reads']} ({by}), "
+            f"GET /contacts/{{id}}/contactLists {phase['contact_lists_reads']}"
+        )
+        print(f"     requests by endpoint: {phase['by_endpoint']}")
+    print(f"   peak memory (RSS): {result['rss_mb']:.0f} MB")
+    print(f"   final state exact: {result['exact']}")
+
+
+def exits_section(broker: LocalBroker, work: Path) -> None:
+    emails = int(os.environ.get("BENCH_EXIT_EMAILS", "20000"))
+    print(
+        f"\n5. exit-heavy, {emails:,} emails / 5 audiences (defaults): a first load, then 30 % of "
+        "the memberships exit, then half of those re-enter"
+    )
+    print_exit_heavy(exit_heavy(broker, work, emails=emails, lists=5))
+
+
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ac-sync-bench-"))
     broker = LocalBroker(log_path=work / "broker.log").start()
@@ -240,6 +461,9 @@ def main() -> None:
             f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"{time.strftime('%Y-%m-%d')}"
         )
+        if "--only-exits" in sys.argv:
+            exits_section(broker, work)
+            return
         # A larger backlog: BENCH_EVENTS=500000 BENCH_EMAILS=100000 (RESULTS.md has such a run).
         events = int(os.environ.get("BENCH_EVENTS", "100000"))
         emails = int(os.environ.get("BENCH_EMAILS", "20000"))
@@ -306,6 +530,7 @@ def main() -> None:
                 f"   event time -> applied: p50 {statistics.median(latencies):.2f}s, p99 {p99:.2f}s "
                 f"({len(latencies)} events)"
             )
+        exits_section(broker, work)
     finally:
         broker.stop()
 
