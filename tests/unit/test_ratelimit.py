@@ -9,14 +9,13 @@ import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from prometheus_client import CollectorRegistry
 
 from service.adapters.ac_http import HttpDriver
 from service.adapters.ratelimit import LimiterClosed, RateLimitedTransport, RateLimiter
 from service.core.acapi import MAX_RETRY_AFTER, ApiCall, parse_retry_after
-from service.metrics import Metrics
 from service.core.budget import TOOLS, ImportBudget, LeakyBucket
+from service.metrics import Metrics
 
 
 def test_no_burst_one_slot_per_interval() -> None:
