@@ -192,9 +192,11 @@ def test_one_replica_creating_five_lists_stays_within_100_imports_a_minute(
         assert all(r["status"] == 200 for r in imports)  # never AC's "Rate limit exceeded."
         assert peak_per_second([r["t"] for r in imports], 60.0) <= 100
         assert max_in_any_second([r["t"] for r in log]) <= 5
-        # Consent checks of first entries are batched per list across imports: fewer reads
-        # than imports (one per list per import would be five per import here).
+        # No consent read per import any more (issue 15: an import never re-subscribes, so
+        # AC is consent-correct after it; opt-outs are read at the exit). The reads left learn
+        # the imported contacts' ids, 100 a read, in slots nothing else wanted: at most one
+        # per 100 imported contacts (and a few list pages).
         reads = [r for r in log if r["endpoint"] == "/contacts"]
-        assert 0 < len(reads) < len(imports)
+        assert len(reads) <= len(imports) * 250 / 100 + 10
     finally:
         emulator.stop()
