@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
@@ -94,6 +95,7 @@ def end_to_end(
     }
     service = start_service(env, work / f"{topic}.log")
     began = time.monotonic()
+    began_wall = time.time()  # the emulator stamps its log with the wall clock
     try:
         while True:
             remaining = lag(broker.bootstrap, topic, topic, ends)
@@ -111,6 +113,8 @@ def end_to_end(
         emulator.url + "/_emulator/requests", headers=emulator.inspection_headers
     ).json()["requests"]
     emulator.stop()
+    if os.environ.get("BENCH_LOG"):  # the emulator's request log, for a timeline by hand
+        Path(os.environ["BENCH_LOG"]).write_text(json.dumps({"began": began_wall, "log": log}))
     done_events = sum(ends.values()) - remaining
     applied = {"entered": 0.0, "exited": 0.0}
     for line in metrics.splitlines():
@@ -146,15 +150,20 @@ def end_to_end(
         "429s": sum(1 for r in log if r["status"] == 429),
         "imports": len(import_times),
         "import_sizes": (sizes[0], sizes[len(sizes) // 2], sizes[-1]) if sizes else (0, 0, 0),
-        # When things happened, in seconds from the service's start (the emulator runs in this
-        # process, so its monotonic clock is ours).
+        # When things happened, in seconds from the service's start.
         "timeline": {
-            "first request": log[0]["t"] - began if log else 0.0,
-            "first import": import_times[0] - began if import_times else 0.0,
-            "last import": import_times[-1] - began if import_times else 0.0,
-            "last request": log[-1]["t"] - began if log else 0.0,
+            "first request": log[0]["t"] - began_wall if log else 0.0,
+            "first import": import_times[0] - began_wall if import_times else 0.0,
+            "last import": import_times[-1] - began_wall if import_times else 0.0,
+            "last request": log[-1]["t"] - began_wall if log else 0.0,
             "drained": elapsed,
         },
+        # The requests after the last import (what the drain waits for once imports are sent).
+        "tail": [
+            (round(r["t"] - began_wall, 1), r["method"], r["endpoint"], r["status"])
+            for r in log
+            if import_times and r["t"] >= import_times[-1]
+        ],
         "import_phase_seconds": phase,
         "import_phase_per_s": contacts / phase if phase else 0.0,
         "sustained_per_s": sustained,
@@ -508,6 +517,10 @@ def main() -> None:
         print(f"   peak memory (RSS)         : {bulk['rss_mb']:.0f} MB")
         print(f"   requests by endpoint      : {bulk['by_endpoint']}")
         if "--only-e2e" in sys.argv:
+            if os.environ.get("BENCH_TAIL"):
+                print("   requests from the last import on (s, method, endpoint, status):")
+                for entry in bulk["tail"]:
+                    print(f"     {entry}")
             return
         print("\n2. per-contact path alone (baseline), 10,000 events / 2,000 emails, first 90 s")
         single = end_to_end(broker, work, events=10_000, emails=2_000, bulk=False, limit=90)

@@ -85,7 +85,9 @@ class Delivery:
 
     def idle(self) -> bool:
         desk = self.desk
-        return not (desk.held or desk.adopted or desk.dispatcher.inflight or self.lifecycle.imports)
+        return not (
+            desk.held or desk.adopted or desk.dispatcher.working() or self.lifecycle.imports
+        )
 
     def want_list(self, ref: ListRef) -> None:
         self.lists.want(ref)
@@ -104,7 +106,8 @@ class Delivery:
         if self.desk.settings.bulk:
             self.importing.start(now, flush=flush)
         self._start_singles(now)
-        self.importing.start_learning()
+        if not flush:  # shutting down: learning would only keep the shutdown waiting
+            self.importing.start_learning()
 
     def _take(self, now: float, *, flush: bool) -> None:
         queued = len(self.importing.ready) + len(self.single)

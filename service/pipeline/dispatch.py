@@ -39,6 +39,12 @@ class Task:
         """Confirmation work (never allowed to take every worker)."""
         return False
 
+    @property
+    def background(self) -> bool:
+        """Work no change waits for: it never keeps a commit, a hand-over or a shutdown
+        waiting."""
+        return False
+
 
 @dataclass(eq=False)
 class ApplyTask(Task):
@@ -107,6 +113,12 @@ class LearnTask(Task):
 
     of: dict[str, tuple[int, int]]  # email -> (partition, generation)
     batches: list[tuple[Any, int]] = field(default_factory=list)  # (LearnBatch, ids asked)
+
+    @property
+    def background(self) -> bool:
+        # An id saves a later exit a read; nothing pending depends on it (an exit that waits
+        # for one is held by the verification stage, which counts on its own).
+        return True
 
 
 @dataclass(eq=False)
@@ -192,6 +204,10 @@ class Dispatcher:
         for task in self.inflight.values():
             if task.partitions() & partitions:
                 task.cancel.set()
+
+    def working(self) -> bool:
+        """Any task in flight that is not background work."""
+        return any(not t.background for t in self.inflight.values())
 
     def working_on(self, partitions: set[int]) -> bool:
         return any(t.partitions() & partitions for t in self.inflight.values())

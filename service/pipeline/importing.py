@@ -44,6 +44,11 @@ IMPORT_GATHER_SECONDS = 0.2  # the bulk path takes due changes once the first is
 # contact: a backlog's imports release emails whose later changes were held back, a few at a
 # time, and one contact per contact costs up to three requests where an import costs 1/250.
 IMPORT_GATHER_BUSY_SECONDS = 5.0
+# A partly filled import waits up to this long while more changes fall due within it: an import
+# costs two requests (submit, poll) and one of AC's 100 a minute whatever it carries, so a
+# backlog whose changes fall due over a few seconds leaves in full imports, not in a dozen
+# partial ones (what binds a drain is exactly those requests and that minute).
+IMPORT_FILL_SECONDS = 2.0
 MAX_TO_LEARN = 200_000  # ids (a few MB): a first load's worth
 MAX_PREPARING = 2
 
@@ -84,10 +89,22 @@ class Importing:
                 return
             if len(self.preparing) >= MAX_PREPARING or not self.lifecycle.budget.available(wall):
                 return  # the batch grows while we wait for an import slot
+            if not flush and self._filling(now):
+                return
             if self.lists.stale(self.ready, now):
                 self.lists.reverify(self.ready, now)
                 return
             self._prepare(now, wall)
+
+    def _filling(self, now: float) -> bool:
+        """True while a partly filled import should wait for changes about to fall due."""
+        if len(self.ready) >= MAX_CONTACTS:
+            return False
+        oldest = self.ready[0].since
+        if now - oldest >= IMPORT_FILL_SECONDS:
+            return False
+        coming = self.desk.coalescer.next_due_at()
+        return coming is not None and coming <= oldest + IMPORT_FILL_SECONDS
 
     def _prepare(self, now: float, wall: float) -> None:
         readies: list[Ready] = []

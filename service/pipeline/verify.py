@@ -85,10 +85,12 @@ class Verification:
         target = next(c.target for c in ready.changes if c.plan is Plan.EXIT)
         self.exits.setdefault(target, deque()).append(ready)
 
-    def _expire_awaiting(self, now: float) -> None:
+    def _expire_awaiting(self, now: float, *, flush: bool) -> None:
+        """Exits that waited long enough for their id are asked by email; all of them when
+        shutting down (no learning starts then)."""
         while self.awaiting:
             email, ready = next(iter(self.awaiting.items()))
-            if now - ready.since < AWAIT_ID_SECONDS:
+            if not flush and now - ready.since < AWAIT_ID_SECONDS:
                 return
             del self.awaiting[email]
             self._queue(ready)
@@ -110,7 +112,7 @@ class Verification:
 
     def start(self, now: float, *, flush: bool) -> None:
         self._start_rechecks()
-        self._expire_awaiting(now)
+        self._expire_awaiting(now, flush=flush)
         for ref in list(self.exits):
             queue = self.exits[ref]
             while queue and self.desk.room() > 0:

@@ -1,0 +1,108 @@
+"""What a drain costs at its edges, in the whole loop (simulated cluster and account, virtual
+time): how full its imports leave, how soon its last offsets are committed, and how soon a
+SIGTERM after it returns. Each was a fixed cost of the end-to-end benchmark
+(``benchmarks/RESULTS.md``): partly filled imports (93 where 76 carried the same contacts),
+commits held to the busy schedule while contact ids were still being learned, and a shutdown
+that waited out its whole grace for those background reads."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import replace
+
+from service.pipeline.dispatch import LearnTask
+from tests.simulation.harness import TOPIC, Profile, Replica, Simulation
+from tests.simulation.model import Event
+
+
+def _entry(n: int) -> Event:
+    return Event(
+        f"drain{n}@example.com",
+        "Audience A",
+        "ENTERED",
+        1_700_000_000_000 + n,
+        {},
+        str(uuid.UUID(int=n)),
+        "valid",
+    )
+
+
+def _produce_over(sim: Simulation, count: int, seconds: float) -> float:
+    """``count`` first entries of distinct emails, published evenly over ``seconds``."""
+    t0 = sim.world.now
+    for n in range(count):
+        sim.world.at(t0 + n * seconds / count, lambda n=n: sim.produce(_entry(n)))
+    return t0
+
+
+def _imports(sim: Simulation) -> list[int]:
+    return [
+        a.contacts
+        for a in sim.account.arrivals
+        if a.method == "POST" and a.path.endswith("/import/bulk_import")
+    ]
+
+
+def _committed(sim: Simulation) -> bool:
+    return all(
+        sim.committed.get(p, 0) >= len(sim.cluster.log(TOPIC, p))
+        for p in range(sim.profile.partitions)
+    )
+
+
+def _drain(sim: Simulation, after: float, limit: float) -> float:
+    """Run until everything produced before ``after`` is committed; return when it was."""
+    sim.world.at(after, lambda: None)
+    sim.world.run(until=after)
+    deadline = sim.world.now + limit
+    while not _committed(sim) and sim.world.now < deadline:
+        sim.world.at(sim.world.now + 0.1, lambda: None)
+        sim.world.run(until=sim.world.now + 0.1)
+    assert _committed(sim), "not drained"
+    return sim.world.now
+
+
+def _simulation(seed: int) -> tuple[Simulation, Replica]:
+    sim = Simulation(seed, Profile(partitions=2, replicas=1, events=0, crashes=0, faults=0))
+    # The service's defaults for what this measures: the busy commit schedule and the grace.
+    sim.settings = replace(
+        sim.settings, commit_interval_seconds=5.0, shutdown_grace_seconds=20.0, bulk_min_contacts=10
+    )
+    return sim, sim.start_replica()
+
+
+def test_changes_that_fall_due_over_a_few_seconds_leave_in_full_imports() -> None:
+    sim, _ = _simulation(21)
+    contacts = 600  # falling due over 1.5 s, one window after they are read
+    t0 = _produce_over(sim, contacts, 1.5)
+    _drain(sim, t0 + 1.5, 120.0)
+    sizes = _imports(sim)
+    assert sum(sizes) == contacts
+    assert len(sizes) == math.ceil(contacts / 250), f"imports of {sizes} contacts"
+
+
+def test_a_drain_commits_and_a_sigterm_returns_while_ids_are_still_being_learned() -> None:
+    sim, replica = _simulation(22)
+    contacts = 6_000  # 24 imports: 60 background reads of 100 ids to learn after them
+    t0 = _produce_over(sim, contacts, 0.5)
+
+    def learning() -> bool:
+        importing = replica.loop.delivery.importing
+        in_flight = any(replica.loop.dispatcher.tasks(LearnTask))
+        return in_flight or any(batch.ids for batch in importing.to_learn)
+
+    drained = _drain(sim, t0 + 0.5, 180.0)
+    last_poll = max(a.at for a in sim.account.arrivals if a.path.endswith("/import/info"))
+    assert learning(), "nothing left to learn: the test would prove nothing"
+    # Idle but for learning: the idle schedule (0.5 s), not the busy one (5 s), commits.
+    assert drained - last_poll < 2.0, f"committed {drained - last_poll:.1f}s after the last poll"
+    stopped_at = sim.world.now
+    replica.loop.request_stop()
+    while replica.actor.alive and sim.world.now < stopped_at + 30.0:
+        sim.world.at(sim.world.now + 0.1, lambda: None)
+        sim.world.run(until=sim.world.now + 0.1)
+    assert not replica.actor.alive
+    assert replica.actor.error is None, replica.actor.error
+    took = sim.world.now - stopped_at
+    assert took < 2.0, f"the shutdown took {took:.1f}s of its 20 s grace"
