@@ -83,7 +83,10 @@ class Importing:
                 gather = (
                     IMPORT_GATHER_BUSY_SECONDS if self.lifecycle.imports else IMPORT_GATHER_SECONDS
                 )
-                if flush or now - self.ready[0].since >= gather:
+                # Counted from when the oldest change fell due, not from when it was taken:
+                # taking it already waited ``IMPORT_GATHER_SECONDS`` for its neighbours.
+                due = min(change.due_at for change in self.ready[0].changes)
+                if flush or now - due >= gather:
                     while self.ready:
                         self.per_contact(self.ready.popleft())
                 return
