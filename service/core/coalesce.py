@@ -163,16 +163,21 @@ class Coalescer:
                 current.offsets.append(offset)
                 self.stale_records += 1
                 return True
-            self.raw_bytes += (len(raw) if raw else 0) - (len(current.raw) if current.raw else 0)
+            replaced = current.raw
+            if raw is not None and replaced is not None:
+                self.raw_bytes += len(raw) - len(replaced)
+            else:
+                self.raw_bytes += (len(raw) if raw else 0) - (len(replaced) if replaced else 0)
             current.event = event
             current.raw = raw
-            current.headers = headers
             current.offsets.append(offset)
+            if headers is not None or current.headers is not None:
+                current.headers = headers
             # A new event: what was decided for the old one (an exit checked and found still
             # subscribed, a back-off) no longer holds. ``force_single`` stays: AC refused the
             # email in an import, and a new event does not change the email.
-            current.verified_at = 0.0
-            if current.attempts:
+            if current.attempts or current.verified_at:
+                current.verified_at = 0.0
                 current.attempts = 0
                 current.failing_since = None
             return True

@@ -401,6 +401,19 @@ def test_a_new_event_forgets_the_verification_and_the_back_off_but_not_a_refusal
     assert change.failing_since == 4.0
 
 
+def test_a_new_event_forgets_a_verification_or_a_back_off_alone() -> None:
+    c = Coalescer(window=0)
+    c.add(0, A, ev("x@y.com", Action.EXITED), None, 1, now=0)
+    [[change]] = c.take_due(0, limit=1, busy=set())
+    change.verified_at = 3.0  # checked, never failed
+    c.requeue(change, not_before=10)
+    c.add(0, A, ev("x@y.com", Action.EXITED), None, 2, now=1)
+    assert change.verified_at == 0.0
+    change.attempts, change.failing_since = 1, 1.5  # failed, never checked
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 3, now=2)
+    assert change.attempts == 0 and change.failing_since is None
+
+
 def test_next_due_at_is_the_earliest_live_change() -> None:
     c = Coalescer(window=5)
     assert c.next_due_at() is None
