@@ -50,10 +50,11 @@ from service.pipeline.deliver import Delivery
 from service.pipeline.desk import DeliverySettings, Desk
 from service.pipeline.dispatch import Dispatcher
 from service.pipeline.imports import ImportLifecycle
-from service.pipeline.loop import Loop, Ports
+from service.pipeline.loop import Loop
 from service.pipeline.ownership import Ownership
 from service.pipeline.rebalance import Rebalancer
 from service.pipeline.source import Source
+from service.pipeline.stages import Ports
 
 TOPIC = "cdp.audience"
 LEDGER = TOPIC + ".ledger"
@@ -927,15 +928,15 @@ def test_issue14_5_a_stuck_commit_point_pauses_its_partition() -> None:
         loop.tracker.track(0, offset)
     for offset in range(5):
         loop.tracker.track(1, offset)
-    loop._backpressure()
+    loop.backpressure.apply()
     assert consumer.paused == {0}  # type: ignore[attr-defined]
     for offset in range(60, 100):
         loop.tracker.track(0, offset)
-    loop._backpressure()
+    loop.backpressure.apply()
     assert consumer.paused == {0, 1}  # type: ignore[attr-defined]
     for offset in range(100):  # the head completes: the tracker empties
         loop.tracker.complete(0, offset)
-    loop._backpressure()
+    loop.backpressure.apply()
     assert consumer.paused == set()  # type: ignore[attr-defined]
 
 
