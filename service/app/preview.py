@@ -31,7 +31,8 @@ from service.core.coalesce import PendingChange
 from service.core.errors import ConfigError
 from service.core.ledger import Known
 from service.core.preview import CATEGORIES, PreviewReport, classify
-from service.pipeline.loop import Loop, Ports
+from service.pipeline.loop import Loop
+from service.pipeline.stages import Ports
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ def build_runner(settings: Settings, registry: Any, preview: Preview | None = No
     from service.app.runtime import Collector
     from service.clock import SystemClock
     from service.metrics import Metrics
-    from service.pipeline.loop import Ports
+    from service.pipeline.stages import Ports
 
     metrics = Metrics(registry, dry_run=preview is not None)
     clock = SystemClock()

@@ -32,10 +32,11 @@ from service.core.bulk import (
 from service.core.coalesce import PendingChange
 from service.core.contact import contact_fields
 from service.core.ledger import Plan, fields_hash
-from service.pipeline import imports as steps
+from service.pipeline import import_actions as steps
 from service.pipeline.desk import Desk, LearnBatch, Ready
 from service.pipeline.dispatch import ImportTask, LearnTask, PollTask, SummaryTask
-from service.pipeline.imports import Action, Group, ImportLifecycle
+from service.pipeline.import_actions import Action, Group
+from service.pipeline.imports import ImportLifecycle
 from service.pipeline.lists import Lists
 from service.pipeline.verify import Verification
 

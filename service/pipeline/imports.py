@@ -31,11 +31,13 @@ import completed (``import/info``) or that nothing is outstanding at AC any more
 When the outcome is known to be "not queued" (AC refused the request, or its per-minute import
 limit), the changes go back at once. When the request may or may not have been queued (a
 timeout, a 5xx, a dropped connection), the import is UNKNOWN: resolved by AC's summary.
+
+The imports it follows (``Import``, ``Group``, ``State``), the actions it returns and what a
+completed import's answer means (``completed``) are in ``service/pipeline/import_actions.py``.
 """
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 import random
@@ -48,136 +50,26 @@ from service.core.acapi import ImportStatus
 from service.core.backoff import backoff_delay
 from service.core.budget import ImportBudget
 from service.core.bulk import Submitted, next_poll_delay
-from service.core.coalesce import PendingChange
-from service.core.errors import ApiError, PermanentApiError, RateLimited
-from service.core.ledger import SUBSCRIBED_BY_IMPORT, UNSUBSCRIBED_BY_US, Known, Plan
+from service.core.errors import PermanentApiError, RateLimited
+from service.pipeline.import_actions import (
+    Action,
+    DeleteIntent,
+    Fail,
+    Group,
+    Import,
+    Release,
+    Requeue,
+    State,
+    WriteBudget,
+    WriteIntent,
+    completed,
+)
 
 logger = logging.getLogger(__name__)
 
 IMPORT_RATE_LIMIT_PAUSE = 60.0
 SUMMARY_EVERY = 5.0  # seconds between two asks "anything outstanding?" while one is unknown
 MAX_POLL_INTERVAL = 60.0
-
-
-class State(enum.Enum):
-    PREPARING = "preparing"  # intents and budget history written, waiting for the acks
-    SUBMITTING = "submitting"  # the bulk_import request is on its way
-    QUEUED = "queued"  # AC gave a batch id: polling import/info
-    UNKNOWN = "unknown"  # it may or may not be queued: waiting for AC's summary
-
-
-@dataclass
-class Group:
-    """One email's changes in an import (all from one partition)."""
-
-    email: str
-    partition: int
-    changes: list[PendingChange]
-
-
-@dataclass
-class Import:
-    import_id: str
-    groups: list[Group]  # empty for an adopted intent (only its emails are known)
-    entries: list[dict[str, Any]]
-    stamp: dict[int, int]  # partition -> generation when taken
-    emails: dict[int, tuple[str, ...]]  # partition -> emails (the intents)
-    started: float  # monotonic
-    state: State = State.PREPARING
-    charge: int = 0
-    acks_due: int = 0
-    batch_id: str | None = None
-    next_poll_at: float = 0.0
-    polls: int = 0
-    adopted: bool = False  # restored from a previous owner's intent
-
-    @property
-    def partitions(self) -> set[int]:
-        return set(self.emails)
-
-    def all_emails(self) -> set[str]:
-        return {e for emails in self.emails.values() for e in emails}
-
-
-# ---- actions the loop carries out ------------------------------------------------------------
-
-
-@dataclass
-class WriteIntent:
-    partition: int
-    intent: Intent
-    import_id: str
-
-
-@dataclass
-class DeleteIntent:
-    partition: int
-    intent_id: str
-
-
-@dataclass
-class WriteBudget:
-    partition: int
-    history: list[tuple[float, float]]
-
-
-@dataclass
-class Record:
-    """The import completed: these changes now hold ``known`` in AC (or failed per email)."""
-
-    group: Group
-    known: dict[int, Known | None]  # index into group.changes -> what AC holds
-    stamp: dict[int, int]
-
-
-@dataclass
-class Requeue:
-    changes: list[PendingChange]
-    stamp: dict[int, int]
-    force_single: bool = False
-    not_queued: bool = False  # AC surely did not take them: their write-ahead is void
-    abandoned: bool = False  # given up on (IMPORT_GIVE_UP_SECONDS): it may still land
-
-
-@dataclass
-class Fail:
-    """Every change of the import gets this error (refused for good, or a blocked account):
-    AC did not take them."""
-
-    changes: list[PendingChange]
-    error: ApiError
-    stamp: dict[int, int]
-
-
-@dataclass
-class Release:
-    emails: set[str]
-
-
-@dataclass
-class Landed:
-    """A previous owner's import completed: its emails' states announced through it (pending,
-    by import) are what AC now holds, except for the emails AC reports as failed."""
-
-    partition: int
-    emails: tuple[str, ...]
-    failed: set[str]
-    generation: int
-
-
-@dataclass
-class Learn:
-    """An import completed: AC created (or found) contacts with these ids for these emails, in
-    an order it does not document. Worth learning which is whose (an exit is then asked about
-    by id, a hundred to a request) when a request slot is free."""
-
-    ids: list[str]
-    emails: dict[str, tuple[int, int]]  # email -> (partition, generation)
-
-
-Action = (
-    WriteIntent | DeleteIntent | WriteBudget | Record | Requeue | Fail | Release | Landed | Learn
-)
 
 
 @dataclass
@@ -376,7 +268,7 @@ class ImportLifecycle:
             return self._maybe_give_up(imp, now)
         elapsed = now - imp.started
         self.expected_seconds = 0.7 * self.expected_seconds + 0.3 * min(elapsed, 60.0)
-        return self._completed(imp, status)
+        return completed(imp, status) + self._close(imp, release=True)
 
     def _maybe_give_up(self, imp: Import, now: float) -> list[Action]:
         """AC says the import is still processing: its emails wait (it may land any time),
@@ -389,42 +281,6 @@ class ImportLifecycle:
             extra={"import": imp.import_id, "batch_id": imp.batch_id},
         )
         return self._resend(imp, abandoned=True)
-
-    def _completed(self, imp: Import, status: ImportStatus) -> list[Action]:
-        failed = {e.strip().lower() for e in status.failed_emails}
-        actions: list[Action] = []
-        retry: list[PendingChange] = []
-        for group in imp.groups:
-            if group.email in failed:
-                # AC gives no reason: the per-contact path learns it (and parks it if permanent).
-                retry += group.changes
-                continue
-            known: dict[int, Known | None] = {}
-            for index, change in enumerate(group.changes):
-                if change.plan is Plan.FIRST_ENTRY:
-                    known[index] = SUBSCRIBED_BY_IMPORT
-                elif change.plan is Plan.UNSUBSCRIBE:
-                    known[index] = UNSUBSCRIBED_BY_US
-                else:
-                    known[index] = None  # rode along for the fields: the state is unchanged
-            actions.append(Record(group, known, imp.stamp))
-        if status.success_ids and not imp.adopted:
-            emails = {
-                g.email: (g.partition, imp.stamp.get(g.partition, -1))
-                for g in imp.groups
-                if g.email not in failed
-            }
-            actions.append(Learn(list(status.success_ids), emails))
-        if retry:
-            # AC reports these emails as failed: nothing of the import reached them.
-            actions.append(Requeue(retry, imp.stamp, force_single=True, not_queued=True))
-        if imp.adopted:
-            # A previous owner's import: no changes of ours ride on it, but its emails' pending
-            # states can be settled from its outcome (no read of each contact needed).
-            actions += [
-                Landed(p, emails, failed, imp.stamp.get(p, -1)) for p, emails in imp.emails.items()
-            ]
-        return actions + self._close(imp, release=True)
 
     def _resend(self, imp: Import, *, abandoned: bool = False) -> list[Action]:
         changes = [c for g in imp.groups for c in g.changes]

@@ -23,7 +23,8 @@ from service.app.settings import Settings
 from service.core.codec import EventDecoder, load_reader_schema
 from service.core.ledger import LedgerCodec, LedgerEntry, newest
 from service.metrics import Metrics
-from service.pipeline.loop import Loop, Ports
+from service.pipeline.loop import Loop
+from service.pipeline.stages import Ports
 from tests.simulation.ac import Network, SimAccount, SimExecutor, SimLimiter
 from tests.simulation.kafka import Record, SimCluster
 from tests.simulation.model import STALE_TOLERANCE_MS, Oracle, Workload, make_workload

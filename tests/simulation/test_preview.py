@@ -19,7 +19,8 @@ from service.core.budget import TOOLS
 from service.core.codec import EventDecoder
 from service.core.preview import KEEP_OPT_OUT, SKIP, SUBSCRIBE, UNSUBSCRIBE, PreviewReport
 from service.metrics import Metrics
-from service.pipeline.loop import Loop, Ports
+from service.pipeline.loop import Loop
+from service.pipeline.stages import Ports
 from tests.simulation.ac import SimExecutor, SimLimiter
 from tests.simulation.harness import GROUP, READER, TOPIC, Profile, ReplicaClock, Simulation
 from tests.simulation.model import Event

@@ -50,10 +50,11 @@ from service.pipeline.deliver import Delivery
 from service.pipeline.desk import DeliverySettings, Desk
 from service.pipeline.dispatch import Dispatcher
 from service.pipeline.imports import ImportLifecycle
-from service.pipeline.loop import Loop, Ports
+from service.pipeline.loop import Loop
 from service.pipeline.ownership import Ownership
 from service.pipeline.rebalance import Rebalancer
 from service.pipeline.source import Source
+from service.pipeline.stages import Ports
 
 TOPIC = "cdp.audience"
 LEDGER = TOPIC + ".ledger"
@@ -738,7 +739,7 @@ def import_of(rig: Rig, emails: Sequence[str]) -> tuple[str, list[PendingChange]
     """An import of first entries for ``emails`` (partition 0), written ahead and acked: its
     request may leave. Returns its id, its changes and its entries."""
     from service.core.bulk import contact_entry
-    from service.pipeline.imports import Group
+    from service.pipeline.import_actions import Group
 
     changes = []
     for email in emails:
@@ -758,7 +759,7 @@ def kinds(actions: Sequence[Any]) -> list[str]:
 
 
 def released(actions: Sequence[Any]) -> set[str]:
-    from service.pipeline.imports import Release
+    from service.pipeline.import_actions import Release
 
     return {e for a in actions if isinstance(a, Release) for e in a.emails}
 
@@ -778,7 +779,7 @@ def test_issue14_4_an_import_whose_request_timed_out_keeps_its_emails_until_ac_s
     may have queued it, so a newer change could be written before the old import landed.
     Now the import is UNKNOWN: its emails stay held (no Release, no resend) while AC's summary
     reports imports outstanding, and are sent again only once AC reports none."""
-    from service.pipeline.imports import State
+    from service.pipeline.import_actions import State
 
     rig = Rig()
     import_id, changes, entries = import_of(rig, ["a@example.com", "b@example.com"])
@@ -927,15 +928,15 @@ def test_issue14_5_a_stuck_commit_point_pauses_its_partition() -> None:
         loop.tracker.track(0, offset)
     for offset in range(5):
         loop.tracker.track(1, offset)
-    loop._backpressure()
+    loop.backpressure.apply()
     assert consumer.paused == {0}  # type: ignore[attr-defined]
     for offset in range(60, 100):
         loop.tracker.track(0, offset)
-    loop._backpressure()
+    loop.backpressure.apply()
     assert consumer.paused == {0, 1}  # type: ignore[attr-defined]
     for offset in range(100):  # the head completes: the tracker empties
         loop.tracker.complete(0, offset)
-    loop._backpressure()
+    loop.backpressure.apply()
     assert consumer.paused == set()  # type: ignore[attr-defined]
 
 

@@ -26,11 +26,10 @@ from service.core.errors import (
 )
 from service.core.ledger import SUBSCRIBED_BY_IMPORT, UNSUBSCRIBED_BY_US, Plan
 from service.core.model import Action, MembershipEvent
-from service.pipeline.imports import (
+from service.pipeline.import_actions import (
     DeleteIntent,
     Fail,
     Group,
-    ImportLifecycle,
     Landed,
     Learn,
     Record,
@@ -40,6 +39,7 @@ from service.pipeline.imports import (
     WriteBudget,
     WriteIntent,
 )
+from service.pipeline.imports import ImportLifecycle
 
 STAMP = {0: 3, 1: 4}
 

@@ -1,0 +1,63 @@
+"""Back-pressure, applied: the replica's load measured, ``flow.decide`` asked, partitions paused
+and resumed (``flow.py`` holds the rule and its reasons).
+
+The load is everything held in memory for the owned partitions: the changes pending (in the
+coalescer, in flight, waiting in delivery), each partition's tracked offsets and the bytes of
+the pending records. Only pauses of reason ``backpressure`` are taken or released here: a
+partition paused for another reason (its ledger restoring, a schema, the dead-letter breaker,
+shutdown) stays paused whatever the load. A paused partition keeps being polled, so the loop
+never sleeps for long and the group session stays alive.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from service.core.coalesce import Coalescer
+from service.core.offsets import OffsetTracker
+from service.metrics import Metrics
+from service.pipeline import flow
+from service.pipeline.deliver import Delivery
+from service.pipeline.dispatch import Dispatcher
+from service.pipeline.ownership import Ownership
+
+logger = logging.getLogger(__name__)
+
+BACKPRESSURE = "backpressure"
+
+
+@dataclass
+class BackPressure:
+    bounds: flow.Bounds
+    ownership: Ownership
+    pauses: flow.Pauses
+    tracker: OffsetTracker
+    coalescer: Coalescer
+    dispatcher: Dispatcher
+    delivery: Delivery
+    metrics: Metrics
+
+    def apply(self) -> None:
+        """Measure the load, pause and resume partitions for it (once a loop turn)."""
+        owned = frozenset(self.ownership.assigned)
+        load = flow.Load(
+            len(self.coalescer) + self.dispatcher.changes_in_flight() + self.delivery.pending(),
+            {p: self.tracker.outstanding(p) for p in owned},
+            self.coalescer.raw_bytes,
+        )
+        decision = flow.decide(load, self.bounds, self.pauses.held(BACKPRESSURE), owned)
+        for partition in decision.pause:
+            self.pauses.hold(partition, BACKPRESSURE)
+        for partition in decision.resume:
+            self.pauses.release(partition, BACKPRESSURE)
+        if decision.pause or decision.resume:
+            logger.info(
+                "back-pressure",
+                extra={
+                    "paused": sorted(decision.pause),
+                    "resumed": sorted(decision.resume),
+                    "pending": load.changes,
+                },
+            )
+        self.metrics.paused_partitions.set(self.pauses.paused())
