@@ -32,14 +32,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from service.adapters.kafka import AckedProducer, LogReader, LogReaderFactory
-from service.core.ledger import (
-    BUDGET_KEY,
-    INTENT_PREFIX,
-    CompactIndex,
-    LedgerCodec,
-    LedgerEntry,
-    newest,
-)
+from service.core.ledger import BUDGET_KEY, INTENT_PREFIX, LedgerEntry, newest
+from service.core.ledger_codec import LedgerCodec
+from service.core.ledger_index import CompactIndex
 
 logger = logging.getLogger(__name__)
 
