@@ -18,7 +18,8 @@ from service.core import acapi
 from service.core.acapi import ApiCall, Call, Reply, run_sync
 from service.core.bulk import contact_entry, submit_import, verify_exits
 from service.core.ledger import OPTED_OUT, SUBSCRIBED, UNSUBSCRIBED_BY_US, Plan
-from service.core.preview import (
+from service.core.preview import Shadow, Wrote, is_preview_id, previewed
+from service.core.preview_report import (
     CATEGORIES,
     KEEP_OPT_OUT,
     PARK,
@@ -27,11 +28,7 @@ from service.core.preview import (
     SUBSCRIBE,
     UNSUBSCRIBE,
     PreviewReport,
-    Shadow,
-    Wrote,
     classify,
-    is_preview_id,
-    previewed,
 )
 from service.devtools.emulator.state import Account
 from service.metrics import Metrics
