@@ -348,7 +348,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from confluent_kafka import KafkaException
 
     from service.adapters.kafka import kafka_log_reader
-    from service.adapters.ledger_store import read_entry
+    from service.adapters.ledger_reads import read_entry
     from service.app.audit import explain_json, explain_lines
     from service.app.check import BrokerRefusedCredentials, BrokerUnreachable
     from service.core.model import is_valid_email, normalise_email
@@ -466,7 +466,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
     from service.adapters.ac_http import AcTool
     from service.adapters.kafka import kafka_log_reader
-    from service.adapters.ledger_store import read_list
+    from service.adapters.ledger_reads import read_list
     from service.app.audit import differences, differences_json, printable, quoted
     from service.app.check import BrokerRefusedCredentials, BrokerUnreachable
     from service.core import acapi
