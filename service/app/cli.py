@@ -347,7 +347,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     0 found, 1 no entry, 2 configuration (or a malformed email), 3 broker unreachable."""
     from confluent_kafka import KafkaException
 
-    from service.adapters.kafka import kafka_log_reader
+    from service.adapters.kafka_readers import kafka_log_reader
     from service.adapters.ledger_reads import read_entry
     from service.app.audit import explain_json, explain_lines
     from service.app.check import BrokerRefusedCredentials, BrokerUnreachable
@@ -465,7 +465,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from confluent_kafka import KafkaException
 
     from service.adapters.ac_http import AcTool
-    from service.adapters.kafka import kafka_log_reader
+    from service.adapters.kafka_readers import kafka_log_reader
     from service.adapters.ledger_reads import read_list
     from service.app.audit import differences, differences_json, printable, quoted
     from service.app.check import BrokerRefusedCredentials, BrokerUnreachable

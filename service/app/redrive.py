@@ -88,7 +88,7 @@ def _scan(
     progress: Progress,
     what: str,
 ) -> int:
-    from service.adapters.kafka import RecordScanner
+    from service.adapters.kafka_readers import RecordScanner
 
     scanner = RecordScanner(config, topic, starts)
     read = 0
@@ -116,7 +116,7 @@ def read_letters(
     dead-letter topic is not held in memory). With ``--since``, reading starts at that time."""
     from confluent_kafka import OFFSET_BEGINNING
 
-    from service.adapters.kafka import offsets_at
+    from service.adapters.kafka_readers import offsets_at
 
     starts = dict.fromkeys(partitions, OFFSET_BEGINNING)
     if criteria.since_ms is not None:

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.adapters.kafka import kafka_log_reader
+from service.adapters.kafka_readers import kafka_log_reader
 from service.adapters.ledger_reads import read_all
 from service.core.codec import encode_event, load_reader_schema
 from service.devtools.emulator.server import Emulator
