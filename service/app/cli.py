@@ -585,7 +585,8 @@ def cmd_redrive(args: argparse.Namespace) -> int:
     """Put dead-lettered records back on the source topic (``service/app/redrive.py``). Exit
     statuses: 0 done (a dry run: reported), 1 some records could not be checked or written
     (run again), 2 configuration or usage, 3 broker unreachable."""
-    from service.app.redrive import Options, Progress, run
+    from service.app.redrive import Options, run
+    from service.app.redrive_topics import Progress
     from service.core.redrive import Criteria, parse_time
 
     now = time.time()
