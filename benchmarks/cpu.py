@@ -21,8 +21,9 @@ import fastavro
 
 from service.app.runtime import COLLECT_INTERVAL_SECONDS, Collector, tune_gc
 from service.core.coalesce import Coalescer
-from service.core.codec import EmailCache, EventDecoder, load_reader_schema
+from service.core.codec import EventDecoder, load_reader_schema
 from service.core.errors import PoisonMessage
+from service.core.event_validation import EmailCache
 from service.core.fast_decode import read_event
 from service.core.lists import ListNamer
 from service.devtools.samples import make_samples

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from confluent_kafka import Producer
 
-from service.core.ledger import LedgerCodec, LedgerEntry, ListState, SetBy
+from service.core.ledger import LedgerEntry, ListState, SetBy
+from service.core.ledger_codec import LedgerCodec
 from service.devtools.localbroker import LocalBroker, create_topics
 
 PARTITIONS = 12

@@ -1,5 +1,5 @@
-"""The ledger's Kafka shell: restore partitions into ``CompactIndex``, write entries, read them
-for ``explain`` and ``reconcile``.
+"""The ledger's Kafka shell: restore partitions into ``CompactIndex``, write entries
+(``ledger_reads.py`` reads the whole ledger for ``explain`` and ``reconcile``).
 
 Topic: compacted, one partition per source partition; a ledger record goes to the partition of
 the source record that produced it, so the replica that owns a source partition owns its ledger.
@@ -32,14 +32,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from service.adapters.kafka import AckedProducer, LogReader, LogReaderFactory
-from service.core.ledger import (
-    BUDGET_KEY,
-    INTENT_PREFIX,
-    CompactIndex,
-    LedgerCodec,
-    LedgerEntry,
-    newest,
-)
+from service.core.ledger import BUDGET_KEY, INTENT_PREFIX, LedgerEntry, newest
+from service.core.ledger_codec import LedgerCodec
+from service.core.ledger_index import CompactIndex
 
 logger = logging.getLogger(__name__)
 
@@ -347,94 +342,3 @@ class LedgerStore:
             return False
 
         self._acked.send(self.topic, partition, key.encode(), state.value, acked, failed)
-
-
-# ---- reading for the operator's commands ---------------------------------------------------
-
-
-def read_all(
-    readers: LogReaderFactory,
-    topic: str,
-    partitions: list[int],
-    progress: Callable[[int], None] = lambda records: None,
-) -> dict[str, LedgerEntry]:
-    """Every email's entry (merged as restore merges): for ``explain``/``reconcile``."""
-    codec = LedgerCodec()
-    entries: dict[str, LedgerEntry] = {}
-    reader = readers(topic, partitions)
-    records = 0
-    try:
-        while not reader.done():
-            for _partition, key_bytes, value in reader.read(RESTORE_BATCH, 0.1):
-                records += 1
-                key = key_bytes.decode("utf-8", "replace")
-                if "@" not in key:
-                    continue
-                if value is None:
-                    entries.pop(key, None)
-                    continue
-                try:
-                    entry = codec.decode(value)
-                except ValueError:
-                    continue
-                entries[key] = newest(entries.get(key), entry)
-            progress(records)
-    finally:
-        reader.close()
-    return entries
-
-
-def read_entry(
-    readers: LogReaderFactory, topic: str, partitions: list[int], email: str
-) -> LedgerEntry | None:
-    """One email's entry."""
-    codec = LedgerCodec()
-    found: LedgerEntry | None = None
-    reader = readers(topic, partitions)
-    wanted = email.encode()
-    try:
-        while not reader.done():
-            for _partition, key, value in reader.read(RESTORE_BATCH, 0.1):
-                if key != wanted:
-                    continue
-                if value is None:
-                    found = None
-                    continue
-                try:
-                    found = newest(found, codec.decode(value))
-                except ValueError:
-                    continue
-    finally:
-        reader.close()
-    return found
-
-
-def read_list(
-    readers: LogReaderFactory, topic: str, partitions: list[int], label: str
-) -> dict[str, LedgerEntry]:
-    """Every email's entry cut down to one list (for ``reconcile``): memory grows with that
-    list's members, not with the whole ledger."""
-    codec = LedgerCodec()
-    found: dict[str, LedgerEntry] = {}
-    reader = readers(topic, partitions)
-    try:
-        while not reader.done():
-            for _partition, key_bytes, value in reader.read(RESTORE_BATCH, 0.1):
-                email = key_bytes.decode("utf-8", "replace")
-                if "@" not in email:
-                    continue
-                state = None
-                if value is not None:
-                    try:
-                        state = codec.decode(value).state(label)
-                    except ValueError:
-                        state = None
-                if state is None:
-                    found.pop(email, None)  # a later record without the list (or a tombstone)
-                    continue
-                current = found.get(email)
-                candidate = LedgerEntry(None, 0, (state,))
-                found[email] = newest(current, candidate)
-    finally:
-        reader.close()
-    return found

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import httpx
 
-from service.core.acapi import pause_after
+from service.core.ac_responses import pause_after
 from service.core.budget import LeakyBucket
 
 PRIORITY = "ac_sync_priority"  # request extension: 0 urgent, 1 normal, 2 background

@@ -347,8 +347,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     0 found, 1 no entry, 2 configuration (or a malformed email), 3 broker unreachable."""
     from confluent_kafka import KafkaException
 
-    from service.adapters.kafka import kafka_log_reader
-    from service.adapters.ledger_store import read_entry
+    from service.adapters.kafka_readers import kafka_log_reader
+    from service.adapters.ledger_reads import read_entry
     from service.app.audit import explain_json, explain_lines
     from service.app.check import BrokerRefusedCredentials, BrokerUnreachable
     from service.core.model import is_valid_email, normalise_email
@@ -465,8 +465,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from confluent_kafka import KafkaException
 
     from service.adapters.ac_http import AcTool
-    from service.adapters.kafka import kafka_log_reader
-    from service.adapters.ledger_store import read_list
+    from service.adapters.kafka_readers import kafka_log_reader
+    from service.adapters.ledger_reads import read_list
     from service.app.audit import differences, differences_json, printable, quoted
     from service.app.check import BrokerRefusedCredentials, BrokerUnreachable
     from service.core import acapi
@@ -585,7 +585,8 @@ def cmd_redrive(args: argparse.Namespace) -> int:
     """Put dead-lettered records back on the source topic (``service/app/redrive.py``). Exit
     statuses: 0 done (a dry run: reported), 1 some records could not be checked or written
     (run again), 2 configuration or usage, 3 broker unreachable."""
-    from service.app.redrive import Options, Progress, run
+    from service.app.redrive import Options, run
+    from service.app.redrive_topics import Progress
     from service.core.redrive import Criteria, parse_time
 
     now = time.time()

@@ -137,7 +137,7 @@ def group_state(settings: Settings, timeout: float) -> str | None:
 def find_traces(settings: Settings, partitions: list[int], emails: Sequence[str]) -> Erasure:
     """Read the whole ledger topic (last write wins per key, as compaction keeps it) and plan
     the writes that erase ``emails``."""
-    from service.adapters.kafka import kafka_log_reader
+    from service.adapters.kafka_readers import kafka_log_reader
     from service.adapters.ledger_store import RESTORE_BATCH, Intent
     from service.app.logs import quiet_kafka_logger
 

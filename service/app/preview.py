@@ -30,7 +30,7 @@ from service.app.settings import Settings
 from service.core.coalesce import PendingChange
 from service.core.errors import ConfigError
 from service.core.ledger import Known
-from service.core.preview import CATEGORIES, PreviewReport, classify
+from service.core.preview_report import CATEGORIES, PreviewReport, classify
 from service.pipeline.loop import Loop
 from service.pipeline.stages import Ports
 

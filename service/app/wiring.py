@@ -30,7 +30,8 @@ def build_runner(settings: Settings, registry: Any, preview: Preview | None = No
 
     from service.adapters.ac_http import HttpDriver
     from service.adapters.executor import ThreadedExecutor
-    from service.adapters.kafka import AckedProducer, kafka_log_reader
+    from service.adapters.kafka import AckedProducer
+    from service.adapters.kafka_readers import kafka_log_reader
     from service.adapters.ratelimit import RateLimitedTransport, RateLimiter
     from service.app.logs import EmailHasher
     from service.app.runtime import Collector

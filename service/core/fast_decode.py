@@ -1,9 +1,9 @@
 """A reader for the one record layout this service owns, about twice as fast as fastavro's.
 
 Why: fastavro reads any schema through a general interpreter (a dict lookup and a file-object
-``read`` call per field and per varint byte) into a dict, which ``codec.to_event`` then turns
-into a ``MembershipEvent``: about 3.1 + 1.2 us a record, two thirds of the service's CPU per
-consumed record (``benchmarks/cpu.py``). This module reads the bytes of exactly one layout,
+``read`` call per field and per varint byte) into a dict, which ``event_validation.to_event``
+then turns into a ``MembershipEvent``: about 3.1 + 1.2 us a record, two thirds of the service's
+CPU per consumed record (``benchmarks/cpu.py``). This module reads the bytes of exactly one layout,
 ``LAYOUT``, by indexing and slicing, and builds the event directly.
 
 Invariant (tested against fastavro with Hypothesis, on valid and on mutated bytes):

@@ -1,8 +1,9 @@
 """The applied-state ledger: what this service last set in ActiveCampaign, per email and list.
 
 Pure parts (no I/O): the record types, ``plan_change`` (what a change needs, given what the
-ledger holds), ``merged`` (the next entry after an outcome), the Avro codec and ``CompactIndex``
-(the in-memory form). ``service/adapters/ledger_store.py`` is the Kafka shell around them.
+ledger holds), ``merged`` (the next entry after an outcome), here; the Avro codec
+(``ledger_codec.py``) and ``CompactIndex`` (the in-memory form, ``ledger_index.py``) beside it.
+``service/adapters/ledger_store.py`` is the Kafka shell around them.
 
 Invariants:
 - a ledger entry is written only after AC confirmed every list state it records, and the source
@@ -27,27 +28,16 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import io
 import json
-import struct
-import uuid
 from collections.abc import Mapping
-from importlib import resources
-from typing import Any, NamedTuple
-
-import fastavro
+from typing import NamedTuple
 
 from service.core.model import Action
 
-LEDGER_SCHEMA_FILE = "ledger_entry.avsc"
 # Keys of the ledger topic that are not emails (no "@"): the partition's import history, and an
 # import that may still land (``import/<id>``, its value naming the emails it carries).
 BUDGET_KEY = "import-budget"
 INTENT_PREFIX = "import/"
-LEDGER_V1_SCHEMA_FILE = "ledger_entry.v1.avsc"
-# A version-2 value starts with these bytes. A version-1 value cannot: its first byte is the
-# contact id's union index as a zigzag varint, 0x00 or 0x02.
-FORMAT_V2 = b"\xff\x02"
 
 
 class SetBy(enum.IntEnum):
@@ -92,9 +82,6 @@ class ListState(NamedTuple):
 # one goes through an import (it may land long after it was sent). A new write-ahead adds its
 # bit to an unresolved one: it never erases an uncertainty.
 PENDING_IMPORT = 10
-
-
-_PENDING_VALUES = frozenset(bits + via for bits in range(4) for via in (0, PENDING_IMPORT))
 
 
 def pending_bit(status: int) -> int:
@@ -296,247 +283,3 @@ def fields_hash(standard: Mapping[str, str], custom: Mapping[str, str]) -> int:
     text = json.dumps([sorted(standard.items()), sorted(custom.items())])
     value = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
     return value or 1
-
-
-# ---- the Avro record ---------------------------------------------------------------------
-
-
-def load_ledger_schema(name: str = LEDGER_SCHEMA_FILE) -> Any:
-    text = resources.files("service").joinpath("schemas", name).read_text("utf-8")
-    schema = json.loads(text)
-    for item in schema["fields"][2]["type"]["items"]["fields"]:
-        if isinstance(item["type"], dict):
-            item["type"].pop("logicalType", None)  # plain longs: milliseconds, as stored
-    return fastavro.parse_schema(schema)
-
-
-class LedgerCodec:
-    """Version 2 records are written (``FORMAT_V2`` + Avro); version 1 records (no prefix) are
-    still read, with ``verified`` false and no list id."""
-
-    def __init__(self) -> None:
-        self.schema = load_ledger_schema()
-        self.schema_v1 = load_ledger_schema(LEDGER_V1_SCHEMA_FILE)
-
-    def encode(self, entry: LedgerEntry) -> bytes:
-        record = {
-            "contact_id": entry.contact_id,
-            "fields_hash": entry.fields_hash,
-            "lists": [
-                {
-                    "list": s.list,
-                    "status": s.status,
-                    "set_by": s.set_by.name,
-                    "event_id": s.event_id,
-                    "event_time": s.event_time_ms,
-                    "applied_at": s.applied_at_ms,
-                    "source_partition": s.source_partition,
-                    "source_offset": s.source_offset,
-                    "audience_id": s.audience_id,
-                    "audience_name": s.audience_name,
-                    "campaign_id": s.campaign_id,
-                    "treatment_group": s.treatment_group,
-                    "verified": s.verified,
-                    "list_id": s.list_id,
-                    "pending": s.pending,
-                    "pending_since": s.pending_since_ms,
-                }
-                for s in entry.lists
-            ],
-        }
-        out = io.BytesIO()
-        out.write(FORMAT_V2)
-        fastavro.schemaless_writer(out, self.schema, record)
-        return out.getvalue()
-
-    def decode(self, data: bytes) -> LedgerEntry:
-        """``ValueError`` for a value that is neither version."""
-        try:
-            if data.startswith(FORMAT_V2):
-                buffer = io.BytesIO(data)
-                buffer.seek(len(FORMAT_V2))
-                record: Any = fastavro.schemaless_reader(buffer, self.schema, None)
-            else:
-                buffer = io.BytesIO(data)
-                record = fastavro.schemaless_reader(buffer, self.schema_v1, None)
-        except Exception as exc:  # fastavro raises many types on garbage
-            raise ValueError(f"not a ledger record: {type(exc).__name__}") from None
-        if buffer.tell() != len(data):
-            raise ValueError("not a ledger record: trailing bytes")
-        for item in record["lists"]:
-            # What the index packs in a byte each: anything else is not a record of ours (a
-            # corrupt or foreign one), refused here rather than crashing every restore.
-            if item["status"] not in (0, 1, 2):
-                raise ValueError(f"not a ledger record: status {item['status']} out of range")
-            if item.get("pending", 0) not in _PENDING_VALUES:
-                raise ValueError(f"not a ledger record: pending {item['pending']} out of range")
-        return LedgerEntry(
-            record["contact_id"],
-            int(record["fields_hash"]),
-            tuple(
-                ListState(
-                    item["list"],
-                    int(item["status"]),
-                    SetBy[item["set_by"]],
-                    item["event_id"],
-                    int(item["event_time"]),
-                    int(item["applied_at"]),
-                    int(item["source_partition"]),
-                    int(item["source_offset"]),
-                    item["audience_id"],
-                    item["audience_name"],
-                    item["campaign_id"],
-                    item["treatment_group"],
-                    bool(item.get("verified", False)),
-                    item.get("list_id"),
-                    int(item.get("pending", 0)),
-                    int(item.get("pending_since", 0)),
-                )
-                for item in record["lists"]
-            ),
-        )
-
-
-# ---- the in-memory form --------------------------------------------------------------------
-
-_HEADER = struct.Struct(">QqI")  # contact id (0: unknown), fields hash, number of lists
-# (list, list id) index, status*8+verified*4+set_by (+32: a pending part follows the event id),
-# context index, event ms, applied ms,
-# partition, offset, event id length. Every width holds what a valid record can carry: no
-# value that decodes can make ``pack`` fail (a failure there would stop the partition).
-_LIST = struct.Struct(">IBIqqiqI")
-_PENDING = struct.Struct(">Bq")  # pending, pending since ms: only for a pending state
-_HAS_PENDING = 32  # in the code byte (status*8 + verified*4 + set_by stays below it)
-_UUID_MARK = 0xFFFFFFFF
-
-
-class CompactIndex:
-    """email -> packed bytes, per partition. Measured (``make bench-ledger``): about 220 bytes
-    per email with 1.3 lists, key and dict slot included, instead of ~1 KB of Python objects:
-    list labels and (audience, campaign, treatment group) tuples are interned in tables shared
-    by all partitions, a UUID event id is kept as its 16 bytes, a numeric contact id as an
-    integer."""
-
-    def __init__(self) -> None:
-        self.partitions: dict[int, dict[str, bytes]] = {}
-        self._labels: list[tuple[str, str | None]] = []
-        self._label_ids: dict[tuple[str, str | None], int] = {}
-        self._contexts: list[tuple[str, str, str | None, str | None]] = []
-        self._context_ids: dict[tuple[str, str, str | None, str | None], int] = {}
-
-    def __len__(self) -> int:
-        return sum(len(p) for p in self.partitions.values())
-
-    def get(self, partition: int, email: str) -> LedgerEntry | None:
-        packed = self.partitions.get(partition, {}).get(email)
-        return None if packed is None else self.unpack(packed)
-
-    def put(self, partition: int, email: str, entry: LedgerEntry) -> None:
-        self.partitions.setdefault(partition, {})[email] = self.pack(entry)
-
-    def replace(self, partition: int, emails: dict[str, bytes]) -> None:
-        self.partitions[partition] = emails
-
-    def forget(self, partitions: set[int]) -> None:
-        for partition in partitions:
-            self.partitions.pop(partition, None)
-
-    def _intern_label(self, label: tuple[str, str | None]) -> int:
-        index = self._label_ids.get(label)
-        if index is None:
-            index = self._label_ids[label] = len(self._labels)
-            self._labels.append(label)
-        return index
-
-    def _intern_context(self, context: tuple[str, str, str | None, str | None]) -> int:
-        index = self._context_ids.get(context)
-        if index is None:
-            index = self._context_ids[context] = len(self._contexts)
-            self._contexts.append(context)
-        return index
-
-    def pack(self, entry: LedgerEntry) -> bytes:
-        cid = entry.contact_id
-        numeric = cid is not None and cid.isdigit() and int(cid) < 2**64
-        parts = [
-            _HEADER.pack(int(cid) if numeric and cid else 0, entry.fields_hash, len(entry.lists))
-        ]
-        for s in entry.lists:
-            event_id = _event_id_bytes(s.event_id)
-            parts.append(
-                _LIST.pack(
-                    self._intern_label((s.list, s.list_id)),
-                    s.status * 8
-                    + (4 if s.verified else 0)
-                    + int(s.set_by)
-                    + (_HAS_PENDING if s.pending else 0),
-                    self._intern_context(
-                        (s.audience_id, s.audience_name, s.campaign_id, s.treatment_group)
-                    ),
-                    s.event_time_ms,
-                    s.applied_at_ms,
-                    s.source_partition,
-                    s.source_offset,
-                    _UUID_MARK if event_id[0] else len(event_id[1]),
-                )
-            )
-            parts.append(event_id[1])
-            if s.pending:
-                parts.append(_PENDING.pack(s.pending, s.pending_since_ms))
-        return b"".join(parts)
-
-    def unpack(self, packed: bytes) -> LedgerEntry:
-        contact, fhash, count = _HEADER.unpack_from(packed, 0)
-        pos = _HEADER.size
-        lists = []
-        for _ in range(count):
-            label, code, context, event_ms, applied_ms, partition, offset, id_len = (
-                _LIST.unpack_from(packed, pos)
-            )
-            pos += _LIST.size
-            if id_len == _UUID_MARK:
-                event_id = str(uuid.UUID(bytes=packed[pos : pos + 16]))
-                pos += 16
-            else:
-                event_id = packed[pos : pos + id_len].decode()
-                pos += id_len
-            pending = since = 0
-            if code & _HAS_PENDING:
-                pending, since = _PENDING.unpack_from(packed, pos)
-                pos += _PENDING.size
-                code -= _HAS_PENDING
-            audience_id, audience_name, campaign, group = self._contexts[context]
-            name, list_id = self._labels[label]
-            lists.append(
-                ListState(
-                    name,
-                    code // 8,
-                    SetBy(code % 4),
-                    event_id,
-                    event_ms,
-                    applied_ms,
-                    partition,
-                    offset,
-                    audience_id,
-                    audience_name,
-                    campaign,
-                    group,
-                    bool(code & 4),
-                    list_id,
-                    pending,
-                    since,
-                )
-            )
-        return LedgerEntry(str(contact) if contact else None, fhash, tuple(lists))
-
-
-def _event_id_bytes(event_id: str) -> tuple[bool, bytes]:
-    """(is a canonical UUID, bytes): a UUID takes 16 bytes instead of 36."""
-    if len(event_id) == 36:
-        try:
-            parsed = uuid.UUID(event_id)
-        except ValueError:
-            parsed = None
-        if parsed is not None and str(parsed) == event_id:
-            return True, parsed.bytes
-    return False, event_id.encode()

@@ -7,8 +7,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from service.core.codec import to_event
 from service.core.errors import PoisonMessage
+from service.core.event_validation import to_event
 from service.core.model import MAX_ATTRIBUTES, validated_email
 
 

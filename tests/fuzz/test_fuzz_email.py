@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.core.codec import MAX_SPELLING, EmailCache
 from service.core.errors import PoisonMessage
+from service.core.event_validation import MAX_SPELLING, EmailCache
 from service.core.model import is_valid_email, normalise_email, validated_email
 from tests.fuzz.bounds import fuzz
 

@@ -377,7 +377,8 @@ def test_explain_escapes_terminal_control_characters_in_what_it_prints(
     """A ledger entry whose ids and names carry escape sequences (they come from events)."""
     from confluent_kafka import Producer
 
-    from service.core.ledger import LedgerCodec, LedgerEntry, ListState, SetBy
+    from service.core.ledger import LedgerEntry, ListState, SetBy
+    from service.core.ledger_codec import LedgerCodec
 
     create_topics(bootstrap, {f"{topic}.ledger": 6}, {"cleanup.policy": "compact"})
     state = ListState(

@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.adapters.kafka import kafka_log_reader
-from service.adapters.ledger_store import read_all
+from service.adapters.kafka_readers import kafka_log_reader
+from service.adapters.ledger_reads import read_all
 from service.core.codec import encode_event, load_reader_schema
 from service.devtools.emulator.server import Emulator
 from service.devtools.localbroker import LocalBroker

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from confluent_kafka import OFFSET_BEGINNING
 
-from service.adapters.kafka import Record, RecordScanner
+from service.adapters.kafka_readers import Record, RecordScanner
 from service.devtools.emulator.server import Emulator
 from service.devtools.localbroker import create_topics
 from service.devtools.samples import make_samples, produce, subscribed

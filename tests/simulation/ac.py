@@ -26,7 +26,8 @@ from urllib.parse import parse_qs
 
 import httpx
 
-from service.core.acapi import ApiCall, Call, Reply, pause_after
+from service.core.ac_responses import pause_after
+from service.core.acapi import ApiCall, Call, Reply
 from service.core.budget import LeakyBucket
 from service.devtools.emulator.state import Account
 from tests.simulation.world import Actor, World

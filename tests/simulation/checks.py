@@ -286,7 +286,7 @@ class Checks:
             story = f"\n{self.explain(email, audience)}" if self.journaling else ""
             self._fail("1 final state", f"{len(wrong)} wrong, e.g. {wrong[:3]}{story}")
         sim.cluster.compact("cdp.audience.ledger")
-        from service.adapters.ledger_store import read_all
+        from service.adapters.ledger_reads import read_all
 
         ledger = read_all(
             sim.cluster.readers(), "cdp.audience.ledger", list(range(sim.profile.partitions))

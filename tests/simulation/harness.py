@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry
 from service.adapters.kafka import AckedProducer
 from service.app.settings import Settings
 from service.core.codec import EventDecoder, load_reader_schema
-from service.core.ledger import LedgerCodec, LedgerEntry, newest
+from service.core.ledger import LedgerEntry, newest
+from service.core.ledger_codec import LedgerCodec
 from service.metrics import Metrics
 from service.pipeline.loop import Loop
 from service.pipeline.stages import Ports

@@ -17,7 +17,7 @@ from service.adapters.kafka import AckedProducer
 from service.app.preview import Preview, preview_settings
 from service.core.budget import TOOLS
 from service.core.codec import EventDecoder
-from service.core.preview import KEEP_OPT_OUT, SKIP, SUBSCRIBE, UNSUBSCRIBE, PreviewReport
+from service.core.preview_report import KEEP_OPT_OUT, SKIP, SUBSCRIBE, UNSUBSCRIBE, PreviewReport
 from service.metrics import Metrics
 from service.pipeline.loop import Loop
 from service.pipeline.stages import Ports

@@ -2,15 +2,13 @@ import json
 
 import pytest
 
-from service.core.acapi import (
+from service.core.ac_responses import (
     MAX_RETRY_AFTER,
-    ApiCall,
-    Reply,
-    answer,
     classify_response,
     parse_retry_after,
     pause_after,
 )
+from service.core.acapi import ApiCall, Reply, answer
 from service.core.errors import (
     AccountBlocked,
     ApiError,

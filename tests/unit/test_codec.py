@@ -17,15 +17,14 @@ from hypothesis import strategies as st
 from service.core.codec import (
     MAX_SCHEMA_CHARS,
     REASONS,
-    EmailCache,
     EventDecoder,
     confluent_frame,
     encode_event,
     load_reader_schema,
     parse_writer_schema,
-    to_event,
 )
 from service.core.errors import PoisonMessage, SchemaUnavailable
+from service.core.event_validation import EmailCache, to_event
 from service.core.model import MAX_ATTRIBUTES, OCCURRED_AT_MAX_MS, OCCURRED_AT_MIN_MS, Action
 
 SCHEMA = load_reader_schema()

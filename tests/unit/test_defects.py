@@ -31,15 +31,9 @@ from service.core.bulk import Submitted, submit_import
 from service.core.coalesce import Coalescer, ListRef, PendingChange
 from service.core.codec import EventDecoder, encode_event, load_reader_schema
 from service.core.errors import PermanentApiError, TransientApiError
-from service.core.ledger import (
-    SUBSCRIBED,
-    CompactIndex,
-    LedgerCodec,
-    LedgerEntry,
-    ListState,
-    Plan,
-    SetBy,
-)
+from service.core.ledger import SUBSCRIBED, LedgerEntry, ListState, Plan, SetBy
+from service.core.ledger_codec import LedgerCodec
+from service.core.ledger_index import CompactIndex
 from service.core.lists import ListDirectory, ListNamer
 from service.core.model import Action, MembershipEvent
 from service.core.offsets import OffsetTracker

@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.core.codec import (
-    EmailCache,
     EventDecoder,
     confluent_frame,
     encode_event,
@@ -22,6 +21,7 @@ from service.core.codec import (
     parse_writer_schema,
 )
 from service.core.errors import PoisonMessage
+from service.core.event_validation import EmailCache
 from service.core.fast_decode import LAYOUT, layout_of, read_event
 from service.core.model import MAX_ATTRIBUTES, OCCURRED_AT_MAX_MS, OCCURRED_AT_MIN_MS
 from service.devtools.samples import make_samples

@@ -10,8 +10,6 @@ from hypothesis import strategies as st
 
 from service.app.audit import differences, explain_json, explain_lines
 from service.core.ledger import (
-    CompactIndex,
-    LedgerCodec,
     LedgerEntry,
     ListState,
     Plan,
@@ -21,6 +19,8 @@ from service.core.ledger import (
     newest,
     plan_change,
 )
+from service.core.ledger_codec import LedgerCodec
+from service.core.ledger_index import CompactIndex
 from service.core.model import Action
 
 E, X = Action.ENTERED, Action.EXITED
@@ -147,7 +147,7 @@ def test_version_1_records_are_read_as_unverified() -> None:
 
     import fastavro
 
-    from service.core.ledger import LEDGER_V1_SCHEMA_FILE, load_ledger_schema
+    from service.core.ledger_codec import LEDGER_V1_SCHEMA_FILE, load_ledger_schema
 
     old = {
         "contact_id": "5",

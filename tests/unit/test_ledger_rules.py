@@ -12,18 +12,14 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from service.core.ledger import (
-    LEDGER_V1_SCHEMA_FILE,
     OPTED_OUT,
     PENDING_IMPORT,
-    CompactIndex,
     Known,
-    LedgerCodec,
     LedgerEntry,
     ListState,
     Plan,
     SetBy,
     fields_hash,
-    load_ledger_schema,
     merged,
     newest,
     pending_bit,
@@ -32,6 +28,8 @@ from service.core.ledger import (
     rechecked,
     with_pending,
 )
+from service.core.ledger_codec import LEDGER_V1_SCHEMA_FILE, LedgerCodec, load_ledger_schema
+from service.core.ledger_index import CompactIndex
 from service.core.model import Action
 
 E, X = Action.ENTERED, Action.EXITED

@@ -17,8 +17,10 @@ from service.adapters.preview import DiscardingProducer, EndWatch
 from service.core import acapi
 from service.core.acapi import ApiCall, Call, Reply, run_sync
 from service.core.bulk import contact_entry, submit_import, verify_exits
+from service.core.errors import AuthRejected, PermanentApiError
 from service.core.ledger import OPTED_OUT, SUBSCRIBED, UNSUBSCRIBED_BY_US, Plan
-from service.core.preview import (
+from service.core.preview import Shadow, Wrote, is_preview_id, previewed
+from service.core.preview_report import (
     CATEGORIES,
     KEEP_OPT_OUT,
     PARK,
@@ -27,11 +29,7 @@ from service.core.preview import (
     SUBSCRIBE,
     UNSUBSCRIBE,
     PreviewReport,
-    Shadow,
-    Wrote,
     classify,
-    is_preview_id,
-    previewed,
 )
 from service.devtools.emulator.state import Account
 from service.metrics import Metrics
@@ -186,7 +184,7 @@ def test_a_write_by_contact_id_pairs_with_its_email_or_its_id(ac: FakeAC) -> Non
 def test_an_unknown_write_never_leaves_and_is_refused(ac: FakeAC) -> None:
     shadow = Shadow()
     call = ApiCall("DELETE", "/contacts/{id}", "contacts/5")
-    with pytest.raises(acapi.PermanentApiError) as info:
+    with pytest.raises(PermanentApiError) as info:
         dry(shadow, ac)(acapi.request(call))
     assert info.value.code == "dry_run"
     assert ac.sent == []
@@ -194,9 +192,9 @@ def test_an_unknown_write_never_leaves_and_is_refused(ac: FakeAC) -> None:
 
 def test_acs_errors_on_reads_mean_what_they_mean(ac: FakeAC) -> None:
     ac.account.faults.auth_failure = True
-    with pytest.raises(acapi.AuthRejected):
+    with pytest.raises(AuthRejected):
         dry(Shadow(), ac)(acapi.find_list("L"))
-    with pytest.raises(acapi.AuthRejected):  # a contact/sync becomes a read, refused alike
+    with pytest.raises(AuthRejected):  # a contact/sync becomes a read, refused alike
         dry(Shadow(), ac)(acapi.sync_contact("a@example.com", {}, {}))
 
 

@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from service.adapters.ac_http import HttpDriver
 from service.adapters.ratelimit import LimiterClosed, RateLimitedTransport, RateLimiter
-from service.core.acapi import MAX_RETRY_AFTER, ApiCall, parse_retry_after
+from service.core.ac_responses import MAX_RETRY_AFTER, parse_retry_after
+from service.core.acapi import ApiCall
 from service.core.budget import TOOLS, ImportBudget, LeakyBucket
 from service.metrics import Metrics
 
