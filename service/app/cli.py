@@ -22,7 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from service import __version__
-from service.app.settings import Settings, load_settings, problems_of
+from service.app.settings import Settings, problems_of
+from service.app.settings_loader import load_settings
 from service.app.wiring import build_runner, ensure_topics, preview_start, preview_topics
 from service.core.errors import ConfigError
 

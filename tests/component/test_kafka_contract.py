@@ -43,7 +43,8 @@ from confluent_kafka import Producer as KafkaProducer
 
 from service.adapters.kafka import Consumer, LogReaderFactory, Producer
 from service.adapters.kafka_readers import kafka_log_reader
-from service.app.settings import Settings, load_settings
+from service.app.settings import Settings
+from service.app.settings_loader import load_settings
 from service.devtools.localbroker import create_topics
 from tests.simulation.kafka import Record, SimCluster, SimConsumer
 from tests.simulation.world import World

@@ -708,7 +708,7 @@ def test_issue14_3_the_ledger_producer_is_idempotent() -> None:
     """Issue 14 §3: librdkafka's own retries may reorder and duplicate records unless the
     producer is idempotent: the one the ledger and the DLQ share has enable.idempotence on,
     with acks from all replicas, whatever the user's properties say."""
-    from service.app.settings import load_settings
+    from service.app.settings_loader import load_settings
 
     settings = load_settings(
         {

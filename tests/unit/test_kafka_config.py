@@ -11,7 +11,7 @@ import pytest
 
 from service.app.check import validate_kafka_clients
 from service.app.logs import KAFKA_LOGGER, kafka_logger
-from service.app.settings import load_settings
+from service.app.settings_loader import load_settings
 
 BASE = {
     "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from service.app.settings import ConfigProblems, ListTarget, load_settings, problems_of
+from service.app.settings import ConfigProblems, ListTarget, problems_of
+from service.app.settings_loader import load_settings
 from service.core.errors import ConfigError
 
 BASE = {

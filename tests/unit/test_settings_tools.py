@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.app.settings import load_settings
+from service.app.settings_loader import load_settings
 from service.core.errors import ConfigError
 
 BASE = {

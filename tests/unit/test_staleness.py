@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.app.audit import explain_json, explain_lines
-from service.app.settings import load_settings
+from service.app.settings_loader import load_settings
 from service.core.coalesce import Coalescer, ListRef
 from service.core.errors import ConfigError
 from service.core.ledger import LedgerEntry, ListState, Plan, SetBy, plan_change
