@@ -1,8 +1,8 @@
 """``ac-audience-sync check``: one verdict per item; and ``validate_kafka_clients``, the check of
 the librdkafka properties that every command runs before anything else.
 
-Exit statuses (defined in ``cli.py``, shared by ``check``, ``explain`` and ``reconcile``; README
-"Commands"):
+Exit statuses (defined in ``cli_common.py``, shared by ``check``, ``explain`` and ``reconcile``;
+README "Commands"):
 
 ====  ==========================================================================
 0     every check passed
@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from service.adapters.ac_http import AcTool
-from service.app.cli import (
+from service.app.cli_common import (
     EXIT_AC_REFUSED,
     EXIT_AC_UNREACHABLE,
     EXIT_BROKER_UNREACHABLE,

@@ -212,7 +212,7 @@ def delete_contacts(
     failure: the rest are not asked, a new run asks them again)."""
     from service.adapters.ac_http import AcTool
     from service.app.check import ac_exit_code
-    from service.app.cli import EXIT_AC_REFUSED, EXIT_AC_UNREACHABLE, EXIT_OK
+    from service.app.cli_common import EXIT_AC_REFUSED, EXIT_AC_UNREACHABLE, EXIT_OK
     from service.core import acapi
     from service.core.errors import AccountBlocked, ApiError
 
@@ -320,7 +320,7 @@ def run(
     """Everything after the input and the configuration were checked: raises
     ``BrokerUnreachable``, ``BrokerRefusedCredentials``, ``KafkaException`` or
     ``ConfigError`` for the command's shell to turn into an exit status."""
-    from service.app.cli import EXIT_FAILED, EXIT_OK, ledger_partitions
+    from service.app.cli_common import EXIT_FAILED, EXIT_OK, ledger_partitions
     from service.app.logs import EmailHasher
 
     partitions = ledger_partitions(settings, options.timeout)

@@ -1,5 +1,5 @@
 """JSON-lines logging, the repeat throttle and the keyed email hash. Configured once, in the
-composition root (``cli.cmd_run``).
+composition root (``cli_run.cmd_run``).
 
 Every line the service writes to stderr is one JSON object:
 

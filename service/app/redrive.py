@@ -148,7 +148,7 @@ def run(settings: Settings, options: Options, progress: Progress) -> int:
     ``BrokerRefusedCredentials``, ``KafkaException``, ``LookupError`` or ``ConfigError`` for
     the command's shell to turn into an exit status."""
     from service.app.check import list_topics
-    from service.app.cli import EXIT_FAILED, EXIT_OK
+    from service.app.cli_common import EXIT_FAILED, EXIT_OK
     from service.app.logs import quiet_kafka_logger
     from service.core.errors import ConfigError
 

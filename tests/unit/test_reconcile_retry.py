@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from service.app.cli import _members, _Progress
+from service.app.cli_support import _members, _Progress
 from service.core import acapi
 
 
