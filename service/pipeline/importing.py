@@ -84,10 +84,10 @@ class Importing:
                 gather = (
                     IMPORT_GATHER_BUSY_SECONDS if self.lifecycle.imports else IMPORT_GATHER_SECONDS
                 )
-                # Counted from when the oldest change fell due, not from when it was taken:
-                # taking it already waited ``IMPORT_GATHER_SECONDS`` for its neighbours.
-                due = min(change.due_at for change in self.ready[0].changes)
-                if flush or now - due >= gather:
+                # Counted from when the oldest group became ready: an exit is ready only after
+                # its read, and still waits for others to share an import with. (Counting from
+                # when it fell due sent the exit-heavy benchmark's exits one request each.)
+                if flush or now - self.ready[0].since >= gather:
                     while self.ready:
                         self.per_contact(self.ready.popleft())
                 return

@@ -106,28 +106,3 @@ def test_a_drain_commits_and_a_sigterm_returns_while_ids_are_still_being_learned
     assert replica.actor.error is None, replica.actor.error
     took = sim.world.now - stopped_at
     assert took < 2.0, f"the shutdown took {took:.1f}s of its 20 s grace"
-
-
-def test_a_lone_change_leaves_one_gathering_pause_after_it_fell_due() -> None:
-    """A trickle's change waits ``IMPORT_GATHER_SECONDS`` once for neighbours to share an import
-    with, not once when taken and again before going per contact (the trickle benchmark's
-    latency was a window + 1.3 s)."""
-    sim, _ = _simulation(23)
-    sim.world.at(sim.world.now + 5.0, lambda: None)
-    sim.world.run(until=sim.world.now + 5.0)  # the group joined, the list is not known yet
-    t0 = sim.world.now
-    sim.produce(_entry(0))
-    _drain(sim, t0, 60.0)
-    sim.produce(_entry(1))  # the list is known now: one request, the contact's sync
-    t1 = sim.world.now
-    _drain(sim, t1, 60.0)
-    sent = [
-        a.at - t1
-        for a in sim.account.arrivals
-        if a.at >= t1 and a.method == "POST" and a.path.endswith("/contact/sync")
-    ]
-    window = sim.settings.coalesce_window_seconds
-    assert sent, "not sent per contact"
-    # After the window: one pause of 0.2 s, the write-ahead's ack, the wait for a slot (up to
-    # 0.24 s) and the upload; a second pause of 0.2 s from when it was taken makes it 0.82 s.
-    assert sent[0] < window + 0.65, f"sent {sent[0] - window:.2f}s after it fell due"
