@@ -142,14 +142,23 @@ def create_list(name: str, stringid: str, sender_url: str, sender_reminder: str)
 # ---- contacts ---------------------------------------------------------------------------------
 
 
-def sync_contact(email: str, fields: Mapping[str, str], custom: Mapping[str, str]) -> Call[str]:
+@dataclass(frozen=True)
+class Synced:
+    """A ``contact/sync`` answer: the contact's id, and whether AC created it (201; 200 is an
+    update). A contact created just now is on no list, so nothing needs reading about it."""
+
+    contact_id: str
+    created: bool
+
+
+def sync_contact(email: str, fields: Mapping[str, str], custom: Mapping[str, str]) -> Call[Synced]:
     contact: dict[str, Any] = {"email": email, **fields}
     if custom:
         contact["fieldValues"] = [{"field": k, "value": v} for k, v in custom.items()]
-    synced = yield from request(
-        ApiCall("POST", "/contact/sync", "contact/sync", body={"contact": contact})
-    )
-    return str(synced["contact"]["id"])
+    call = ApiCall("POST", "/contact/sync", "contact/sync", body={"contact": contact})
+    reply = yield call
+    synced = answer(call, reply)
+    return Synced(str(synced["contact"]["id"]), reply.status == 201)
 
 
 def find_contact(email: str) -> Call[str | None]:

@@ -4,7 +4,8 @@ For one email: upsert the contact (``contact/sync``, mapped attributes) when fie
 its id is needed and unknown; then per list, as the change's ``plan`` says:
 
 - ``FIRST_ENTRY``: read the contact's lists once; a status 2 is left alone (the person's own
-  opt-out, or a status the service never set), a 1 is already right, else subscribe (1);
+  opt-out, or a status the service never set), a 1 is already right, else subscribe (1). Not
+  read when ``contact/sync`` just created the contact (201): a new contact is on no list;
 - ``RESUBSCRIBE``: the ledger says this service unsubscribed them after checking: status 1;
 - ``UNSUBSCRIBE``: AC still had them subscribed when the exit was verified: status 2;
 - ``EXIT`` (not verified yet: a lone exit): read the contact's lists; 1 -> status 2, else
@@ -90,9 +91,15 @@ def apply_contact(
     ``fields`` are the mapped attributes to send (None: unchanged, send nothing)."""
     standard, custom = fields if fields is not None else ({}, {})
     needs_write = fields is not None or any(c.plan in _WRITES for c in changes)
+    statuses: dict[str, Membership] | None = None  # the contact's lists, read once if needed
     try:
         if needs_write and (contact_id is None or fields is not None):
-            contact_id = yield from sync_contact(email, standard, custom)
+            synced = yield from sync_contact(email, standard, custom)
+            contact_id = synced.contact_id
+            if synced.created:
+                # AC made the contact just now (201): it is on no list, so there is no opt-out
+                # to find and nothing to read (a trickle of new people saves a request each).
+                statuses = {}
         elif contact_id is None and any(
             c.plan in (*_READS_FIRST, Plan.UNSUBSCRIBE) for c in changes
         ):
@@ -101,7 +108,6 @@ def apply_contact(
     except ApiError as error:
         return [outcome_for_error(c, error) for c in changes]
     outcomes: list[Outcome] = []
-    statuses: dict[str, Membership] | None = None  # the contact's lists, read once if needed
     for index, change in enumerate(changes):
         list_id = list_ids.get(change.target)
         try:

@@ -117,9 +117,12 @@ class Delivery:
         coalescer = self.desk.coalescer
         if self.desk.settings.bulk and not flush:
             head = coalescer.next_due_at()
-            if head is None or now < head + IMPORT_GATHER_SECONDS:
+            if head is None:
+                return
+            if now < head + IMPORT_GATHER_SECONDS and self.importing.may_gather():
                 # Changes fall due a few milliseconds apart (different partitions or batches):
-                # wait a moment, so they leave in one import rather than two.
+                # wait a moment, so they leave in one import rather than two. Fewer pending
+                # than an import's minimum go per contact whatever falls due: no pause then.
                 return
         ownership = self.desk.ownership
         for group in coalescer.take_due(now, limit=limit, busy=self.busy(), flush_all=flush):
@@ -127,10 +130,18 @@ class Delivery:
             if not ownership.ready(partition):
                 continue  # revoked meanwhile: dropped (the new owner reads them again)
             self.desk.held.add(group[0].email)
-            self.route(ownership.generation(partition), group, now)
+            # Ready since it fell due (this take already waited the gathering pause for it):
+            # a lone change does not wait a second pause in the stage it goes to. Counted from
+            # now for a group decided later (after a read: its pause gathers the others read).
+            due = min(c.due_at for c in group)
+            since = max(due, now - IMPORT_GATHER_SECONDS)
+            self.route(ownership.generation(partition), group, now, since=since)
 
-    def route(self, generation: int, group: list[PendingChange], now: float) -> None:
-        """Decide a held group and put it where it goes next."""
+    def route(
+        self, generation: int, group: list[PendingChange], now: float, since: float | None = None
+    ) -> None:
+        """Decide a held group and put it where it goes next (``since``: ready since, now when
+        not given)."""
         missing = self.lists.missing(group)
         if missing is not None:
             self.lists.wait(missing, generation, group)
@@ -152,7 +163,7 @@ class Delivery:
             desk.confirm.record(group, {}, generation, list_ids=list_ids)
             desk.release({email})
             return
-        ready = Ready(generation, group, plan, now)
+        ready = Ready(generation, group, plan, now if since is None else since)
         if plan.route is Route.RECHECK:
             self.verification.recheck(ready)
         elif plan.route is Route.VERIFY:

@@ -34,7 +34,7 @@ from service.core.contact import contact_fields
 from service.core.ledger import Plan, fields_hash
 from service.pipeline import import_actions as steps
 from service.pipeline.desk import Desk, LearnBatch, Ready
-from service.pipeline.dispatch import ImportTask, LearnTask, PollTask, SummaryTask
+from service.pipeline.dispatch import ImportTask, LearnTask, PollTask, SummaryTask, VerifyTask
 from service.pipeline.import_actions import Action, Group
 from service.pipeline.imports import ImportLifecycle
 from service.pipeline.lists import Lists
@@ -87,7 +87,7 @@ class Importing:
                 # Counted from when the oldest group became ready: an exit is ready only after
                 # its read, and still waits for others to share an import with. (Counting from
                 # when it fell due sent the exit-heavy benchmark's exits one request each.)
-                if flush or now - self.ready[0].since >= gather:
+                if flush or now - self.ready[0].since >= gather or not self.may_gather():
                     while self.ready:
                         self.per_contact(self.ready.popleft())
                 return
@@ -99,6 +99,19 @@ class Importing:
                 self.lists.reverify(self.ready, now)
                 return
             self._prepare(now, wall)
+
+    def may_gather(self) -> bool:
+        """Could an import's minimum still gather? Counts everything that may become ready:
+        pending changes, the ready, exits being verified. With fewer, a gathering pause only
+        delays changes that go per contact anyway (a trickle's every event)."""
+        desk = self.desk
+        coming = len(desk.coalescer) + len(self.ready) + self.verification.pending()
+        if coming >= desk.settings.bulk_min:
+            return True
+        for task in desk.dispatcher.tasks(VerifyTask):
+            assert isinstance(task, VerifyTask)
+            coming += len(task.groups)
+        return coming >= desk.settings.bulk_min
 
     def _filling(self, now: float) -> bool:
         """True while a partly filled import should wait for changes about to fall due."""

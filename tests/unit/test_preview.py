@@ -83,8 +83,13 @@ def dry(shadow: Shadow, ac: FakeAC) -> Callable[[Call[Any]], Any]:
     return run
 
 
+def synced_id(email: str, fields: dict[str, str], custom: dict[str, str]) -> Call[str]:
+    synced = yield from acapi.sync_contact(email, fields, custom)
+    return synced.contact_id
+
+
 def test_writes_are_answered_locally_and_reads_see_them(ac: FakeAC) -> None:
-    known = ac.real(acapi.sync_contact("known@example.com", {}, {}))
+    known = ac.real(synced_id("known@example.com", {}, {}))
     shadow = Shadow()
     run = dry(shadow, ac)
     before = ac.state()
@@ -93,8 +98,11 @@ def test_writes_are_answered_locally_and_reads_see_them(ac: FakeAC) -> None:
     assert is_preview_id(list_id)
     assert run(acapi.find_list("Preview List")) == list_id  # AC has none: the shadow's
     assert run(acapi.list_exists(list_id)) is True
-    assert run(acapi.sync_contact("known@example.com", {"firstName": "K"}, {})) == known
-    new = run(acapi.sync_contact("new@example.com", {}, {}))
+    synced = run(acapi.sync_contact("known@example.com", {"firstName": "K"}, {}))
+    assert synced == acapi.Synced(known, created=False)  # AC has it: answered as an update
+    created = run(acapi.sync_contact("new@example.com", {}, {}))
+    assert created.created  # AC has none: answered as a creation (on no list yet)
+    new = created.contact_id
     assert is_preview_id(new)
     run(acapi.set_list_status(new, list_id, 1))
     run(acapi.set_list_status(known, list_id, 1))
@@ -112,14 +120,14 @@ def test_writes_are_answered_locally_and_reads_see_them(ac: FakeAC) -> None:
     assert shadow.created == ["Preview List"]
     # One read for the known email's id; the new one was asked once too, then never again.
     assert shadow.reads["GET /contacts"] == 2
-    run(acapi.sync_contact("new@example.com", {}, {}))
+    run(synced_id("new@example.com", {}, {}))
     assert shadow.reads["GET /contacts"] == 2
 
 
 def test_a_membership_the_run_set_wins_over_acs_in_every_read(ac: FakeAC) -> None:
     list_id = ac.real(acapi.create_list("L", "l", "https://a.test", "r"))
-    one = ac.real(acapi.sync_contact("one@example.com", {}, {}))
-    two = ac.real(acapi.sync_contact("two@example.com", {}, {}))
+    one = ac.real(synced_id("one@example.com", {}, {}))
+    two = ac.real(synced_id("two@example.com", {}, {}))
     ac.real(acapi.set_list_status(one, list_id, 1))
     ac.real(acapi.set_list_status(two, list_id, 2))
     shadow = Shadow()
@@ -145,7 +153,7 @@ def test_imports_are_answered_completed_and_never_resubscribe_an_unsubscribe(
     list_id = ac.real(acapi.create_list("L", "l", "https://a.test", "r"))
     shadow = Shadow()
     run = dry(shadow, ac)
-    gone = run(acapi.sync_contact("gone@example.com", {}, {}))
+    gone = run(synced_id("gone@example.com", {}, {}))
     run(acapi.set_list_status(gone, list_id, 2))
     entries = [
         contact_entry("a@example.com", {list_id: 1}, {"firstName": "A"}, {}),
@@ -175,7 +183,7 @@ def test_a_write_by_contact_id_pairs_with_its_email_or_its_id(ac: FakeAC) -> Non
     run(acapi.set_list_status("77", "5", 2))  # an id the run never saw an email for
     assert shadow.wrote("x@example.com", None, "5") is None
     assert shadow.wrote("x@example.com", "77", "5") == Wrote(2, False)
-    cid = run(acapi.sync_contact("y@example.com", {}, {}))
+    cid = run(synced_id("y@example.com", {}, {}))
     run(acapi.set_list_status(cid, "5", 1))
     assert shadow.wrote("y@example.com", None, "5") == Wrote(1, False)
     assert shadow.wrote("y@example.com", cid, None) is None
