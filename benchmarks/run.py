@@ -18,7 +18,8 @@
    429s, whether AC's state is exact. ``--only-exits`` runs it alone (BENCH_EXIT_EMAILS sizes it).
 
 ``--only-e2e`` runs 1. alone (BENCH_EVENTS and BENCH_EMAILS size it; BENCH_TAIL=1 prints the
-requests from the last import on, BENCH_LOG=path writes AC's request log as JSON).
+requests from the last import on, BENCH_LOG=path writes AC's request log as JSON, BENCH_WATCH=path
+the service's gauges every 30 s as JSON lines, BENCH_LIMIT=seconds stops a long run there).
 """
 
 from __future__ import annotations
@@ -77,6 +78,38 @@ def lag(bootstrap: str, group: str, topic: str, ends: dict[int, int]) -> int:
     return sum(max(0, end - max(0, committed.get(p, 0))) for p, end in ends.items())
 
 
+WATCHED = (
+    "ac_sync_events_consumed_total",
+    "ac_sync_changes_pending",
+    "ac_sync_changes_inflight",
+    "ac_sync_inflight_uncommitted",
+    "ac_sync_paused_partitions",
+    "ac_sync_imports_outstanding",
+    "ac_sync_ac_requests_total",
+    "ac_sync_import_contacts_total",
+    "ac_sync_changes_applied_total",
+)
+
+
+def _watch(path: Path, port: str, elapsed: float, remaining: int, pid: int) -> None:
+    """One sample of the service's own gauges and counters (summed over labels but the
+    endpoint), for a timeline of a long run (``BENCH_WATCH``)."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return
+    sample: dict[str, Any] = {"s": round(elapsed), "lag": remaining, "rss": peak_rss_mb(pid)}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name not in WATCHED:
+            continue
+        if name == "ac_sync_ac_requests_total" and 'endpoint="' in line:
+            name += ":" + line.split('endpoint="', 1)[1].split('"', 1)[0]
+        sample[name] = sample.get(name, 0) + float(line.rsplit(" ", 1)[1])
+    with path.open("a") as out:
+        out.write(json.dumps(sample) + "\n")
+
+
 def end_to_end(
     broker: LocalBroker, work: Path, *, events: int, emails: int, bulk: bool, limit: float | None
 ) -> dict[str, Any]:
@@ -100,12 +133,17 @@ def end_to_end(
     service = start_service(env, work / f"{topic}.log")
     began = time.monotonic()
     began_wall = time.time()  # the emulator stamps its log with the wall clock
+    watch = os.environ.get("BENCH_WATCH")  # a path: the service's gauges every 30 s, as JSON lines
+    watched = began
     try:
         while True:
             remaining = lag(broker.bootstrap, topic, topic, ends)
             elapsed = time.monotonic() - began
             if remaining == 0 or (limit is not None and elapsed > limit):
                 break
+            if watch and time.monotonic() - watched >= 30:
+                watched = time.monotonic()
+                _watch(Path(watch), env["METRICS_PORT"], elapsed, remaining, service.pid)
             time.sleep(0.25)  # the drain time is measured to a quarter of a second
         rss = peak_rss_mb(service.pid)
         metrics = httpx.get(f"http://127.0.0.1:{env['METRICS_PORT']}/metrics").text
@@ -499,7 +537,15 @@ def main() -> None:
         print(
             f"\n1. end to end, bulk path (defaults), {events:,} events / {emails:,} emails / 5 audiences"
         )
-        bulk = end_to_end(broker, work, events=events, emails=emails, bulk=True, limit=None)
+        stop_after = os.environ.get("BENCH_LIMIT")  # seconds: a long run stopped there
+        bulk = end_to_end(
+            broker,
+            work,
+            events=events,
+            emails=emails,
+            bulk=True,
+            limit=float(stop_after) if stop_after else None,
+        )
         print(f"   drained in {bulk['seconds']:.1f}s, final state exact: {bulk['exact']}")
         print(
             f"   contacts applied / s      : {bulk['contacts_per_s']:.1f} "
