@@ -34,7 +34,7 @@ Semantics the pipeline relies on (and the contract tests pin):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -141,6 +141,35 @@ class LogReader(Protocol):
 
 class LogReaderFactory(Protocol):
     def __call__(self, topic: str, partitions: Sequence[int]) -> LogReader: ...
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record as read: coordinates, timestamp (ms; 0 when unknown), key, value, headers."""
+
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+
+
+class RecordReader(Protocol):
+    """Reads partitions of one topic, each from a given offset (``OFFSET_BEGINNING`` = -2) to
+    the end seen when reading started, in small steps, records with their coordinates."""
+
+    def read(self, max_records: int, timeout: float) -> list[Record]: ...
+
+    def done(self) -> bool:
+        """Every partition reached its end."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class RecordReaderFactory(Protocol):
+    def __call__(self, topic: str, starts: Mapping[int, int]) -> RecordReader: ...
 
 
 # ---- the acked producer: one helper for the DLQ and the ledger ---------------------------------

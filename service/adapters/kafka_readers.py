@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from service.adapters.kafka import LogReader, LogReaderFactory
+from service.adapters.kafka import (
+    LogReader,
+    LogReaderFactory,
+    Record,
+    RecordReader,
+    RecordReaderFactory,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,18 +104,6 @@ def kafka_log_reader(consumer_config: Mapping[str, Any]) -> LogReaderFactory:
     return factory
 
 
-@dataclass(frozen=True)
-class Record:
-    """One record as read: coordinates, timestamp (ms; 0 when unknown), key, value, headers."""
-
-    partition: int
-    offset: int
-    timestamp_ms: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
-
-
 class RecordScanner:
     """Reads partitions of one topic, each from a given offset (``OFFSET_BEGINNING`` = -2) to
     the end seen when reading started, keyless records and headers included (``redrive``)."""
@@ -164,6 +157,15 @@ class RecordScanner:
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
+
+
+def record_scanner(consumer_config: Mapping[str, Any]) -> RecordReaderFactory:
+    """The read-ahead's reader of a backlog (``pipeline/ahead.py``): a ``RecordScanner``."""
+
+    def factory(topic: str, starts: Mapping[int, int]) -> RecordReader:
+        return RecordScanner(consumer_config, topic, starts)
+
+    return factory
 
 
 def offsets_at(

@@ -113,6 +113,10 @@ class Settings:
     # that stamp records with old event times.
     coalesce_from_publish_time: bool = True
     max_pending_changes: int = 100_000
+    # A newly assigned partition's backlog is read ahead, so only each (email, list)'s final
+    # state is sent (README "Backlogs"): at most this many keys (0: off), this long.
+    read_ahead_max_keys: int = 500_000
+    read_ahead_max_seconds: float = 120.0
     commit_interval_seconds: float = 5.0
     shutdown_grace_seconds: float = 20.0
     revoke_deadline_seconds: float = 10.0

@@ -161,6 +161,14 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             lambda: _integer(env, "MAX_PENDING_CHANGES", 100_000, minimum=10, maximum=10_000_000),
             100_000,
         ),
+        read_ahead_max_keys=take(
+            lambda: _integer(env, "READ_AHEAD_MAX_KEYS", 500_000, minimum=0, maximum=100_000_000),
+            500_000,
+        ),
+        read_ahead_max_seconds=take(
+            lambda: _number(env, "READ_AHEAD_MAX_SECONDS", 120.0, minimum=0.0, maximum=3600.0),
+            120.0,
+        ),
         commit_interval_seconds=take(
             lambda: _number(env, "COMMIT_INTERVAL_SECONDS", 5.0, minimum=0.05, maximum=600.0), 5.0
         ),

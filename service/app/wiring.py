@@ -31,7 +31,7 @@ def build_runner(settings: Settings, registry: Any, preview: Preview | None = No
     from service.adapters.ac_http import HttpDriver
     from service.adapters.executor import ThreadedExecutor
     from service.adapters.kafka import AckedProducer
-    from service.adapters.kafka_readers import kafka_log_reader
+    from service.adapters.kafka_readers import kafka_log_reader, record_scanner
     from service.adapters.ratelimit import RateLimitedTransport, RateLimiter
     from service.app.logs import EmailHasher
     from service.app.runtime import Collector
@@ -104,6 +104,7 @@ def build_runner(settings: Settings, registry: Any, preview: Preview | None = No
         consumer=consumer,
         producer=AckedProducer(producer),
         readers=readers,
+        scanners=record_scanner(settings.consumer_config()),
         executor=ThreadedExecutor(settings.ac_concurrency, driver.send),
         requests=limiter,
         decoder=decoder,

@@ -331,7 +331,9 @@ class ImportStatus:
 
 def import_info(batch_id: str) -> Call[ImportStatus]:
     info = yield from request(
-        ApiCall("GET", "/import/info", "import/info", (("batchId", batch_id),))
+        # Urgent, like the import itself: behind a burst of imports a poll would otherwise wait
+        # for the whole burst, and the drain's last confirmations (its commit) with it.
+        ApiCall("GET", "/import/info", "import/info", (("batchId", batch_id),), priority=URGENT)
     )
     if info.get("status") != "completed":
         return ImportStatus(False, [], [])

@@ -99,7 +99,11 @@ class Loop:
 
     def step(self) -> None:
         """One loop iteration. Never blocks for more than a fraction of a second."""
-        busy = bool(self.dispatcher.inflight) or len(self.coalescer) > 0
+        busy = (
+            bool(self.dispatcher.inflight)
+            or len(self.coalescer) > 0
+            or bool(self.ownership.restoring)  # a restore or read-ahead runs between consumes
+        )
         messages = self.consumer.consume(CONSUME_BATCH, 0.05 if busy else 0.25)
         now = self.clock.monotonic()
         self.rebalance.settle(now)

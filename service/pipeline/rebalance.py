@@ -4,9 +4,10 @@
 paused until its ledger is loaded. Right after that ``consume`` returns, ``settle`` reads the
 committed offsets, takes the new share of the account's budgets (the partition count first,
 then each partition's import history: a history is counted in units of 1/P), and starts the
-ledger restore, which then advances a bounded slice per loop turn. Once a partition's ledger is
-loaded, the imports its previous owner may still have in flight (their intents) block their
-emails, and its records flow.
+ledger restore and the read-ahead of its backlog (``ahead.py``), which then advance a bounded
+slice per loop turn. Once a partition's ledger is loaded, the imports its previous owner may
+still have in flight (their intents) block their emails; once its backlog is read ahead too,
+its records flow.
 
 **Revoke** (cooperative: the next owner gets the partition only after this returns): drop the
 pending changes, stop sending for the partition (in-flight requests finish), wait up to
@@ -33,6 +34,7 @@ from service.core.budget import ImportBudget
 from service.core.coalesce import Coalescer
 from service.core.offsets import OffsetTracker
 from service.metrics import Metrics
+from service.pipeline.ahead import ReadAhead
 from service.pipeline.commit import Committer
 from service.pipeline.deliver import Delivery
 from service.pipeline.dispatch import Dispatcher
@@ -43,6 +45,7 @@ from service.pipeline.source import RESTORING, Source
 logger = logging.getLogger(__name__)
 
 RESTORE_SLICE_SECONDS = 0.05  # of ledger reading per loop turn
+AHEAD_SLICE_SECONDS = 0.2  # of reading a backlog ahead per loop turn (the loop waits for it)
 SHARE_RETRY_SECONDS = 5.0
 
 
@@ -72,6 +75,8 @@ class Rebalancer:
     total_partitions: int = 0
     share_due_at: float | None = None  # when to (re)take the share; None: up to date
     new: set[int] = field(default_factory=set)  # assigned, committed offsets not read yet
+    ahead: ReadAhead | None = None  # None: backlogs are not read ahead
+    loaded: set[int] = field(default_factory=set)  # assigned, ledger loaded
 
     # ---- callbacks (inside consume(), on the loop's thread) ------------------------------
 
@@ -85,6 +90,7 @@ class Rebalancer:
             self.pauses.forget({partition})
             self.pauses.hold(partition, RESTORING)
         self.new.update(mine)
+        self.loaded -= set(mine)
         # Committed offsets, the ledger and the share are settled right after this
         # ``consume()`` returns. Not here: a blocking client call inside a rebalance callback
         # clears confluent-kafka's per-call state, and the next callback of the same
@@ -135,6 +141,9 @@ class Rebalancer:
         self.delivery.forget(gone)
         self.ownership.revoke(gone)
         self.new -= gone
+        self.loaded -= gone
+        if self.ahead is not None and self.ahead.reading & gone:
+            self.ahead.cancel(gone)
         self.source.forget(gone)
         self.pauses.forget(gone)
         self.ledger.forget(gone)
@@ -166,10 +175,23 @@ class Rebalancer:
             except KafkaException as exc:
                 logger.warning("could not read committed offsets", extra={"error": str(exc)})
             self.ledger.start_restore(sorted(set(self.ledger.restoring) | set(new)))
+            if self.ahead is not None:
+                # Only from a known committed offset: the consumer starts there (or, none
+                # committed, at the beginning: ``auto.offset.reset`` is earliest).
+                starts = {p: self.committer.last[p] for p in new if p in self.committer.last}
+                if starts:
+                    self.ahead.start(starts)
         if self.ledger.restoring:
             stats = self.ledger.restore_step(RESTORE_SLICE_SECONDS)
             if stats is not None:
                 self._restored(stats, now)
+        if self.ahead is not None and self.ahead.reading:
+            backlogs = self.ahead.step(AHEAD_SLICE_SECONDS)
+            if backlogs is not None:
+                for partition, backlog in backlogs.items():
+                    if partition in self.ownership.assigned and backlog.keys:
+                        self.source.ahead[partition] = backlog
+                    self._flow(partition)
 
     def _restored(self, stats: Any, now: float) -> None:
         self.metrics.ledger_restore_seconds.observe(stats.seconds)
@@ -203,6 +225,17 @@ class Rebalancer:
                     "imports of the previous owner may still land; their emails wait",
                     extra={"partition": partition, "imports": len(intents)},
                 )
+            self.loaded.add(partition)
+            self._flow(partition)
+
+    def _flow(self, partition: int) -> None:
+        """Let the partition's records flow once its ledger is loaded and its backlog read
+        ahead (whichever comes last)."""
+        if (
+            partition in self.loaded
+            and partition in self.ownership.restoring
+            and not (self.ahead is not None and partition in self.ahead.reading)
+        ):
             self.ownership.restored(partition)
             self.pauses.release(partition, RESTORING)
 

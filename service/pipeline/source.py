@@ -8,6 +8,8 @@
   (kept in order, the partition paused) and decoded again after a back-off; nothing is lost and
   nothing is parked. The same holding keeps the records of a partition whose ledger is still
   being restored (records returned by the ``consume`` that assigned it).
+- A record that a later record of the same key supersedes, as the partition's backlog was read
+  ahead on assignment (``pipeline/ahead.py``), completes at once: nothing is sent for it.
 - Once a partition's end is reached, changes of records published more than a window ago are
   due at once (``Coalescer.expedite``): a backlog then leaves when a consumer that had kept up
   would have sent it.
@@ -33,6 +35,7 @@ from service.core.coalesce import Coalescer, ListRef
 from service.core.codec import EventDecoder
 from service.core.errors import PoisonMessage, SchemaUnavailable
 from service.core.lists import ListNamer
+from service.core.lookahead import Backlog
 from service.core.model import MembershipEvent
 from service.core.offsets import OffsetTracker
 from service.metrics import Metrics
@@ -72,6 +75,9 @@ class Source:
     # partition's end once, so forgetting it left a backlog read at assignment waiting a whole
     # window after it was read.
     ended_while_held: set[int] = field(default_factory=set)
+    # Per partition, its backlog as read ahead on assignment (``pipeline/ahead.py``); dropped
+    # once processing reaches the last record read ahead.
+    ahead: dict[int, Backlog] = field(default_factory=dict)
     _counters: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -181,8 +187,20 @@ class Source:
                 continue
             valid += 1
             self.list_seen(target)
+            backlog = self.ahead.get(partition)
+            if backlog is not None and self._superseded(backlog, partition, message, event, target):
+                coalesced += 1
+                continue
+            offset = message.offset()
             coalesced += self.coalescer.add(
-                partition, target, event, message.value(), message.offset(), now, message.headers()
+                partition,
+                target,
+                event,
+                message.value(),
+                offset,
+                now,
+                message.headers(),
+                final=backlog is not None and offset < backlog.end,
             )
         self._counters["valid"].inc(valid)
         self.metrics.events_coalesced.inc(coalesced)
@@ -195,6 +213,24 @@ class Source:
             kind, stamp = message.timestamp()
             if kind != TIMESTAMP_NOT_AVAILABLE and stamp > 0:
                 self.published.setdefault(partition, []).append((message.offset(), stamp / 1000))
+
+    def _superseded(
+        self,
+        backlog: Backlog,
+        partition: int,
+        message: Any,
+        event: MembershipEvent,
+        target: ListRef,
+    ) -> bool:
+        """Does a later record of this key, read ahead, supersede this one? Then it is done now,
+        as if coalesced into it: that record is not committed until its own change settles."""
+        offset = message.offset()
+        if backlog.passed(offset):
+            del self.ahead[partition]  # processing reached the end of what was read ahead
+        if not backlog.superseded((event.email, target), offset):
+            return False
+        self.tracker.complete(partition, offset)
+        return True
 
     def _dead_letter(self, message: Any, poison: PoisonMessage) -> None:
         partition, offset = message.partition(), message.offset()
@@ -250,6 +286,7 @@ class Source:
             self.held_until.pop(partition, None)
             self.published.pop(partition, None)
             self.ended_while_held.discard(partition)
+            self.ahead.pop(partition, None)
 
     def held_records(self) -> int:
         return sum(len(q) for q in self.held.values())

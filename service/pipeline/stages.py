@@ -19,7 +19,7 @@ from typing import Any
 
 from service.adapters.dlq import DeadLetterQueue
 from service.adapters.executor import Executor
-from service.adapters.kafka import AckedProducer, Consumer, LogReaderFactory
+from service.adapters.kafka import AckedProducer, Consumer, LogReaderFactory, RecordReaderFactory
 from service.adapters.ledger_store import LedgerStore
 from service.app.settings import Settings
 from service.clock import Clock
@@ -31,6 +31,7 @@ from service.core.lists import ListDirectory, ListNamer
 from service.core.offsets import OffsetTracker
 from service.metrics import Metrics
 from service.pipeline import flow
+from service.pipeline.ahead import ReadAhead
 from service.pipeline.backpressure import BackPressure
 from service.pipeline.commit import CommitSchedule, Committer
 from service.pipeline.confirm import Confirmer
@@ -58,6 +59,8 @@ class Ports:
     clock: Clock
     rng: random.Random
     housekeeping: Callable[[float], None] = lambda now: None
+    # The read-ahead's reader of backlogs (``pipeline/ahead.py``); None: no read-ahead.
+    scanners: RecordReaderFactory | None = None
     new_id: Callable[[], str] = lambda: uuid.uuid4().hex
 
 
@@ -157,12 +160,13 @@ def build_stages(
         give_up=s.import_give_up_seconds,
     )
     delivery = Delivery(desk, lifecycle)
+    namer = ListNamer(s.list_name_template, s.list_mapping)
     source = Source(
         topic,
         tracker,
         coalescer,
         ports.decoder,
-        ListNamer(s.list_name_template, s.list_mapping),
+        namer,
         confirm,
         ownership,
         metrics,
@@ -197,6 +201,17 @@ def build_stages(
         s.revoke_deadline_seconds,
         turn,
     )
+    if ports.scanners is not None and s.read_ahead_max_keys > 0:
+        rebalance.ahead = ReadAhead(
+            topic,
+            ports.scanners,
+            ports.decoder,
+            namer,
+            stale_tolerance_ms,
+            s.read_ahead_max_keys,
+            s.read_ahead_max_seconds,
+            clock.monotonic,
+        )
     backpressure = BackPressure(
         flow.Bounds(s.max_pending_changes, s.max_tracked_offsets, s.max_pending_bytes),
         ownership,

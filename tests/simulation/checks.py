@@ -190,7 +190,8 @@ class Checks:
         change may have merged later records of the key (``j >= i``), so ``i`` is covered when
         the ledger holds a state of the key from ``i`` on, or a state that one of the key's
         records from ``i`` on asks for (a skip: nothing to write), or nothing at all while one
-        of them is an exit (nothing of ours to undo), or one of them is parked."""
+        of them is an exit (nothing of ours to undo), or one of them is parked, or one of them
+        is not committed yet (it supersedes ``i``; nothing is lost)."""
         sim = self.sim
         records = sim.oracle.records.get(partition, [])
         view = sim.ledger_view.get(partition, {})
@@ -211,6 +212,11 @@ class Checks:
         for key, index in last.items():
             later = [j for j in by_key[key] if j >= index and not records[j].late]
             if any((partition, j) in sim.parked for j in later):
+                continue
+            if any(j >= offset for j in later):
+                # A later record of the key is not committed by this commit: it is read again
+                # after any crash, and its change supersedes this one (the read-ahead of a
+                # backlog completes such records at once).
                 continue
             entry = view.get(key[0])
             state = entry.state(key[1]) if entry else None

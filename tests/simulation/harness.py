@@ -166,6 +166,7 @@ class Replica:
             consumer=self.consumer,
             producer=AckedProducer(self.producer, sleep=world.sleep),
             readers=sim.cluster.readers(),
+            scanners=sim.cluster.scanners(),
             executor=self.executor,
             requests=self.limiter,
             decoder=EventDecoder(READER),

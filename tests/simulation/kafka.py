@@ -28,12 +28,13 @@ broker (Tansu), so the two cannot drift apart.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from service.adapters.kafka import Record as ReadRecord
 from tests.simulation.world import SimCrash, World
 
 PARTITION_EOF = KafkaError._PARTITION_EOF
@@ -199,6 +200,12 @@ class SimCluster:
     def readers(self) -> Callable[[str, Sequence[int]], SimLogReader]:
         def factory(topic: str, partitions: Sequence[int]) -> SimLogReader:
             return SimLogReader(self, topic, partitions)
+
+        return factory
+
+    def scanners(self) -> Callable[[str, Mapping[int, int]], SimRecordScanner]:
+        def factory(topic: str, starts: Mapping[int, int]) -> SimRecordScanner:
+            return SimRecordScanner(self, topic, starts)
 
         return factory
 
@@ -596,6 +603,36 @@ class SimLogReader:
         self.at = 0
 
     def read(self, max_records: int, timeout: float) -> list[tuple[int, bytes, bytes | None]]:
+        chunk = self.rows[self.at : self.at + max_records]
+        self.at += len(chunk)
+        if self.world.current is not None:
+            self.world.sleep(0.001 + len(chunk) * 2e-6)
+        return chunk
+
+    def done(self) -> bool:
+        return self.at >= len(self.rows)
+
+    def close(self) -> None:
+        self.rows = []
+
+
+class SimRecordScanner:
+    """The read-ahead's reader: partitions from given offsets (-2: the beginning) to their end
+    when it starts, with coordinates; a few ms of virtual time per batch, like the log reader."""
+
+    def __init__(self, cluster: SimCluster, topic: str, starts: Mapping[int, int]) -> None:
+        if topic not in cluster.topics:
+            raise LookupError(f"topic {topic} does not exist")
+        self.world = cluster.world
+        self.rows: list[ReadRecord] = [
+            ReadRecord(p, offset, r.timestamp_ms, r.key, r.value, tuple(r.headers or ()))
+            for p, start in sorted(starts.items())
+            for offset, r in enumerate(list(cluster.log(topic, p)))
+            if offset >= max(0, start)
+        ]
+        self.at = 0
+
+    def read(self, max_records: int, timeout: float) -> list[ReadRecord]:
         chunk = self.rows[self.at : self.at + max_records]
         self.at += len(chunk)
         if self.world.current is not None:

@@ -188,3 +188,53 @@ def test_outstanding_and_distance_agree_with_the_commit_point(
         for o in mine:
             assert t.distance(p, o) == max(0, o - commit[p])
     assert len(t) == sum(t.outstanding(p) for p in range(3))
+
+
+def test_a_long_window_with_gaps_agrees_with_a_plain_model_as_it_shifts_down() -> None:
+    """Ten thousand offsets with gaps, completed out of order: the byte-per-offset window (shifted
+    down once the head is 4,096 entries in) answers what a list of offsets and a set would."""
+    import random
+
+    rnd = random.Random(14)
+    tracker = OffsetTracker()
+    offsets: list[int] = []
+    offset = 1_000_000
+    for _ in range(10_000):
+        offset += rnd.choice([1, 1, 1, 2, 7])  # transaction markers and the like: gaps
+        assert tracker.track(0, offset)
+        offsets.append(offset)
+    done: set[int] = set()
+    order: list[int] = []
+    for start in range(0, len(offsets), 64):  # roughly in order, so the head moves along
+        chunk = offsets[start : start + 64]
+        rnd.shuffle(chunk)
+        order += chunk
+    for step, completed in enumerate(order):
+        tracker.complete(0, completed)
+        done.add(completed)
+        if step % 97 == 0 or step == len(order) - 1:
+            first = next((o for o in offsets if o not in done), offsets[-1] + 1)
+            assert tracker.committable() == {0: first}
+            assert tracker.outstanding(0) == sum(1 for o in offsets if o >= first)
+            assert tracker.distance(0, offsets[-1]) == max(0, offsets[-1] - first)
+    assert len(tracker) == 0
+    assert tracker.track(0, offsets[-1] + 50)  # a new window after everything was done
+    assert tracker.committable() == {0: offsets[-1] + 50}
+
+
+def test_the_window_does_not_keep_what_was_committed() -> None:
+    """Memory: a partition that keeps up holds bytes for its outstanding offsets only."""
+    from service.core.offsets import COMPACT_AFTER
+
+    tracker = OffsetTracker()
+    tracker.track(0, 0)  # held back: the window may not restart empty
+    for offset in range(1, 100_000):
+        tracker.track(0, offset)
+    tracker.complete(0, 0)
+    for offset in range(1, 99_000):
+        tracker.complete(0, offset)
+        if offset % 1000 == 0:
+            tracker.committable()
+    assert tracker.committable() == {0: 99_000}
+    held = len(tracker._partitions[0].states)  # the memory is the point
+    assert held <= 1_000 + 2 * COMPACT_AFTER, held

@@ -36,6 +36,9 @@ def test_defaults() -> None:
     assert (
         load_settings(env(COALESCE_FROM_PUBLISH_TIME="false")).coalesce_from_publish_time is False
     )
+    assert (s.read_ahead_max_keys, s.read_ahead_max_seconds) == (500_000, 120.0)
+    off = load_settings(env(READ_AHEAD_MAX_KEYS="0", READ_AHEAD_MAX_SECONDS="5"))
+    assert (off.read_ahead_max_keys, off.read_ahead_max_seconds) == (0, 5.0)
 
 
 @pytest.mark.parametrize(
@@ -53,6 +56,9 @@ def test_missing_required_names_the_variable(name: str) -> None:
         ("AC_RATE_LIMIT_PER_SECOND", "fast"),
         ("AC_RATE_LIMIT_PER_SECOND", "0"),
         ("COALESCE_WINDOW_SECONDS", "-1"),
+        ("READ_AHEAD_MAX_KEYS", "-1"),
+        ("READ_AHEAD_MAX_KEYS", "many"),
+        ("READ_AHEAD_MAX_SECONDS", "-0.5"),
         ("METRICS_PORT", "70000"),
         ("METRICS_PORT", "12.5"),
         ("LOG_LEVEL", "LOUD"),
@@ -194,6 +200,8 @@ MARKER = "s3cret-PASTED-7f3a"
         "COALESCE_WINDOW_SECONDS",
         "COALESCE_FROM_PUBLISH_TIME",
         "MAX_PENDING_CHANGES",
+        "READ_AHEAD_MAX_KEYS",
+        "READ_AHEAD_MAX_SECONDS",
         "METRICS_PORT",
         "LOG_LEVEL",
         "AC_RATE_SHARE",
