@@ -7,8 +7,7 @@ Invariants:
 - a key becomes due ``window`` seconds after its *first* pending event (a hot key cannot starve);
   once its partition is caught up (``expedite``), ``window`` after that event was *published*
   if that is sooner: a backlog is then sent when a consumer that had kept up would have sent it,
-  instead of waiting a window after we read it; a record known to be its key's last in the
-  backlog read ahead (``final``) is due at once;
+  instead of waiting a window after we read it;
 - changes of one email are handed out together, and never while that email is busy elsewhere
   (the caller passes the busy set), so AC never sees two requests for one email at once; a due
   change of a busy email waits aside until the caller ``release``s the email (not re-examined on
@@ -143,13 +142,9 @@ class Coalescer:
         offset: int,
         now: float,
         headers: list[tuple[str, bytes]] | None = None,
-        *,
-        final: bool = False,
     ) -> bool:
         """Add one event. True when it superseded a pending change for the same key.
         ``headers``: the record's own Kafka headers (kept with ``raw`` for the DLQ).
-        ``final``: no later record of the key is in the backlog read ahead, so there is nothing
-        to wait a window for: a new change is due at once.
 
         Runs once per consumed record: ``_insert`` and ``_push`` are written out here, since a
         Python call costs about as much as each of their steps.
@@ -186,7 +181,7 @@ class Coalescer:
                 current.attempts = 0
                 current.failing_since = None
             return True
-        due_at = now if final else now + self.window
+        due_at = now + self.window
         change = PendingChange(partition, email, target, event, raw, [offset], now, due_at)
         if headers:
             change.headers = headers

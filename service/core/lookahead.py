@@ -24,7 +24,7 @@ Invariants:
 - a record that could not be indexed (poison, its writer schema unavailable) supersedes
   nothing, and is processed as usual when it is read;
 - bounded by the caller: at most ``max_keys`` keys over a replica's partitions (``Backlog.keys``
-  says how many), each ~150 bytes.
+  says how many), ~85 bytes each; a key is forgotten once its kept record is processed.
 """
 
 from __future__ import annotations
@@ -69,11 +69,18 @@ class Backlog:
         self._winner[key] = (offset << 64) | (occurred_at_ms + _BIAS)
 
     def superseded(self, key: Hashable, offset: int) -> bool:
-        """Does a later record of ``key``, read ahead, make the record at ``offset`` moot?"""
+        """Does a later record of ``key``, read ahead, make the record at ``offset`` moot?
+        Asked in offset order; once the record kept for ``key`` is asked about, the key is
+        forgotten (what follows it in the backlog is processed as usual: the guard folds it)."""
         if offset >= self.end:
             return False
         winner = self._winner.get(key)
-        return winner is not None and (winner >> 64) > offset
+        if winner is None:
+            return False
+        kept = winner >> 64
+        if kept == offset:
+            del self._winner[key]  # the index shrinks as the backlog is processed
+        return kept > offset
 
     def passed(self, offset: int) -> bool:
         """Has processing reached the last record read ahead (the index can go)?"""

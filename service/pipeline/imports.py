@@ -267,7 +267,12 @@ class ImportLifecycle:
             )
             return self._maybe_give_up(imp, now)
         elapsed = now - imp.started
-        self.expected_seconds = 0.7 * self.expected_seconds + 0.3 * min(elapsed, 60.0)
+        # Done at the first poll: AC took *at most* ``elapsed``, and a poll that waited behind a
+        # minute's burst of imports says nothing about AC; learning from it pushed every next
+        # first poll later (20-30 s on a first load, the drain's last confirmation with it). It
+        # may only lower the estimate. After a "processing", AC was slower than expected.
+        sample = min(elapsed, self.expected_seconds) if imp.polls == 0 else elapsed
+        self.expected_seconds = 0.7 * self.expected_seconds + 0.3 * min(sample, 60.0)
         return completed(imp, status) + self._close(imp, release=True)
 
     def _maybe_give_up(self, imp: Import, now: float) -> list[Action]:

@@ -191,16 +191,8 @@ class Source:
             if backlog is not None and self._superseded(backlog, partition, message, event, target):
                 coalesced += 1
                 continue
-            offset = message.offset()
             coalesced += self.coalescer.add(
-                partition,
-                target,
-                event,
-                message.value(),
-                offset,
-                now,
-                message.headers(),
-                final=backlog is not None and offset < backlog.end,
+                partition, target, event, message.value(), message.offset(), now, message.headers()
             )
         self._counters["valid"].inc(valid)
         self.metrics.events_coalesced.inc(coalesced)

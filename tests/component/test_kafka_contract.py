@@ -41,8 +41,8 @@ from confluent_kafka import (
 from confluent_kafka import Consumer as KafkaConsumer
 from confluent_kafka import Producer as KafkaProducer
 
-from service.adapters.kafka import Consumer, LogReaderFactory, Producer
-from service.adapters.kafka_readers import kafka_log_reader
+from service.adapters.kafka import Consumer, LogReaderFactory, Producer, RecordReaderFactory
+from service.adapters.kafka_readers import kafka_log_reader, record_scanner
 from service.app.settings import Settings
 from service.app.settings_loader import load_settings
 from service.devtools.localbroker import create_topics
@@ -85,6 +85,9 @@ class Kafka:
         raise NotImplementedError
 
     def readers(self) -> LogReaderFactory:
+        raise NotImplementedError
+
+    def scanners(self) -> RecordReaderFactory:
         raise NotImplementedError
 
     def produce(
@@ -140,6 +143,9 @@ class SimKafka(Kafka):
 
     def readers(self) -> LogReaderFactory:
         return self.cluster.readers()
+
+    def scanners(self) -> RecordReaderFactory:
+        return self.cluster.scanners()
 
     def produce(
         self, topic: str, records: Sequence[tuple[int, bytes | None, bytes | None]]
@@ -218,6 +224,9 @@ class RealKafka(Kafka):
 
     def readers(self) -> LogReaderFactory:
         return kafka_log_reader(self.settings().consumer_config())
+
+    def scanners(self) -> RecordReaderFactory:
+        return record_scanner(self.settings().consumer_config())
 
     def produce(
         self, topic: str, records: Sequence[tuple[int, bytes | None, bytes | None]]
@@ -763,6 +772,49 @@ def read_log(k: Kafka) -> None:
 
 def test_log_reader_reads_to_the_end_with_tombstones(kafka: Kafka) -> None:
     kafka.run(read_log)
+
+
+def scan_from_offsets(k: Kafka) -> None:
+    """The read-ahead's reader: each partition from its offset (-2: the beginning) to the end
+    seen when it started, keyless records included, with their coordinates."""
+    topic = k.topic(4)
+    k.produce(
+        topic,
+        [
+            (0, b"k1", b"v1"),
+            (0, b"k2", b"v2"),
+            (0, None, b"keyless"),
+            (1, b"k3", b"v3"),
+            (1, b"k4", b"v4"),
+            (3, b"k5", b"not asked for"),
+        ],
+    )
+    reader = k.scanners()(topic, {0: 1, 1: -2, 2: 0})  # partition 2 is empty, 3 is not read
+    rows: list[tuple[int, int, bytes | None, bytes | None]] = []
+    deadline = Deadline(k, "the scanner's end")
+    while not reader.done():
+        deadline.check(lambda: rows)
+        batch = reader.read(2, 0.1)
+        assert len(batch) <= 2
+        rows.extend((r.partition, r.offset, r.key, r.value) for r in batch)
+    assert sorted(rows) == [
+        (0, 1, b"k2", b"v2"),
+        (0, 2, None, b"keyless"),
+        (1, 0, b"k3", b"v3"),
+        (1, 1, b"k4", b"v4"),
+    ]
+    k.produce(topic, [(0, b"k6", b"late")])
+    assert reader.read(100, 0.2) == []
+    assert reader.done()
+    reader.close()
+    empty = k.scanners()(topic, {})
+    assert empty.done()
+    assert empty.read(100, 0.1) == []
+    empty.close()
+
+
+def test_scanner_reads_from_offsets_to_the_end(kafka: Kafka) -> None:
+    kafka.run(scan_from_offsets)
 
 
 # ---- 6. two members: partitions split, handed over on close ----------------------------------

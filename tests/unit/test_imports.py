@@ -354,15 +354,36 @@ def test_a_completed_import_records_what_each_change_left_in_ac() -> None:
         Learn(["11", "12"], {"a@x.co": (0, 3), "b@x.co": (1, 4)}),
         *closes(imp.import_id, [0, 1], {"a@x.co", "b@x.co"}),
     ]
-    assert life.expected_seconds == pytest.approx(0.7 * 2.0 + 0.3 * 10.0)
+    # Done at its first poll, 10 s after it was queued: AC took at most that (the poll may have
+    # waited behind other requests), so the expected time does not grow from it.
+    assert life.expected_seconds == pytest.approx(2.0)
     assert life.imports == {}
 
 
 def test_the_expected_time_learns_at_most_a_minute_from_one_import() -> None:
     life = lifecycle()
     imp = queued(life, [group("a@x.co", 0)])
+    life.polled(imp.import_id, ImportStatus(False, [], []), 102.0)  # still processing
     life.polled(imp.import_id, ImportStatus(True, [], []), 100.0 + 600.0)
     assert life.expected_seconds == pytest.approx(0.7 * 2.0 + 0.3 * 60.0)
+
+
+def test_a_late_first_poll_never_pushes_the_next_first_polls_later() -> None:
+    """A first load's polls waited behind each minute's burst of imports; learned as AC's
+    processing time, that delay set every next first poll 20-30 s out, the drain's last
+    confirmation too. Done at the first poll: the estimate may fall, never rise."""
+    life = lifecycle()
+    for n, done_after in enumerate([25.0, 30.0, 28.0]):
+        imp = queued(life, [group(f"p{n}@x.co", n)])
+        life.polled(imp.import_id, ImportStatus(True, [], []), imp.started + done_after)
+    assert life.expected_seconds == pytest.approx(2.0)
+    quick = queued(life, [group("q@x.co", 9)])
+    life.polled(quick.import_id, ImportStatus(True, [], []), quick.started + 1.0)
+    assert life.expected_seconds == pytest.approx(0.7 * 2.0 + 0.3 * 1.0)
+    slow = queued(life, [group("s@x.co", 10)])
+    life.polled(slow.import_id, ImportStatus(False, [], []), slow.started + 1.7)
+    life.polled(slow.import_id, ImportStatus(True, [], []), slow.started + 5.0)
+    assert life.expected_seconds == pytest.approx(0.7 * 1.7 + 0.3 * 5.0)
 
 
 def test_emails_ac_reports_as_failed_go_back_per_contact() -> None:

@@ -24,12 +24,13 @@ def test_the_last_record_of_a_key_supersedes_the_earlier_ones_and_only_them() ->
     for offset, key in enumerate([("x", A), ("x", B), ("x", A), ("y", A)]):
         backlog.read(offset)
         backlog.add(key, offset, 1000 + offset)
+    assert backlog.keys == 3 and backlog.end == 4
     assert backlog.superseded(("x", A), 0)
     assert not backlog.superseded(("x", A), 2)  # the last one: applied
     assert not backlog.superseded(("x", B), 1)  # another list of the same email
     assert not backlog.superseded(("y", A), 3)
     assert not backlog.superseded(("z", A), 0)  # never read ahead
-    assert backlog.keys == 3 and backlog.end == 4
+    assert backlog.keys == 0  # each key forgotten once its kept record was asked about
 
 
 def test_records_past_the_end_read_ahead_are_never_superseded() -> None:
@@ -282,18 +283,6 @@ def test_a_reader_that_fails_ends_the_read_with_what_was_indexed() -> None:
 
 
 # ---- what the read-ahead's drain relies on -------------------------------------------------
-
-
-def test_a_change_final_in_the_backlog_is_due_at_once_and_others_a_window_later() -> None:
-    coalescer = Coalescer(5.0)
-    entered = MembershipEvent("e1", 0, "p@x.com", "aud", "A", Action.ENTERED)
-    coalescer.add(0, A, entered, None, 1, 100.0, final=True)
-    coalescer.add(0, B, entered, None, 2, 100.0)
-    assert coalescer.next_due_at() == 100.0
-    [group] = coalescer.take_due(100.0, limit=10, busy=set())
-    assert [c.target for c in group] == [A, B]  # the email's changes leave together
-    coalescer.add(0, A, entered, None, 3, 101.0)
-    assert coalescer.next_due_at() == 106.0
 
 
 def test_an_import_poll_waits_in_the_urgent_lane_with_the_imports() -> None:
