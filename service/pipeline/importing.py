@@ -93,12 +93,21 @@ class Importing:
                 return
             if len(self.preparing) >= MAX_PREPARING or not self.lifecycle.budget.available(wall):
                 return  # the batch grows while we wait for an import slot
+            if self._sending() >= max(1, self.desk.settings.concurrency // 2):
+                # Half the workers are left to the polls that confirm imports: a minute's
+                # burst of imports otherwise held every worker, and the polls (the commit with
+                # them) waited for the burst to end.
+                return
             if not flush and self._filling(now):
                 return
             if self.lists.stale(self.ready, now):
                 self.lists.reverify(self.ready, now)
                 return
             self._prepare(now, wall)
+
+    def _sending(self) -> int:
+        """Imports on their way to AC: waiting for their write-ahead or in a worker."""
+        return len(self.preparing) + sum(1 for _ in self.desk.dispatcher.tasks(ImportTask))
 
     def may_gather(self) -> bool:
         """Could an import's minimum still gather? Counts everything that may become ready:

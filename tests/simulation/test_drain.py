@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import replace
+from typing import Any
 
 from service.pipeline.dispatch import LearnTask
 from tests.simulation.harness import TOPIC, Profile, Replica, Simulation
@@ -63,11 +64,15 @@ def _drain(sim: Simulation, after: float, limit: float) -> float:
     return sim.world.now
 
 
-def _simulation(seed: int) -> tuple[Simulation, Replica]:
+def _simulation(seed: int, **settings: Any) -> tuple[Simulation, Replica]:
     sim = Simulation(seed, Profile(partitions=2, replicas=1, events=0, crashes=0, faults=0))
     # The service's defaults for what this measures: the busy commit schedule and the grace.
     sim.settings = replace(
-        sim.settings, commit_interval_seconds=5.0, shutdown_grace_seconds=20.0, bulk_min_contacts=10
+        sim.settings,
+        commit_interval_seconds=5.0,
+        shutdown_grace_seconds=20.0,
+        bulk_min_contacts=10,
+        **settings,
     )
     return sim, sim.start_replica()
 
@@ -131,3 +136,23 @@ def test_a_trickle_of_new_people_is_sent_as_it_falls_due_two_requests_each() -> 
     # slot it may fall on). Before: 0.69-0.90 s, the two pauses included.
     bound = 0.25 + 2 * interval
     assert max(late) < bound, f"sent this long after a window: {late}"
+
+
+def test_the_polls_of_a_burst_of_imports_are_not_held_back_until_the_burst_ends() -> None:
+    """An import is confirmed by its ``import/info`` poll. Imports took every worker while a
+    minute's burst lasted, so the polls (and the commit) waited for its end: the 500,000-event
+    drain's last 64 polls came in a row after its last import, 16 s. Polls now share the
+    urgent lane, and imports leave them half the workers."""
+    # The service's pending bound: the whole backlog is read at once (the simulation's small
+    # bound would pause it between groups of imports, hiding the burst).
+    sim, _ = _simulation(24, max_pending_changes=100_000)
+    contacts = 30 * 250
+    t0 = _produce_over(sim, contacts, 0.5)
+    _drain(sim, t0 + 0.5, 300.0)
+    imports = [a.at for a in sim.account.arrivals if a.path.endswith("/import/bulk_import")]
+    polls = [a.at for a in sim.account.arrivals if a.path.endswith("/import/info")]
+    assert len(imports) == 30, len(imports)
+    # The first poll is due 2 s (the expected processing time) after the first import; it
+    # waited for 23 more imports before (6.2 s).
+    first = polls[0] - imports[0]
+    assert first < 4.0, f"the first poll came {first:.1f}s after the first import"
