@@ -10,7 +10,9 @@ booked yet: bulk imports, because AC allows only 100 a minute and an import that
 reads for its request slot holds a worker past the next import tick; ``background`` waiters
 (learning contact ids) only get a slot no one else is waiting for. A booked slot is void when
 the bucket's epoch changes (a 429's pause, a new share after a rebalance): its holder books
-again, so no request leaves in a tick that is no longer ours.
+again, so no request leaves in a tick that is no longer ours. Right before the write the
+transport asks once more (``leaving``): a thread held up since its slot (the GIL, a busy core)
+gives the slot up past the tolerance, or moves the next slots a full interval past its send.
 """
 
 from __future__ import annotations
@@ -108,6 +110,22 @@ class RateLimiter:
         """Block until this caller may send one request; return the seconds waited. Waiters go
         by ``priority`` (0 urgent, 1 normal, 2 background), then in arrival order."""
         began = self._clock()
+        self.acquire_slot(urgent=urgent, priority=priority)
+        return self._clock() - began
+
+    def leaving(self, start: float) -> bool:
+        """The request given the slot at ``start`` is about to be written: may it go now
+        (``LeakyBucket.leaving``)? False: too late, acquire another slot."""
+        with self._turn:
+            epoch = self._bucket.epoch
+            go = self._bucket.leaving(start, self._clock())
+            if self._bucket.epoch != epoch:
+                self._turn.notify_all()  # the slots booked are void: their holders book again
+            return go
+
+    def acquire_slot(self, *, urgent: bool = False, priority: int | None = None) -> float:
+        """``acquire``, returning when the slot started (for ``leaving``)."""
+        began = self._clock()
         with self._turn:
             rank = priority if priority is not None else (0 if urgent else 1)
             ticket = (rank, next(self._tickets))
@@ -121,7 +139,7 @@ class RateLimiter:
                 heapq.heappop(self._queue)
                 self._booked = True
                 try:
-                    self._sleep_until_slot()
+                    start = self._sleep_until_slot()
                 finally:
                     self._booked = False
                     self._turn.notify_all()
@@ -130,12 +148,11 @@ class RateLimiter:
                     self._queue.remove(ticket)
                     heapq.heapify(self._queue)
                 self.waiting -= 1
-        waited = self._clock() - began
         if self._on_wait is not None:
-            self._on_wait(waited)
-        return waited
+            self._on_wait(self._clock() - began)
+        return start
 
-    def _sleep_until_slot(self) -> None:
+    def _sleep_until_slot(self) -> float:
         """Book the next slot and sleep until it starts (lock held, released while waiting).
         A new epoch (a 429, a new share) voids the slot: book again."""
         while True:
@@ -148,7 +165,7 @@ class RateLimiter:
                 left = start - now
                 if left <= 0:
                     if self._bucket.on_time(start, now):
-                        return
+                        return start
                     break  # woken too late: the slot is void, the outer loop books the next
                 self._turn.wait(min(left, _MAX_WAIT))
 
@@ -169,10 +186,16 @@ class RateLimitedTransport(httpx.BaseTransport):
         self._wall = wall
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        self._limiter.acquire(priority=int(request.extensions.get(PRIORITY, 1)))
+        priority = int(request.extensions.get(PRIORITY, 1))
         cancel = request.extensions.get(CANCEL)
-        if cancel is not None and cancel.is_set():
-            raise RequestCancelled("revoked while waiting for a slot: not sent")
+        while True:
+            start = self._limiter.acquire_slot(priority=priority)
+            if cancel is not None and cancel.is_set():
+                raise RequestCancelled("revoked while waiting for a slot: not sent")
+            # The last moment before the write: a thread held up since its slot gives it up
+            # (or moves the next slots), rather than leave bunched with them.
+            if self._limiter.leaving(start):
+                break
         response = self._inner.handle_request(request)
         pause = pause_after(response.status_code, response.headers.get("Retry-After"), self._wall())
         if pause:

@@ -102,6 +102,20 @@ class LeakyBucket:
         ``tolerance`` (a thread woken late) it is void: book the next one instead."""
         return now - start <= self.tolerance + 1e-9
 
+    def leaving(self, start: float, now: float) -> bool:
+        """A request given the slot that started at ``start`` is about to be written at
+        ``now``. Later than ``tolerance``: the slot is void (book the next one). Later than
+        the guard: it goes, and the next slots keep ``interval`` from when it really left
+        (slots booked are void: a new epoch). A thread held up between its slot and its send
+        (the GIL, a busy core) otherwise left ~0.2 s late, right before the next slot's
+        request: AC counted 6 in one second on the 500,000-event benchmark."""
+        if not self.on_time(start, now):
+            return False
+        if now - start > self.guard:
+            self.next_free = max(self.next_free, now + self.interval)
+            self.epoch += 1
+        return True
+
     def owner(self, tick: int) -> int:
         """Who owns wall-clock tick ``tick``: ``TOOLS`` or a partition."""
         every = self.tools_every
