@@ -107,7 +107,7 @@ class Delivery:
             self.importing.start(now, flush=flush)
         self._start_singles(now)
         if not flush:  # shutting down: learning would only keep the shutdown waiting
-            self.importing.start_learning()
+            self.importing.start_learning(now)
 
     def _take(self, now: float, *, flush: bool) -> None:
         queued = len(self.importing.ready) + len(self.single)

@@ -94,6 +94,7 @@ class LearnBatch:
     ids: deque[str]
     emails: dict[str, tuple[int, int]]  # email -> (partition, generation)
     asking: int = 0  # ids in reads not answered yet
+    since: float = 0.0  # when its import completed
 
     def done(self) -> bool:
         return not self.ids and not self.asking

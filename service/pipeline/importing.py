@@ -51,6 +51,7 @@ IMPORT_GATHER_BUSY_SECONDS = 5.0
 # partial ones (what binds a drain is exactly those requests and that minute).
 IMPORT_FILL_SECONDS = 2.0
 MAX_TO_LEARN = 200_000  # ids (a few MB): a first load's worth
+LEARN_DEFER_SECONDS = 60.0  # background learning waits this long while imports are sent
 MAX_PREPARING = 2
 
 
@@ -203,15 +204,20 @@ class Importing:
 
     # ---- learning contact ids ---------------------------------------------------------------
 
-    def start_learning(self) -> None:
+    def start_learning(self, now: float) -> None:
         """One read of up to 100 ids at a time. At background priority it takes a request slot
         only when nothing else waits for one (imports and their polls leave about a third of
         the budget free at full speed, so a first load learns most of its ids for free); while
         an exit waits for one of these ids, at normal priority: a read of 100 ids then saves
-        up to 100 reads of one email each."""
+        up to 100 reads of one email each. While a drain's imports are on their way, not for
+        the first ``LEARN_DEFER_SECONDS`` (a burst's drain is its requests: a read taken in a
+        gap between its imports and polls moved its last confirmation a slot later each)."""
         if not self.to_learn:
             return
         urgent = self.verification.awaiting_ids()
+        draining = bool(self.lifecycle.imports) or bool(self.ready) or bool(self.preparing)
+        if not urgent and draining and now - self.to_learn[0].since < LEARN_DEFER_SECONDS:
+            return
         if len(list(self.desk.dispatcher.tasks(LearnTask))) >= (2 if urgent else 1):
             return
         if self.desk.room() < 2:
@@ -342,7 +348,7 @@ class Importing:
         self.desk.adopted -= action.emails
 
     def _learn(self, action: steps.Learn, now: float) -> None:
-        batch = LearnBatch(deque(action.ids), dict(action.emails))
+        batch = LearnBatch(deque(action.ids), dict(action.emails), since=now)
         self.to_learn.append(batch)
         for email in batch.emails:
             self.desk.learning[email] = batch

@@ -156,3 +156,30 @@ def test_the_polls_of_a_burst_of_imports_are_not_held_back_until_the_burst_ends(
     # waited for 23 more imports before (6.2 s).
     first = polls[0] - imports[0]
     assert first < 4.0, f"the first poll came {first:.1f}s after the first import"
+
+
+def test_ids_are_not_learned_in_the_gaps_of_a_drain_under_a_minute() -> None:
+    """A burst's drain is its requests: the 100,000-event benchmark's 11 reads of ids, taken in
+    gaps between its imports and polls, each moved the last confirmation a slot later. Learning
+    waits while imports are on their way, for up to a minute."""
+    sim, _ = _simulation(25, max_pending_changes=100_000)
+    t0 = _produce_over(sim, 30 * 250, 0.5)
+    _drain(sim, t0 + 0.5, 300.0)
+    polls = [a.at for a in sim.account.arrivals if a.path.endswith("/import/info")]
+    reads = [a.at for a in sim.account.arrivals if a.method == "GET" and "/contacts" in a.path]
+    assert polls[-1] - t0 < 60.0  # the drain took less than a minute
+    early = [round(t - t0, 1) for t in reads if t < polls[-1]]
+    assert not early, f"ids read during the drain at {early}"
+
+
+def test_ids_are_learned_during_a_drain_longer_than_a_minute_after_a_minute() -> None:
+    """Not at all during a long drain would leave every exit of its contacts to a read by email
+    (one request each) for as long as a steady stream keeps imports on their way."""
+    sim, _ = _simulation(26, max_pending_changes=100_000)
+    t0 = _produce_over(sim, 110 * 250, 0.5)  # more imports than AC allows in a minute
+    _drain(sim, t0 + 0.5, 600.0)
+    polls = [a.at for a in sim.account.arrivals if a.path.endswith("/import/info")]
+    reads = [a.at for a in sim.account.arrivals if a.method == "GET" and "/contacts" in a.path]
+    during = [t for t in reads if t < polls[-1]]
+    assert during, "no id learned during the drain"
+    assert min(during) - polls[0] >= 55.0, round(min(during) - polls[0], 1)
