@@ -70,8 +70,9 @@ class OffsetTracker:
 
     @staticmethod
     def _head(state: _Partition) -> int:
-        """The first not-done offset, or last tracked + 1 (call ``_advance`` first)."""
-        return state.base + state.head if state.head < len(state.states) else state.next_offset
+        """The first not-done offset, or last tracked + 1 when every one is done (the window
+        covers ``base`` to last tracked exactly; call ``_advance`` first)."""
+        return state.base + state.head
 
     def committable(self) -> dict[int, int]:
         """Partition -> offset to commit (the first not-done offset)."""

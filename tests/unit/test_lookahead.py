@@ -293,3 +293,12 @@ def test_an_import_poll_waits_in_the_urgent_lane_with_the_imports() -> None:
     call = acapi.import_info("7")
     first = next(call)
     assert first.endpoint == "/import/info" and first.priority == acapi.URGENT
+
+
+def test_the_guard_compares_the_exact_event_time_it_packed() -> None:
+    """Odd times, no tolerance: a record one millisecond older than the kept one is stale."""
+    backlog = Backlog(0)
+    backlog.add(("x", A), 0, 1001)
+    backlog.add(("x", A), 1, 1000)
+    backlog.read(1)
+    assert not backlog.superseded(("x", A), 0)

@@ -402,6 +402,8 @@ def test_a_send_held_up_after_its_slot_moves_the_next_slots_or_gives_its_slot_up
     259.45 s left at 259.673 s, 14 ms before the next slot's request: six in one second. The
     last check before the write now sees how late it is."""
     b = LeakyBucket(5, guard=0.04)  # interval 0.24 s, tolerance 0.1 s
+    b.share(None, 3)  # an epoch already moved on (a rebalance): a new one must differ from it
+    b.share(None, 4)
     start = b.reserve(100.0)
     booked = b.reserve(100.0)  # the next waiter's slot: 100.24
     epoch = b.epoch
