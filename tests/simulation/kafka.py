@@ -30,12 +30,14 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from service.adapters.kafka import Record as ReadRecord
 from tests.simulation.world import SimCrash, World
+
+Row = TypeVar("Row")
 
 PARTITION_EOF = KafkaError._PARTITION_EOF
 PURGE_QUEUE = KafkaError._PURGE_QUEUE
@@ -587,60 +589,52 @@ class SimProducer:
         self.dead_at = self.world.now
 
 
-class SimLogReader:
-    """Reads partitions as they are when it starts; a few ms of virtual time per batch."""
+class _RowReader(Generic[Row]):
+    """Rows taken as the log was when reading started; a few ms of virtual time per batch."""
 
-    def __init__(self, cluster: SimCluster, topic: str, partitions: Sequence[int]) -> None:
+    def __init__(self, cluster: SimCluster, topic: str) -> None:
         if topic not in cluster.topics:
             raise LookupError(f"topic {topic} does not exist")
         self.world = cluster.world
-        self.rows: list[tuple[int, bytes, bytes | None]] = [
+        self.rows: list[Row] = []
+        self.at = 0
+
+    def read(self, max_records: int, timeout: float) -> list[Row]:
+        chunk = self.rows[self.at : self.at + max_records]
+        self.at += len(chunk)
+        if self.world.current is not None:
+            self.world.sleep(0.001 + len(chunk) * 2e-6)
+        return chunk
+
+    def done(self) -> bool:
+        return self.at >= len(self.rows)
+
+    def close(self) -> None:
+        self.rows = []
+
+
+class SimLogReader(_RowReader[tuple[int, bytes, bytes | None]]):
+    """Reads partitions as they are when it starts, keyed records only."""
+
+    def __init__(self, cluster: SimCluster, topic: str, partitions: Sequence[int]) -> None:
+        super().__init__(cluster, topic)
+        self.rows = [
             (p, r.key, r.value)
             for p in partitions
             for r in list(cluster.log(topic, p))
             if r.key is not None
         ]
-        self.at = 0
-
-    def read(self, max_records: int, timeout: float) -> list[tuple[int, bytes, bytes | None]]:
-        chunk = self.rows[self.at : self.at + max_records]
-        self.at += len(chunk)
-        if self.world.current is not None:
-            self.world.sleep(0.001 + len(chunk) * 2e-6)
-        return chunk
-
-    def done(self) -> bool:
-        return self.at >= len(self.rows)
-
-    def close(self) -> None:
-        self.rows = []
 
 
-class SimRecordScanner:
+class SimRecordScanner(_RowReader[ReadRecord]):
     """The read-ahead's reader: partitions from given offsets (-2: the beginning) to their end
-    when it starts, with coordinates; a few ms of virtual time per batch, like the log reader."""
+    when it starts, with coordinates, keyless records included."""
 
     def __init__(self, cluster: SimCluster, topic: str, starts: Mapping[int, int]) -> None:
-        if topic not in cluster.topics:
-            raise LookupError(f"topic {topic} does not exist")
-        self.world = cluster.world
-        self.rows: list[ReadRecord] = [
+        super().__init__(cluster, topic)
+        self.rows = [
             ReadRecord(p, offset, r.timestamp_ms, r.key, r.value, tuple(r.headers or ()))
             for p, start in sorted(starts.items())
             for offset, r in enumerate(list(cluster.log(topic, p)))
             if offset >= max(0, start)
         ]
-        self.at = 0
-
-    def read(self, max_records: int, timeout: float) -> list[ReadRecord]:
-        chunk = self.rows[self.at : self.at + max_records]
-        self.at += len(chunk)
-        if self.world.current is not None:
-            self.world.sleep(0.001 + len(chunk) * 2e-6)
-        return chunk
-
-    def done(self) -> bool:
-        return self.at >= len(self.rows)
-
-    def close(self) -> None:
-        self.rows = []
