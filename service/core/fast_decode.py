@@ -30,6 +30,7 @@ does): with a registry, per writer schema id.
 from __future__ import annotations
 
 from collections.abc import Callable
+from sys import intern
 from typing import Any
 
 from service.core.model import (
@@ -137,13 +138,14 @@ def read_event(value: bytes, start: int, email_of: Callable[[str], str]) -> Memb
             return None
         begin = pos + 1
         pos = begin + (x >> 1)
-        audience_id = value[begin:pos].decode().strip()
+        # Interned: a few audiences, each named by every pending change (~110 bytes each).
+        audience_id = intern(value[begin:pos].decode().strip())
         x = value[pos]  # audience_name
         if x & 0x81:
             return None
         begin = pos + 1
         pos = begin + (x >> 1)
-        audience_name = value[begin:pos].decode().strip()
+        audience_name = intern(value[begin:pos].decode().strip())
         x = value[pos]  # action: enum index 0 or 1
         if x & 0xFD:
             return None

@@ -16,15 +16,15 @@ final state of each (email, list): an entry, an exit of someone never subscribed
 send), or nothing at all.
 
 Invariants:
-- ``superseded(key, offset)`` is True only when a record of ``key`` at a *later* offset of the
+- ``superseded(offset)`` is True only when a record of the same key at a *later* offset of the
   same partition was read. That record cannot be committed before its own change settles (the
   commit point stops at the first offset not done), and it will be read again after any crash
   or hand-over, so the record skipped now loses nothing;
 - records at or past ``end`` (published after the read) are never superseded;
 - a record that could not be indexed (poison, its writer schema unavailable) supersedes
   nothing, and is processed as usual when it is read;
-- bounded by the caller: at most ``max_keys`` keys over a replica's partitions (``Backlog.keys``
-  says how many), ~85 bytes each; a key is forgotten once its kept record is processed.
+- bounded by the caller while it is read: at most ``max_keys`` keys over a replica's partitions
+  (``Backlog.keys`` says how many), ~125 bytes each; sealed, a byte per record read ahead.
 """
 
 from __future__ import annotations
@@ -32,23 +32,52 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 _BIAS = 1 << 63  # occurred_at_ms is an Avro long: biased, it packs below the offset
+_MASK = _BIAS * 2 - 1
 
 
 class Backlog:
-    """One partition's backlog, indexed. ``end``: the first offset not read ahead."""
+    """One partition's backlog, indexed. ``end``: the first offset not read ahead.
 
-    __slots__ = ("_winner", "end", "records", "tolerance_ms")
+    Two forms. While it is read (``add``): per key, the record kept so far, ~125 bytes a key.
+    Once sealed (``seal``, or the first ``superseded``): one byte per offset read ahead, set
+    for a record a later record of its key supersedes. The keys are forgotten at once, so a
+    first load's index (40 MB for 316,000 keys) is gone before its records fill the pending
+    bound, and 500,000 records cost 0.5 MB while they are processed.
+    """
+
+    __slots__ = (
+        "_after",
+        "_keys",
+        "_marks",
+        "_start",
+        "_winner",
+        "end",
+        "records",
+        "tolerance_ms",
+    )
 
     def __init__(self, tolerance_ms: int | None) -> None:
         self.tolerance_ms = tolerance_ms
         # key -> offset << 64 | (occurred_at_ms + 2**63): one int per key, not a tuple.
-        self._winner: dict[Hashable, int] = {}
+        self._winner: dict[Hashable, int] | None = {}
+        # key -> offsets of records the guard did not let replace the one kept so far: they
+        # follow the kept record, so nothing later supersedes them unless a newer record
+        # replaces it (rare: only events out of order by more than the tolerance).
+        self._after: dict[Hashable, list[int]] = {}
+        self._marks = bytearray()  # offset - _start -> 1: indexed (sealed: superseded)
+        self._start = -1
+        self._keys = 0  # keys indexed, once sealed
         self.end = 0
         self.records = 0
 
     @property
     def keys(self) -> int:
-        return len(self._winner)
+        """Keys indexed (the read-ahead's bound counts them while it reads)."""
+        return len(self._winner) if self._winner is not None else self._keys
+
+    @property
+    def sealed(self) -> bool:
+        return self._winner is None
 
     def read(self, offset: int) -> None:
         """A record at ``offset`` was read (indexed or not): the index covers up to it."""
@@ -58,30 +87,62 @@ class Backlog:
 
     def add(self, key: Hashable, offset: int, occurred_at_ms: int) -> None:
         """Index a valid record, in offset order. Call ``read`` for it too."""
-        current = self._winner.get(key)
+        winners = self._winner
+        if winners is None:
+            raise RuntimeError("the backlog is sealed")
+        self._mark(offset)
+        current = winners.get(key)
         tolerance = self.tolerance_ms
         if (
             current is not None
             and tolerance is not None
-            and occurred_at_ms + tolerance < (current & (_BIAS * 2 - 1)) - _BIAS
+            and occurred_at_ms + tolerance < (current & _MASK) - _BIAS
         ):
-            return  # the staleness guard keeps the earlier record (``Coalescer.add``)
-        self._winner[key] = (offset << 64) | (occurred_at_ms + _BIAS)
+            # The staleness guard keeps the earlier record (``Coalescer.add``).
+            self._after.setdefault(key, []).append(offset)
+            return
+        winners[key] = (offset << 64) | (occurred_at_ms + _BIAS)
+        if self._after:
+            self._after.pop(key, None)  # they now precede the record kept: superseded
 
-    def superseded(self, key: Hashable, offset: int) -> bool:
-        """Does a later record of ``key``, read ahead, make the record at ``offset`` moot?
-        Asked in offset order; once the record kept for ``key`` is asked about, the key is
-        forgotten (what follows it in the backlog is processed as usual: the guard folds it)."""
-        if offset >= self.end:
-            return False
-        winner = self._winner.get(key)
-        if winner is None:
-            return False
-        kept = winner >> 64
-        if kept == offset:
-            del self._winner[key]  # the index shrinks as the backlog is processed
-        return kept > offset
+    def seal(self) -> None:
+        """Forget the keys: keep a byte per offset, set where a later record supersedes."""
+        winners = self._winner
+        if winners is None:
+            return
+        marks, start = self._marks, self._start
+        for packed in winners.values():
+            marks[(packed >> 64) - start] = 0  # the record kept: not superseded
+        for offsets in self._after.values():
+            for offset in offsets:
+                marks[offset - start] = 0  # after the record kept: processed as usual
+        self._keys = len(winners)
+        self._winner, self._after = None, {}
+
+    def superseded(self, offset: int) -> bool:
+        """Does a later record of the same key, read ahead, make the record at ``offset``
+        moot? (Seals the index.)"""
+        if self._winner is not None:
+            self.seal()
+        index = offset - self._start
+        return 0 <= index < len(self._marks) and self._marks[index] == 1
+
+    def supersedes_any(self) -> bool:
+        """Is any record superseded (else the index saves nothing)? Seals the index."""
+        self.seal()
+        return 1 in self._marks
 
     def passed(self, offset: int) -> bool:
         """Has processing reached the last record read ahead (the index can go)?"""
         return offset + 1 >= self.end
+
+    def _mark(self, offset: int) -> None:
+        if self._start < 0:
+            self._start = offset
+        index = offset - self._start
+        if index < 0:
+            raise ValueError(f"offset {offset} is before the first one indexed ({self._start})")
+        marks = self._marks
+        if index >= len(marks):
+            marks.extend(bytes(index + 1 - len(marks)))
+        marks[index] = 1

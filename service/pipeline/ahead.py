@@ -107,12 +107,15 @@ class ReadAhead:
             bounded = True
         self._job = None
         job.reader.close()
+        keys = sum(b.keys for b in job.backlogs.values())
+        for backlog in job.backlogs.values():
+            backlog.seal()  # the keys go now, before the records fill the pending bound
         logger.info(
             "backlog read ahead",
             extra={
                 "partitions": sorted(job.starts),
                 "records": sum(b.records for b in job.backlogs.values()),
-                "keys": sum(b.keys for b in job.backlogs.values()),
+                "keys": keys,
                 "bounded": bounded,
                 "seconds": round(self.clock() - job.started, 3),
             },

@@ -238,6 +238,17 @@ class ImportLifecycle:
             if i.state is State.QUEUED and i.batch_id is not None and now >= i.next_poll_at
         ]
 
+    def poll_near(self, now: float, within: float) -> bool:
+        """Is a poll in flight, or due within ``within`` seconds?"""
+        horizon = now + within
+        # In flight: ``next_poll_at`` is infinite until the answer is in.
+        return any(
+            i.state is State.QUEUED
+            and i.batch_id is not None
+            and (i.next_poll_at <= horizon or i.next_poll_at == float("inf"))
+            for i in self.imports.values()
+        )
+
     def polling(self, imp: Import, now: float) -> None:
         imp.next_poll_at = float("inf")  # until the answer is in
 

@@ -188,7 +188,7 @@ class Source:
             valid += 1
             self.list_seen(target)
             backlog = self.ahead.get(partition)
-            if backlog is not None and self._superseded(backlog, partition, message, event, target):
+            if backlog is not None and self._superseded(backlog, partition, message):
                 coalesced += 1
                 continue
             coalesced += self.coalescer.add(
@@ -211,15 +211,13 @@ class Source:
         backlog: Backlog,
         partition: int,
         message: Any,
-        event: MembershipEvent,
-        target: ListRef,
     ) -> bool:
         """Does a later record of this key, read ahead, supersede this one? Then it is done now,
         as if coalesced into it: that record is not committed until its own change settles."""
         offset = message.offset()
         if backlog.passed(offset):
             del self.ahead[partition]  # processing reached the end of what was read ahead
-        if not backlog.superseded((event.email, target), offset):
+        if not backlog.superseded(offset):
             return False
         self.tracker.complete(partition, offset)
         return True

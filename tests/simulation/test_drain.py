@@ -176,10 +176,29 @@ def test_ids_are_learned_during_a_drain_longer_than_a_minute_after_a_minute() ->
     """Not at all during a long drain would leave every exit of its contacts to a read by email
     (one request each) for as long as a steady stream keeps imports on their way."""
     sim, _ = _simulation(26, max_pending_changes=100_000)
-    t0 = _produce_over(sim, 110 * 250, 0.5)  # more imports than AC allows in a minute
+    t0 = _produce_over(sim, 200 * 250, 0.5)  # imports for more than two minutes
     _drain(sim, t0 + 0.5, 600.0)
     polls = [a.at for a in sim.account.arrivals if a.path.endswith("/import/info")]
     reads = [a.at for a in sim.account.arrivals if a.method == "GET" and "/contacts" in a.path]
     during = [t for t in reads if t < polls[-1]]
     assert during, "no id learned during the drain"
     assert min(during) - polls[0] >= 55.0, round(min(during) - polls[0], 1)
+
+
+def test_no_id_is_read_between_a_drains_last_import_and_its_last_poll() -> None:
+    """Past the minute, learning still yields to a poll in flight or due within 2 s: the
+    500,000-event load's last 6 s held 9 reads of ids between its last polls, each a slot the
+    drain's last confirmation waited for."""
+    sim, _ = _simulation(27, max_pending_changes=100_000)
+    t0 = _produce_over(sim, 110 * 250, 0.5)  # a second minute of imports, after learning began
+    _drain(sim, t0 + 0.5, 600.0)
+    imports = [
+        a.at
+        for a in sim.account.arrivals
+        if a.method == "POST" and a.path.endswith("/import/bulk_import")
+    ]
+    polls = [a.at for a in sim.account.arrivals if a.path.endswith("/import/info")]
+    reads = [a.at for a in sim.account.arrivals if a.method == "GET" and "/contacts" in a.path]
+    assert imports[-1] - t0 > 60.0  # learning was due during the second minute's imports
+    tail = [round(t - t0, 1) for t in reads if imports[-1] <= t <= polls[-1]]
+    assert not tail, f"ids read at {tail}, before the last poll at {polls[-1] - t0:.1f}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -25,12 +26,12 @@ def test_the_last_record_of_a_key_supersedes_the_earlier_ones_and_only_them() ->
         backlog.read(offset)
         backlog.add(key, offset, 1000 + offset)
     assert backlog.keys == 3 and backlog.end == 4
-    assert backlog.superseded(("x", A), 0)
-    assert not backlog.superseded(("x", A), 2)  # the last one: applied
-    assert not backlog.superseded(("x", B), 1)  # another list of the same email
-    assert not backlog.superseded(("y", A), 3)
-    assert not backlog.superseded(("z", A), 0)  # never read ahead
-    assert backlog.keys == 0  # each key forgotten once its kept record was asked about
+    assert backlog.superseded(0)
+    assert not backlog.superseded(2)  # the last one: applied
+    assert not backlog.superseded(1)  # another list of the same email
+    assert not backlog.superseded(3)
+    assert not backlog.superseded(4)  # never read ahead
+    assert backlog.sealed and backlog.keys == 3  # the first question forgot the keys
 
 
 def test_records_past_the_end_read_ahead_are_never_superseded() -> None:
@@ -38,8 +39,8 @@ def test_records_past_the_end_read_ahead_are_never_superseded() -> None:
     backlog.read(7)
     backlog.add(("x", A), 7, 0)
     assert backlog.end == 8
-    assert not backlog.superseded(("x", A), 8)
-    assert not backlog.superseded(("x", A), 9)
+    assert not backlog.superseded(8)
+    assert not backlog.superseded(9)
     assert backlog.passed(7) and not backlog.passed(6)
 
 
@@ -48,7 +49,7 @@ def test_an_unreadable_record_read_ahead_supersedes_nothing() -> None:
     backlog.read(0)
     backlog.add(("x", A), 0, 0)
     backlog.read(1)  # poison, or its schema unavailable: read, not indexed
-    assert not backlog.superseded(("x", A), 0)
+    assert not backlog.superseded(0)
     assert backlog.end == 2 and backlog.records == 2
 
 
@@ -58,11 +59,50 @@ def test_a_stale_later_record_does_not_supersede_the_one_the_guard_keeps() -> No
     backlog.add(("x", A), 1, 1_000_000 - 60_001)  # a late copy, older than the guard allows
     for offset in (0, 1):
         backlog.read(offset)
-    assert not backlog.superseded(("x", A), 0)  # the guard keeps it, as the coalescer does
-    assert not backlog.superseded(("x", A), 1)  # processed: the coalescer or ledger folds it
+    assert not backlog.superseded(0)  # the guard keeps it, as the coalescer does
+    assert not backlog.superseded(1)  # processed: the coalescer or ledger folds it
+
+
+def test_a_newer_record_after_a_stale_one_supersedes_both() -> None:
+    backlog = Backlog(60_000)
+    backlog.add(("x", A), 0, 1_000_000)
+    backlog.add(("x", A), 1, 1_000_000 - 60_001)  # stale: the guard keeps offset 0
     backlog.add(("x", A), 2, 1_000_000 - 60_000)  # within the tolerance: replaces
-    backlog.read(2)
-    assert backlog.superseded(("x", A), 0)
+    backlog.add(("y", A), 3, 0)
+    backlog.add(("y", A), 4, -60_001)  # stale after y's kept record, and stays so
+    for offset in range(5):
+        backlog.read(offset)
+    assert [backlog.superseded(o) for o in range(5)] == [True, True, False, False, False]
+
+
+def test_sealing_forgets_the_keys_and_keeps_a_byte_per_record() -> None:
+    backlog = Backlog(None)
+    for offset in range(100, 10_100):
+        backlog.read(offset)
+        backlog.add((f"p{offset % 1000}", A), offset, offset)
+    assert backlog.keys == 1000
+    assert backlog.supersedes_any()
+    assert backlog.sealed and backlog.keys == 1000 and not backlog._after
+    assert len(backlog._marks) == 10_000  # one byte per record read ahead
+    assert backlog.superseded(100) and not backlog.superseded(10_099)
+    assert not backlog.superseded(99)  # before the first one read ahead
+    with pytest.raises(RuntimeError, match="sealed"):
+        backlog.add(("x", A), 10_100, 0)
+
+
+def test_a_backlog_whose_records_are_all_last_supersedes_nothing() -> None:
+    backlog = Backlog(None)
+    for offset, email in enumerate(["p", "q", "r"]):
+        backlog.read(offset)
+        backlog.add((email, A), offset, 0)
+    assert not backlog.supersedes_any()
+
+
+def test_records_are_indexed_in_offset_order() -> None:
+    backlog = Backlog(None)
+    backlog.add(("x", A), 5, 0)
+    with pytest.raises(ValueError, match="before the first"):
+        backlog.add(("x", A), 4, 0)
 
 
 def test_negative_event_times_pack_below_the_offset() -> None:
@@ -70,7 +110,7 @@ def test_negative_event_times_pack_below_the_offset() -> None:
     backlog.add(("x", A), 5, -(2**62))
     backlog.add(("x", A), 6, -(2**62) - 11)  # stale beside it
     backlog.read(6)
-    assert not backlog.superseded(("x", A), 5)
+    assert not backlog.superseded(5)
 
 
 EVENTS = st.lists(
@@ -102,7 +142,7 @@ def test_only_the_record_the_coalescer_would_keep_of_each_key_is_left(
     }
     for offset, (email, target, _) in enumerate(events):
         winner = kept[(email, target)]
-        assert backlog.superseded((email, target), offset) == (offset < winner)
+        assert backlog.superseded(offset) == (offset < winner)
 
 
 # ---- the stage ---------------------------------------------------------------------------
@@ -208,10 +248,10 @@ def test_the_stage_reads_from_the_committed_offset_and_indexes_what_it_can_decod
     backlogs = until_done(ahead)
     assert asked == [{0: 1}] and made[0].closed
     backlog = backlogs[0]
-    target = ListRef(name="L")
+    assert backlog.sealed  # the keys go before the records flow
     assert backlog.records == 4 and backlog.end == 5 and backlog.keys == 1
-    assert backlog.superseded(("a@x.com", target), 1)
-    assert not backlog.superseded(("a@x.com", target), 3)
+    assert backlog.superseded(1)
+    assert not backlog.superseded(3)
     assert ahead.reading == frozenset()
 
 
@@ -231,7 +271,7 @@ def test_the_stage_stops_at_its_key_bound_with_the_prefix_indexed() -> None:
     assert 4 <= backlog.keys < 10 and made[0].closed
     # The exit of p0 (offset 10) was never read: the entry is not superseded.
     assert backlog.end < 10
-    assert not backlog.superseded(("p0@x.com", ListRef(name="L")), 0)
+    assert not backlog.superseded(0)
 
 
 def test_the_stage_stops_at_its_time_bound() -> None:
@@ -301,4 +341,4 @@ def test_the_guard_compares_the_exact_event_time_it_packed() -> None:
     backlog.add(("x", A), 0, 1001)
     backlog.add(("x", A), 1, 1000)
     backlog.read(1)
-    assert not backlog.superseded(("x", A), 0)
+    assert not backlog.superseded(0)
