@@ -13,6 +13,8 @@ the bucket's epoch changes (a 429's pause, a new share after a rebalance): its h
 again, so no request leaves in a tick that is no longer ours. Right before the write the
 transport asks once more (``leaving``): a thread held up since its slot (the GIL, a busy core)
 gives the slot up past the tolerance, or moves the next slots a full interval past its send.
+Once the body is written (httpcore's ``trace`` hook) it tells the limiter when (``sent``): a
+write held up past the guard moves the next slots too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 
@@ -34,6 +37,9 @@ PRIORITY = "ac_sync_priority"  # request extension: 0 urgent, 1 normal, 2 backgr
 # its partition moved to another replica never reaches AC after the new owner read it.
 CANCEL = "ac_sync_cancel"
 _MAX_WAIT = 1.0  # a waiter re-checks at least this often (shares and pauses can change)
+# httpcore's trace events ("http11." or "http2." + these) once the request is on the wire.
+_WRITTEN = ("send_request_body.complete", "send_request_body.failed")
+Trace = Callable[[str, dict[str, Any]], None]
 
 
 class RequestCancelled(Exception):
@@ -123,6 +129,14 @@ class RateLimiter:
                 self._turn.notify_all()  # the slots booked are void: their holders book again
             return go
 
+    def sent(self, start: float) -> None:
+        """The request given the slot at ``start`` was written (``LeakyBucket.sent``)."""
+        with self._turn:
+            epoch = self._bucket.epoch
+            self._bucket.sent(start, self._clock())
+            if self._bucket.epoch != epoch:
+                self._turn.notify_all()  # the slots booked are void: their holders book again
+
     def acquire_slot(self, *, urgent: bool = False, priority: int | None = None) -> float:
         """``acquire``, returning when the slot started (for ``leaving``)."""
         began = self._clock()
@@ -196,11 +210,24 @@ class RateLimitedTransport(httpx.BaseTransport):
             # (or moves the next slots), rather than leave bunched with them.
             if self._limiter.leaving(start):
                 break
+        request.extensions["trace"] = self._on_written(start, request.extensions.get("trace"))
         response = self._inner.handle_request(request)
         pause = pause_after(response.status_code, response.headers.get("Retry-After"), self._wall())
         if pause:
             self._limiter.pause_for(pause)
         return response
+
+    def _on_written(self, start: float, inner: Trace | None) -> Trace:
+        """httpcore's trace hook (the ``trace`` request extension): when the request's body
+        is written (or its write failed: it may have reached AC), tell the limiter when."""
+
+        def trace(event: str, info: dict[str, Any]) -> None:
+            if event.endswith(_WRITTEN):
+                self._limiter.sent(start)
+            if inner is not None:
+                inner(event, info)
+
+        return trace
 
     def close(self) -> None:
         self._inner.close()

@@ -55,12 +55,16 @@ def build_runner(settings: Settings, registry: Any, preview: Preview | None = No
         from service.core.budget import TOOLS
 
         limiter.share(frozenset({TOOLS}), 1)
+    # The pool keeps httpx's default size (100 connections), well above the threads that send
+    # (``AC_CONCURRENCY`` at most 64, plus learning and tools): a request waits for its rate
+    # slot before it reaches the pool, and a wait for a connection after its slot would send
+    # it late, bunched with the next slot's. (``httpx.Client(limits=)`` would not apply here
+    # anyway: a client given its own transport leaves the transport's pool as it is.)
     transport = RateLimitedTransport(httpx.HTTPTransport(retries=0), limiter, clock.wall)
     http = httpx.Client(
         base_url=settings.ac_base_url + "/",
         transport=transport,
         timeout=httpx.Timeout(settings.ac_request_timeout_seconds),
-        limits=httpx.Limits(max_connections=settings.ac_concurrency + 2),
         follow_redirects=False,
     )
     driver = HttpDriver(http, lambda: settings.current_token().reveal(), metrics, clock.monotonic)

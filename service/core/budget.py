@@ -111,10 +111,19 @@ class LeakyBucket:
         request: AC counted 6 in one second on the 500,000-event benchmark."""
         if not self.on_time(start, now):
             return False
+        self.sent(start, now)
+        return True
+
+    def sent(self, start: float, now: float) -> None:
+        """The request given the slot that started at ``start`` was written by ``now`` (its
+        last byte handed to the network). Later than the guard: the next slots keep
+        ``interval`` from ``now`` (slots booked are void: a new epoch). ``leaving`` covers a
+        hold-up before the write; this one a hold-up during it (the thread waiting for the
+        GIL between the socket writes while the main thread decodes), which otherwise puts
+        the request right before the next slot's."""
         if now - start > self.guard:
             self.next_free = max(self.next_free, now + self.interval)
             self.epoch += 1
-        return True
 
     def owner(self, tick: int) -> int:
         """Who owns wall-clock tick ``tick``: ``TOOLS`` or a partition."""

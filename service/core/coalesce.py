@@ -79,13 +79,21 @@ class Coalescer:
         self.stale_tolerance_ms = stale_tolerance_ms
         self.stale_records = 0  # records folded by the staleness guard, ever (a metric)
         self._pending: dict[ChangeKey, PendingChange] = {}
-        # email -> the keys of its pending changes (in any partition; usually one). The key
-        # tuples themselves, so adding a change builds no other object for this index.
-        self._by_email: dict[str, list[ChangeKey]] = {}
+        # email -> the key of its pending change, or a list of keys when it has several (in
+        # any partition). The key tuples themselves, and a list only for the second key: this
+        # index builds no object per change (~57 bytes each at 100,000 pending changes).
+        self._by_email: dict[str, ChangeKey | list[ChangeKey]] = {}
         # Due order lives in two queues: new keys arrive with ``now + window`` and ``now`` only
         # grows, so they are already sorted (a deque, O(1)); retries come back at any time (a
-        # heap). Entries whose change was taken or superseded are skipped lazily.
-        self._fresh: deque[tuple[float, int, ChangeKey]] = deque()
+        # heap). Entries whose change was taken or superseded are skipped lazily. The sorted
+        # queue is two parallel deques (the key, the seq it was queued with) rather than one of
+        # (due, seq, key) tuples: a tuple per pending change is ~71 bytes, and the key is the
+        # one ``_pending`` holds. An entry is live while its key's pending change has that seq
+        # (its ``due_at`` is then the one queued). Not the change itself: a dead entry would
+        # keep a change taken long ago (its event, its record) alive until the head reached it.
+        self._fresh: deque[ChangeKey] = deque()
+        self._fresh_seqs: deque[int] = deque()
+        self._fresh_last_due = float("-inf")  # the due of the last entry appended
         self._heap: list[tuple[float, int, ChangeKey]] = []
         self._blocked: dict[str, list[tuple[float, int, ChangeKey]]] = {}  # due, email busy
         self._seq = itertools.count()
@@ -96,41 +104,66 @@ class Coalescer:
         return len(self._pending)
 
     def _push(self, change: PendingChange) -> None:
-        change.seq = next(self._seq)
-        item = (change.due_at, change.seq, change.key)
-        fresh = self._fresh
-        if not fresh or fresh[-1][0] <= change.due_at:
-            fresh.append(item)
+        seq = change.seq = next(self._seq)
+        if change.due_at >= self._fresh_last_due or not self._fresh:
+            self._fresh.append(change.key)
+            self._fresh_seqs.append(seq)
+            self._fresh_last_due = change.due_at
         else:
-            heapq.heappush(self._heap, item)
+            heapq.heappush(self._heap, (change.due_at, seq, change.key))
 
     def _live(self, item: tuple[float, int, ChangeKey]) -> bool:
-        change = self._pending.get(item[2])
-        return change is not None and change.seq == item[1]
+        return self._queued(item[2], item[1])
 
-    def _head(
-        self,
-    ) -> deque[tuple[float, int, ChangeKey]] | list[tuple[float, int, ChangeKey]] | None:
-        """The queue whose first live entry is due first (stale entries dropped on the way)."""
-        fresh, heap = self._fresh, self._heap
-        while fresh and not self._live(fresh[0]):
+    def _queued(self, key: ChangeKey, seq: int) -> bool:
+        change = self._pending.get(key)
+        return change is not None and change.seq == seq
+
+    def _head(self) -> tuple[float, int, ChangeKey, bool] | None:
+        """The first live entry of the queue due first (stale entries dropped on the way):
+        (due, seq, key, whether it is the sorted queue's)."""
+        fresh, seqs, heap = self._fresh, self._fresh_seqs, self._heap
+        while fresh and not self._queued(fresh[0], seqs[0]):
             fresh.popleft()
+            seqs.popleft()
         while heap and not self._live(heap[0]):
             heapq.heappop(heap)
-        if fresh and (not heap or fresh[0] <= heap[0]):
-            return fresh
-        return heap if heap else None
+        if fresh:
+            key = fresh[0]
+            item = (self._pending[key].due_at, seqs[0], key)
+            if not heap or item <= heap[0]:
+                return (*item, True)
+        if heap:
+            return (*heap[0], False)
+        return None
+
+    def _index_email(self, email: str, key: ChangeKey) -> None:
+        keys = self._by_email.get(email)
+        if keys is None:
+            self._by_email[email] = key
+        elif isinstance(keys, list):
+            keys.append(key)
+        else:
+            self._by_email[email] = [keys, key]
+
+    def _email_keys(self, email: str) -> list[ChangeKey]:
+        keys = self._by_email.pop(email, None)
+        if keys is None:
+            return []
+        return keys if isinstance(keys, list) else [keys]
+
+    def _reindex_email(self, email: str, keys: list[ChangeKey]) -> None:
+        if len(keys) > 1:
+            self._by_email[email] = keys
+        elif keys:
+            self._by_email[email] = keys[0]
 
     def _insert(self, change: PendingChange) -> None:
         key = change.key
         self._pending[key] = change
         if change.raw:
             self.raw_bytes += len(change.raw)
-        keys = self._by_email.get(change.email)
-        if keys is None:
-            self._by_email[change.email] = [key]
-        else:
-            keys.append(key)
+        self._index_email(change.email, key)
         self._push(change)
 
     def add(
@@ -190,20 +223,23 @@ class Coalescer:
             self.raw_bytes += len(raw)
         keys = self._by_email.get(email)
         if keys is None:
-            self._by_email[email] = [key]
-        else:
+            self._by_email[email] = key
+        elif isinstance(keys, list):
             keys.append(key)
+        else:
+            self._by_email[email] = [keys, key]
         seq = change.seq = next(self._seq)
-        fresh = self._fresh
-        if not fresh or fresh[-1][0] <= due_at:
-            fresh.append((due_at, seq, key))
+        if due_at >= self._fresh_last_due or not self._fresh:
+            self._fresh.append(key)
+            self._fresh_seqs.append(seq)
+            self._fresh_last_due = due_at
         else:
             heapq.heappush(self._heap, (due_at, seq, key))
         return False
 
     def next_due_at(self) -> float | None:
         head = self._head()
-        return head[0][0] if head else None
+        return head[0] if head else None
 
     def take_due(
         self, now: float, *, limit: int, busy: Container[str], flush_all: bool = False
@@ -216,13 +252,14 @@ class Coalescer:
             head = self._head()
             if head is None:
                 break
-            due_at, seq, key = head[0]
+            due_at, seq, key, fresh = head
             if due_at > now and not flush_all:
                 break
-            if head is self._heap:
-                heapq.heappop(self._heap)
-            else:
+            if fresh:
                 self._fresh.popleft()
+                self._fresh_seqs.popleft()
+            else:
+                heapq.heappop(self._heap)
             change = self._pending[key]
             if change.email in busy:
                 self._blocked.setdefault(change.email, []).append((due_at, seq, key))
@@ -252,13 +289,13 @@ class Coalescer:
         here. Looks only at changes added since the partition's previous call (cost amortised
         over the additions). Returns how many changes were moved forward.
         """
-        fresh = self._fresh
+        fresh, seqs = self._fresh, self._fresh_seqs
         if not fresh:
             return 0
         since = self._examined.get(partition, -1)
-        self._examined[partition] = fresh[-1][1]
+        self._examined[partition] = seqs[-1]
         sooner: list[PendingChange] = []
-        for due_at, seq, key in reversed(fresh):
+        for key, seq in zip(reversed(fresh), reversed(seqs), strict=True):
             if seq <= since:
                 break
             if key[0] != partition:
@@ -266,6 +303,7 @@ class Coalescer:
             change = self._pending.get(key)
             if change is None or change.seq != seq or change.attempts:
                 continue
+            due_at = change.due_at
             first = published(change.offsets[0])
             if first is None:
                 continue
@@ -284,10 +322,9 @@ class Coalescer:
                 heapq.heappush(self._heap, item)
 
     def _take_email(self, partition: int, email: str) -> list[PendingChange]:
-        keys = self._by_email.pop(email, [])
+        keys = self._email_keys(email)
         elsewhere = [key for key in keys if key[0] != partition]  # rare: a mis-keyed producer
-        if elsewhere:
-            self._by_email[email] = elsewhere
+        self._reindex_email(email, elsewhere)
         taken = [self._pending.pop(key) for key in keys if key[0] == partition]
         self.raw_bytes -= sum(len(c.raw) for c in taken if c.raw)
         return taken
@@ -315,10 +352,9 @@ class Coalescer:
             del self._pending[key]
             if newer.raw:
                 self.raw_bytes -= len(newer.raw)
-            keys = self._by_email[change.email]
+            keys = self._email_keys(change.email)
             keys.remove(key)
-            if not keys:
-                del self._by_email[change.email]
+            self._reindex_email(change.email, keys)
         change.due_at = not_before
         self._insert(change)
 
@@ -331,7 +367,6 @@ class Coalescer:
             if change.raw:
                 self.raw_bytes -= len(change.raw)
         for email in {change.email for change in dropped}:
-            kept = [key for key in self._by_email.pop(email, ()) if key[0] not in gone]
-            if kept:
-                self._by_email[email] = kept
+            kept = [key for key in self._email_keys(email) if key[0] not in gone]
+            self._reindex_email(email, kept)
         return dropped

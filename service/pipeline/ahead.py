@@ -12,7 +12,8 @@ Bounded: at most ``max_keys`` keys over the replica (then reading stops, and the
 the prefix read so far), at most ``max_seconds`` of reading, ``slice`` seconds per loop turn.
 A record it cannot decode or name is not indexed (it supersedes nothing). A partition whose
 committed offset is unknown is not read ahead. A reader that fails ends the read-ahead of its
-partitions with what was indexed: the read-ahead only ever saves work, never decides it.
+partitions with what was indexed: the read-ahead only ever saves work, never decides it. The
+lists it names are looked up meanwhile (``list_seen``): the first import need not wait for them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from service.adapters.kafka import Record, RecordReader, RecordReaderFactory
+from service.core.coalesce import ListRef
 from service.core.codec import EventDecoder
 from service.core.errors import PoisonMessage
 from service.core.lists import ListNamer
@@ -52,7 +54,11 @@ class ReadAhead:
     max_keys: int
     max_seconds: float
     clock: Callable[[], float]
+    # Told of each list the backlog names, the first time it is seen: the list is found (or
+    # created) while the rest is read, instead of after it (``Delivery.want_list``).
+    list_seen: Callable[[ListRef], None] | None = None
     _job: _Job | None = None
+    _lists: set[ListRef] = field(default_factory=set)
 
     @property
     def reading(self) -> frozenset[int]:
@@ -138,3 +144,6 @@ class ReadAhead:
             except PoisonMessage:
                 continue  # the Source parks it when it reads it
             backlog.add((event.email, target), offset, event.occurred_at_ms)
+            if target not in self._lists and self.list_seen is not None:
+                self._lists.add(target)  # a handful: one per list, however long the backlog
+                self.list_seen(target)

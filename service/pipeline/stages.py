@@ -211,6 +211,7 @@ def build_stages(
             s.read_ahead_max_keys,
             s.read_ahead_max_seconds,
             clock.monotonic,
+            delivery.want_list,
         )
     backpressure = BackPressure(
         flow.Bounds(s.max_pending_changes, s.max_tracked_offsets, s.max_pending_bytes),

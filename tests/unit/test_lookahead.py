@@ -86,7 +86,7 @@ def test_sealing_forgets_the_keys_and_keeps_a_byte_per_record() -> None:
     assert len(backlog._marks) == 10_000  # one byte per record read ahead
     assert backlog.superseded(100) and not backlog.superseded(10_099)
     assert not backlog.superseded(99)  # before the first one read ahead
-    with pytest.raises(RuntimeError, match="^the backlog is sealed$"):
+    with pytest.raises(RuntimeError, match=r"^the backlog is sealed$"):
         backlog.add(("x", A), 10_100, 0)
 
 
@@ -342,3 +342,22 @@ def test_the_guard_compares_the_exact_event_time_it_packed() -> None:
     backlog.add(("x", A), 1, 1000)
     backlog.read(1)
     assert not backlog.superseded(0)
+
+
+def test_the_lists_a_backlog_names_are_told_once_each_while_it_is_read() -> None:
+    log: dict[int, list[bytes | None]] = {
+        0: [value("a@x.com", "L", "ENTERED"), value("b@x.com", "L", "ENTERED")],
+        1: [value("c@x.com", "M", "ENTERED"), b"\x00garbage", value("a@x.com", "L", "EXITED")],
+        2: [value("d@x.com", "M", "ENTERED")],
+    }
+    ahead, _, _ = stage(log)
+    seen: list[ListRef] = []
+    ahead.list_seen = seen.append
+    ahead.start({0: 0, 1: 0})
+    assert ahead.step(0.0) is None  # one read (two records): its list is told before the end
+    assert seen == [ListRef("L")]
+    until_done(ahead)
+    assert seen == [ListRef("L"), ListRef("M")]
+    ahead.start({2: 0})  # a later assignment naming a list already told tells nothing again
+    until_done(ahead)
+    assert seen == [ListRef("L"), ListRef("M")]

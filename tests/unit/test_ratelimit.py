@@ -440,3 +440,18 @@ def test_the_transport_books_again_when_its_send_is_held_up_past_the_tolerance()
     # (it would have been free at once had the request left on its void slot).
     assert sent == [pytest.approx(0.3)]
     assert limiter.bucket.peek(0.3) == pytest.approx(0.3 + 0.24)
+
+
+def test_a_write_held_up_past_the_guard_moves_the_next_slots() -> None:
+    """``leaving`` sees a hold-up before the write; ``sent`` one during it (the request's
+    thread waiting for the GIL between its socket writes)."""
+    b = LeakyBucket(5, guard=0.04)  # interval 0.24 s
+    start = b.reserve(100.0)
+    epoch = b.epoch
+    b.sent(start, 100.03)  # written within the guard: nothing moves
+    assert (b.epoch, b.peek(100.0)) == (epoch, pytest.approx(100.24))
+    b.sent(start, 100.2)  # written 0.2 s after its slot, 0.04 s before the next one
+    assert b.epoch == epoch + 1  # a slot booked meanwhile is void: its holder books again
+    assert b.peek(100.2) == pytest.approx(100.2 + 0.24)
+    b.sent(start, 100.1)  # an earlier report never pulls the next slot back
+    assert b.peek(100.2) == pytest.approx(100.2 + 0.24)
