@@ -76,6 +76,10 @@ def problems_of(error: ConfigError) -> tuple[ConfigError, ...]:
     return error.problems if isinstance(error, ConfigProblems) else (error,)
 
 
+# The group consumer's prefetch (``Settings.group_consumer_config``), unless the user set it.
+_GROUP_PREFETCH = {"queued.max.messages.kbytes": "8192", "fetch.max.bytes": str(4 * 1024 * 1024)}
+
+
 @dataclass(frozen=True)
 class Settings:
     kafka_bootstrap_servers: str
@@ -180,6 +184,20 @@ class Settings:
         # (``Coalescer.expedite``).
         cfg["enable.partition.eof"] = "true"
         cfg["logger"] = kafka_logger()
+        return cfg
+
+    def group_consumer_config(self) -> dict[str, Any]:
+        """``consumer_config`` for the group's consumer (the one that feeds the pipeline), with
+        a smaller prefetch unless the user set one. A backlog waits in the pending bound, not
+        in librdkafka's queue: 8 MiB queued (~50,000 records) keeps the loop fed, and fetches
+        of at most 4 MiB keep each response buffer small (a buffer lives until its last record
+        is freed). The private readers (ledger restore, read-ahead) keep the larger prefetch:
+        they read once, as fast as they can, and close."""
+        cfg = self.consumer_config()
+        user = self.kafka_user_properties()
+        for name, value in _GROUP_PREFETCH.items():
+            if name not in user:
+                cfg[name] = value
         return cfg
 
     def producer_config(self) -> dict[str, Any]:

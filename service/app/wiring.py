@@ -79,7 +79,7 @@ def build_runner(settings: Settings, registry: Any, preview: Preview | None = No
             holder["loop"].on_kafka_error(error)
         logger.warning("kafka error", extra={"error": error.str()})
 
-    consumer_cfg: dict[str, Any] = dict(settings.consumer_config())
+    consumer_cfg: dict[str, Any] = settings.group_consumer_config()
     consumer_cfg["error_cb"] = on_error
     consumer = Consumer(consumer_cfg)
     # A dry run sends nothing to Kafka: not even a producer is built.

@@ -107,7 +107,7 @@ class Delivery:
             self.importing.start(now, flush=flush)
         self._start_singles(now)
         if not flush:  # shutting down: learning would only keep the shutdown waiting
-            self.importing.start_learning(now)
+            self.importing.learning.start(now)
 
     def _take(self, now: float, *, flush: bool) -> None:
         queued = len(self.importing.ready) + len(self.single)
@@ -265,7 +265,7 @@ class Delivery:
         elif isinstance(task, ProbeTask):
             self.probed(result)
         elif isinstance(task, LearnTask):
-            self.importing.learned(task, result)
+            self.importing.learning.learned(task, result)
 
     def forget(self, partitions: set[int]) -> None:
         """The partitions were handed over: drop what waits for them, release their emails."""

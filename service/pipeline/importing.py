@@ -33,10 +33,11 @@ from service.core.coalesce import PendingChange
 from service.core.contact import contact_fields
 from service.core.ledger import Plan, fields_hash
 from service.pipeline import import_actions as steps
-from service.pipeline.desk import Desk, LearnBatch, Ready
-from service.pipeline.dispatch import ImportTask, LearnTask, PollTask, SummaryTask, VerifyTask
+from service.pipeline.desk import Desk, Ready
+from service.pipeline.dispatch import ImportTask, PollTask, SummaryTask, VerifyTask
 from service.pipeline.import_actions import Action, Group
 from service.pipeline.imports import ImportLifecycle
+from service.pipeline.learning import Learning
 from service.pipeline.lists import Lists
 from service.pipeline.verify import Verification
 
@@ -50,9 +51,6 @@ IMPORT_GATHER_BUSY_SECONDS = 5.0
 # backlog whose changes fall due over a few seconds leaves in full imports, not in a dozen
 # partial ones (what binds a drain is exactly those requests and that minute).
 IMPORT_FILL_SECONDS = 2.0
-MAX_TO_LEARN = 200_000  # ids (a few MB): a first load's worth
-LEARN_DEFER_SECONDS = 60.0  # background learning waits this long while imports are sent
-LEARN_YIELD_SECONDS = 2.0  # and, after that, never takes a slot a poll due this soon needs
 MAX_PREPARING = 2
 
 
@@ -65,8 +63,14 @@ class Importing:
     per_contact: Callable[[Ready], None]
     ready: deque[Ready] = field(default_factory=deque)
     preparing: dict[str, list[Ready]] = field(default_factory=dict)  # import id -> its groups
-    # Contact ids completed imports reported, with the emails they may belong to (bounded).
-    to_learn: deque[LearnBatch] = field(default_factory=deque)
+    learning: Learning = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.learning = Learning(self.desk, self.lifecycle, self.verification, self._draining)
+
+    def _draining(self) -> bool:
+        """Imports are on their way: ready, being prepared, or outstanding at AC."""
+        return bool(self.lifecycle.imports) or bool(self.ready) or bool(self.preparing)
 
     def pending(self) -> int:
         queued = sum(len(r.changes) for r in self.ready)
@@ -203,78 +207,6 @@ class Importing:
                 self.desk.metrics.imports.labels("failed").inc()
         self.apply(self.lifecycle.submitted(task.import_id, result, now, self.desk.wall()), now)
 
-    # ---- learning contact ids ---------------------------------------------------------------
-
-    def start_learning(self, now: float) -> None:
-        """One read of up to 100 ids at a time. At background priority it takes a request slot
-        only when nothing else waits for one (imports and their polls leave about a third of
-        the budget free at full speed, so a first load learns most of its ids for free); while
-        an exit waits for one of these ids, at normal priority: a read of 100 ids then saves
-        up to 100 reads of one email each. While a drain's imports are on their way, not for
-        the first ``LEARN_DEFER_SECONDS`` (a burst's drain is its requests: a read taken in a
-        gap between its imports and polls moved its last confirmation a slot later each), and
-        after that never while a poll is in flight or due within ``LEARN_YIELD_SECONDS``: the
-        500,000-event load's last 6 s held 9 reads between its last polls."""
-        if not self.to_learn:
-            return
-        urgent = self.verification.awaiting_ids()
-        draining = bool(self.lifecycle.imports) or bool(self.ready) or bool(self.preparing)
-        if not urgent and draining:
-            if now - self.to_learn[0].since < LEARN_DEFER_SECONDS:
-                return
-            if self.lifecycle.poll_near(now, LEARN_YIELD_SECONDS):
-                return
-        if len(list(self.desk.dispatcher.tasks(LearnTask))) >= (2 if urgent else 1):
-            return
-        if self.desk.room() < 2:
-            return
-        ids: list[str] = []
-        emails: dict[str, tuple[int, int]] = {}
-        batches: list[tuple[LearnBatch, int]] = []
-        # The batches an exit waits on first, then the oldest.
-        waited = {id(b): b for b in self.verification.awaited_batches(self.desk.learning)}
-        order = [*waited.values(), *(b for b in self.to_learn if id(b) not in waited)]
-        for batch in order:
-            taken = 0
-            while batch.ids and len(ids) < acapi.IDS_PER_READ:
-                ids.append(batch.ids.popleft())
-                taken += 1
-            if taken:
-                batch.asking += taken
-                batches.append((batch, taken))
-                emails.update(batch.emails)
-            if len(ids) >= acapi.IDS_PER_READ:
-                break
-        while self.to_learn and not self.to_learn[0].ids:
-            self.to_learn.popleft()  # fully asked (answers still counted in ``asking``)
-        if not ids:
-            return
-        priority = acapi.NORMAL if urgent else acapi.BACKGROUND
-        call = acapi.contacts_page(ids=ids, priority=priority)
-        self.desk.submit(LearnTask(of=emails, batches=batches), call)
-
-    def learned(self, task: LearnTask, result: Any) -> None:
-        page = result if isinstance(result, acapi.Page) else None
-        if page is not None:
-            self.desk.opened(task)
-        found = page.contacts if page is not None else {}
-        for email, contact_id in found.items():
-            where = task.of.get(email)
-            if where is not None:
-                self.desk.confirm.remember_contact(email, where[0], where[1], contact_id)
-        # Not learned on a failed read: those emails' exits are asked by email instead.
-        woken: set[str] = set(found)
-        for batch, asked in task.batches:
-            batch.asking -= asked
-            if batch.done():
-                woken |= {e for e, b in self.desk.learning.items() if b is batch}
-        self._woken(woken, found)
-
-    def _woken(self, emails: set[str], found: Mapping[str, str]) -> None:
-        for email in emails:
-            self.desk.learning.pop(email, None)
-        self.verification.ids_learned(emails, found)
-
     # ---- following imports --------------------------------------------------------------------
 
     def start_polls(self, now: float) -> None:
@@ -354,16 +286,7 @@ class Importing:
         self.desk.adopted -= action.emails
 
     def _learn(self, action: steps.Learn, now: float) -> None:
-        batch = LearnBatch(deque(action.ids), dict(action.emails), since=now)
-        self.to_learn.append(batch)
-        for email in batch.emails:
-            self.desk.learning[email] = batch
-        # Bounded: the oldest batches are dropped (their emails' exits are asked by email).
-        while sum(len(b.ids) for b in self.to_learn) > MAX_TO_LEARN:
-            dropped = self.to_learn.popleft()
-            dropped.ids.clear()
-            if dropped.done():
-                self._woken({e for e, b in self.desk.learning.items() if b is dropped}, {})
+        self.learning.add(action.ids, action.emails, now)
 
     def _landed(self, action: steps.Landed, now: float) -> None:
         for email in action.emails:

@@ -95,7 +95,7 @@ def test_a_drain_commits_and_a_sigterm_returns_while_ids_are_still_being_learned
     def learning() -> bool:
         importing = replica.loop.delivery.importing
         in_flight = any(replica.loop.dispatcher.tasks(LearnTask))
-        return in_flight or any(batch.ids for batch in importing.to_learn)
+        return in_flight or any(batch.ids for batch in importing.learning.to_learn)
 
     drained = _drain(sim, t0 + 0.5, 180.0)
     last_poll = max(a.at for a in sim.account.arrivals if a.path.endswith("/import/info"))

@@ -111,6 +111,28 @@ def test_kafka_properties_and_forced_manual_commit() -> None:
     assert "session.timeout.ms" not in s.producer_config()
 
 
+def test_the_group_consumer_prefetches_less_than_the_readers_unless_the_user_says() -> None:
+    s = load_settings(env())
+    group, reader = s.group_consumer_config(), s.consumer_config()
+    assert group["queued.max.messages.kbytes"] == "8192"
+    assert group["fetch.max.bytes"] == str(4 * 1024 * 1024)
+    assert reader["queued.max.messages.kbytes"] == "16384"
+    assert "fetch.max.bytes" not in reader  # librdkafka's default for the private readers
+    assert {k: v for k, v in group.items() if k not in _PREFETCH} == {
+        k: v for k, v in reader.items() if k not in _PREFETCH
+    }
+    mine = load_settings(
+        env(
+            KAFKA_PROPERTY_QUEUED_MAX_MESSAGES_KBYTES="32768",
+            KAFKA_PROPERTY_FETCH_MAX_BYTES="1048576",
+        )
+    ).group_consumer_config()
+    assert (mine["queued.max.messages.kbytes"], mine["fetch.max.bytes"]) == ("32768", "1048576")
+
+
+_PREFETCH = ("queued.max.messages.kbytes", "fetch.max.bytes", "logger")
+
+
 def test_auto_commit_cannot_be_turned_on() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(env(KAFKA_PROPERTY_ENABLE_AUTO_COMMIT="true"))
