@@ -67,6 +67,7 @@ def start_service(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set (VmHWM), in MiB (2**20 bytes)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -491,7 +492,7 @@ def print_exit_heavy(result: dict[str, Any]) -> None:
             f"GET /contacts/{{id}}/contactLists {phase['contact_lists_reads']}"
         )
         print(f"     requests by endpoint: {phase['by_endpoint']}")
-    print(f"   peak memory (RSS): {result['rss_mb']:.0f} MB")
+    print(f"   peak memory (RSS): {result['rss_mb']:.0f} MiB")
     print(f"   final state exact: {result['exact']}")
 
 
@@ -578,7 +579,7 @@ def main() -> None:
             f"(start, group join, first window, last import's processing and confirmation, commit)"
         )
         print(f"   peak requests in a second : {bulk['peak']}   429s: {bulk['429s']}")
-        print(f"   peak memory (RSS)         : {bulk['rss_mb']:.0f} MB")
+        print(f"   peak memory (RSS)         : {bulk['rss_mb']:.0f} MiB")
         print(f"   requests by endpoint      : {bulk['by_endpoint']}")
         if "--only-e2e" in sys.argv:
             if os.environ.get("BENCH_TAIL"):

@@ -103,14 +103,17 @@ class Coalescer:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def _push(self, change: PendingChange) -> None:
+    def _push(self, change: PendingChange, key: ChangeKey | None = None) -> None:
+        """Queue ``change`` by its ``due_at`` under a new seq (its older entries go stale).
+        ``key``: the one ``_pending`` holds, when the caller has it (not a new tuple)."""
         seq = change.seq = next(self._seq)
+        key = key if key is not None else change.key
         if change.due_at >= self._fresh_last_due or not self._fresh:
-            self._fresh.append(change.key)
+            self._fresh.append(key)
             self._fresh_seqs.append(seq)
             self._fresh_last_due = change.due_at
         else:
-            heapq.heappush(self._heap, (change.due_at, seq, change.key))
+            heapq.heappush(self._heap, (change.due_at, seq, key))
 
     def _live(self, item: tuple[float, int, ChangeKey]) -> bool:
         return self._queued(item[2], item[1])
@@ -164,7 +167,7 @@ class Coalescer:
         if change.raw:
             self.raw_bytes += len(change.raw)
         self._index_email(change.email, key)
-        self._push(change)
+        self._push(change, key)
 
     def add(
         self,
@@ -294,7 +297,9 @@ class Coalescer:
             return 0
         since = self._examined.get(partition, -1)
         self._examined[partition] = seqs[-1]
-        sooner: list[PendingChange] = []
+        # With the key ``_pending`` holds: a caught-up backlog moves up to the whole pending
+        # bound at once, and a new key tuple for each was ~64 bytes x 100,000.
+        sooner: list[tuple[PendingChange, ChangeKey]] = []
         for key, seq in zip(reversed(fresh), reversed(seqs), strict=True):
             if seq <= since:
                 break
@@ -310,9 +315,9 @@ class Coalescer:
             due = max(now, now + first + self.window - wall)
             if due < due_at:
                 change.due_at = due
-                sooner.append(change)
-        for change in sooner:
-            self._push(change)  # a new seq: the old queue entry goes stale
+                sooner.append((change, key))
+        for change, key in sooner:
+            self._push(change, key)  # a new seq: the old queue entry goes stale
         return len(sooner)
 
     def release(self, email: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from service.adapters.ledger_store import LedgerStore
 from service.core import acapi
 from service.core.coalesce import Coalescer, ListRef, PendingChange
+from service.core.contact_ids import IdQueue
 from service.core.errors import AccountBlocked, ApiError
 from service.core.lists import ListDirectory
 from service.core.outcome import Outcome, OutcomeKind
@@ -91,7 +91,7 @@ class LearnBatch:
     """The contact ids one completed import reported, and its emails (AC does not say which id
     is whose): read a hundred at a time until every id was asked."""
 
-    ids: deque[str]
+    ids: IdQueue
     emails: dict[str, tuple[int, int]]  # email -> (partition, generation)
     asking: int = 0  # ids in reads not answered yet
     since: float = 0.0  # when its import completed

@@ -58,6 +58,8 @@ class Import:
     batch_id: str | None = None
     next_poll_at: float = 0.0
     polls: int = 0
+    queued_at: float = 0.0  # monotonic: when AC answered its submission with a batch id
+    processing_at: float = 0.0  # seconds after ``queued_at`` of the last "still processing"
     adopted: bool = False  # restored from a previous owner's intent
 
     @property

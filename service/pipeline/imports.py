@@ -49,7 +49,7 @@ from service.adapters.ledger_store import Intent
 from service.core.acapi import ImportStatus
 from service.core.backoff import backoff_delay
 from service.core.budget import ImportBudget
-from service.core.bulk import Submitted, next_poll_delay
+from service.core.bulk import Submitted, learn_expected, next_poll_delay
 from service.core.errors import PermanentApiError, RateLimited
 from service.pipeline.import_actions import (
     Action,
@@ -204,6 +204,7 @@ class ImportLifecycle:
         imp.groups = [imp.groups[i] for i in result.sent]
         imp.batch_id = result.batch_id
         imp.state = State.QUEUED
+        imp.queued_at = now
         imp.next_poll_at = now + next_poll_delay(0, self.expected_seconds)
         wall_at = wall
         for partition, emails in self._emails_by_partition(imp).items():
@@ -272,18 +273,15 @@ class ImportLifecycle:
                 return self._unknown(imp, now)
             return []
         if not status.completed:
+            imp.processing_at = now - imp.queued_at
             imp.polls += 1
             imp.next_poll_at = now + next_poll_delay(
                 imp.polls, self.expected_seconds, MAX_POLL_INTERVAL
             )
             return self._maybe_give_up(imp, now)
-        elapsed = now - imp.started
-        # Done at the first poll: AC took *at most* ``elapsed``, and a poll that waited behind a
-        # minute's burst of imports says nothing about AC; learning from it pushed every next
-        # first poll later (20-30 s on a first load, the drain's last confirmation with it). It
-        # may only lower the estimate. After a "processing", AC was slower than expected.
-        sample = min(elapsed, self.expected_seconds) if imp.polls == 0 else elapsed
-        self.expected_seconds = 0.7 * self.expected_seconds + 0.3 * min(sample, 60.0)
+        self.expected_seconds = learn_expected(
+            self.expected_seconds, now - imp.queued_at, imp.processing_at if imp.polls else None
+        )
         return completed(imp, status) + self._close(imp, release=True)
 
     def _maybe_give_up(self, imp: Import, now: float) -> list[Action]:

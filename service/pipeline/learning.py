@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.core import acapi
+from service.core.contact_ids import IdQueue
 from service.pipeline.desk import Desk, LearnBatch
 from service.pipeline.dispatch import LearnTask
 from service.pipeline.imports import ImportLifecycle
@@ -42,7 +43,7 @@ class Learning:
 
     def add(self, ids: list[str], emails: Mapping[str, tuple[int, int]], now: float) -> None:
         """An import completed with these ids for these emails (in an order AC does not say)."""
-        batch = LearnBatch(deque(ids), dict(emails), since=now)
+        batch = LearnBatch(IdQueue(ids), dict(emails), since=now)
         self.to_learn.append(batch)
         for email in batch.emails:
             self.desk.learning[email] = batch

@@ -56,7 +56,10 @@ def test_encoded_size_matches_json() -> None:
 def test_poll_delay_starts_at_expected_and_backs_off_to_a_cap() -> None:
     assert next_poll_delay(0, 2.0) == 2.0
     assert next_poll_delay(0, 0.1) == 1.0
-    assert next_poll_delay(2, 2.0) == 4.5
+    assert next_poll_delay(1, 3.0) == 1.5  # just early: soon again
+    assert next_poll_delay(1, 1.5) == 1.0  # never sooner than a second
+    assert next_poll_delay(2, 2.0) == 3.0
+    assert next_poll_delay(3, 2.0) == 4.5
     assert next_poll_delay(30, 2.0) == 30.0
     assert next_poll_delay(10**6, 2.0, cap=60.0) == 60.0  # no overflow for a stuck import
 
