@@ -40,6 +40,7 @@ _MAX_WAIT = 1.0  # a waiter re-checks at least this often (shares and pauses can
 # httpcore's trace events ("http11." or "http2." + these) once the request is on the wire.
 _WRITTEN = ("send_request_body.complete", "send_request_body.failed")
 Trace = Callable[[str, dict[str, Any]], None]
+_CALLER_TRACE = "ac_sync_caller_trace"  # request extension: the trace hook the caller set
 
 
 class RequestCancelled(Exception):
@@ -210,7 +211,10 @@ class RateLimitedTransport(httpx.BaseTransport):
             # (or moves the next slots), rather than leave bunched with them.
             if self._limiter.leaving(start):
                 break
-        request.extensions["trace"] = self._on_written(start, request.extensions.get("trace"))
+        # The caller's own trace hook, if any, still runs; kept aside so that a request sent
+        # again (a retry of the same object) is not wrapped twice.
+        caller = request.extensions.setdefault(_CALLER_TRACE, request.extensions.get("trace"))
+        request.extensions["trace"] = self._on_written(start, caller)
         response = self._inner.handle_request(request)
         pause = pause_after(response.status_code, response.headers.get("Retry-After"), self._wall())
         if pause:

@@ -78,3 +78,33 @@ def test_the_slot_after_a_held_up_write_keeps_a_full_interval_from_it() -> None:
     # Without ``sent`` the next request left on its booked slot, ~0.04 s after the held-up one
     # arrived; AC counts both, and a sixth in the same second follows.
     assert following - held >= 0.24 - 0.01
+
+
+def test_the_callers_own_trace_hook_still_runs_once_per_event_when_sent_again() -> None:
+    server = _Server(("127.0.0.1", 0), _Handler)
+    server.arrivals = {}
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    starts: list[float] = []
+
+    class Recording(RateLimiter):
+        def sent(self, start: float) -> None:
+            starts.append(start)
+            super().sent(start)
+
+    limiter = Recording(1000, guard=0.0, clock=time.monotonic)
+    events: list[str] = []
+    try:
+        with httpx.Client(transport=RateLimitedTransport(httpx.HTTPTransport(), limiter)) as c:
+            request = c.build_request(
+                "GET",
+                f"http://127.0.0.1:{server.server_address[1]}/x",
+                extensions={"trace": lambda name, info: events.append(name)},
+            )
+            c.send(request)
+            c.send(request)  # the same object again (a retry): its hook is not wrapped twice
+    finally:
+        server.shutdown()
+        server.server_close()
+    written = [e for e in events if e.endswith("send_request_body.complete")]
+    assert len(written) == 2
+    assert len(starts) == 2 and starts[0] < starts[1]  # each send told its own slot, once
