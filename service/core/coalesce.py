@@ -103,11 +103,10 @@ class Coalescer:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def _push(self, change: PendingChange, key: ChangeKey | None = None) -> None:
+    def _push(self, change: PendingChange, key: ChangeKey) -> None:
         """Queue ``change`` by its ``due_at`` under a new seq (its older entries go stale).
-        ``key``: the one ``_pending`` holds, when the caller has it (not a new tuple)."""
+        ``key``: the one ``_pending`` holds (not a new tuple per entry)."""
         seq = change.seq = next(self._seq)
-        key = key if key is not None else change.key
         if change.due_at >= self._fresh_last_due or not self._fresh:
             self._fresh.append(key)
             self._fresh_seqs.append(seq)

@@ -625,3 +625,17 @@ def test_a_requeued_change_yields_to_the_newer_one_unless_that_one_is_stale_besi
     assert change.offsets == list(range(len(newer) + 1))
     assert change.force_single is (refused[0] or refused[1])
     assert change.due_at == (7 if stale else 1)
+
+
+def test_a_change_requeued_beside_two_of_its_emails_others_is_taken_with_them() -> None:
+    """The email index keeps a key until an email has a second, then a list: a third key,
+    come back by ``requeue``, joins the list."""
+    c = Coalescer(window=0)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=0)
+    [[first]] = c.take_due(0, limit=1, busy=set())
+    c.add(0, B, ev("x@y.com", Action.ENTERED), None, 2, now=1)
+    c.add(0, ListRef(name="C"), ev("x@y.com", Action.ENTERED), None, 3, now=1)
+    c.requeue(first, not_before=1)
+    [group] = c.take_due(1, limit=1, busy=set())
+    assert sorted(change.target.label() for change in group) == ["A", "B", "C"]
+    assert len(c) == 0

@@ -813,3 +813,20 @@ def test_every_unknown_import_past_the_give_up_is_sent_again_at_once() -> None:
         Requeue(second.groups[0].changes, STAMP, abandoned=True),  # type: ignore[attr-defined]
         *closes(second.import_id, [0], {"b@x.co"}),  # type: ignore[attr-defined]
     ]
+
+
+def test_a_poll_is_near_while_one_is_in_flight_or_due_within_the_horizon() -> None:
+    life = lifecycle()
+    assert not life.poll_near(100.0, 2.0)  # nothing outstanding
+    imp = queued(life, [group("a@x.co", 0)])  # first poll due at 102.0
+    assert not life.poll_near(99.9, 2.0)  # due in 2.1 s
+    assert life.poll_near(100.0, 2.0)  # due in exactly 2 s
+    assert life.poll_near(103.0, 0.0)  # overdue
+    life.polling(imp, 102.0)
+    assert life.poll_near(102.0, 0.0)  # in flight: the answer is not in
+    life.polled(imp.import_id, ImportStatus(False, [], []), 102.5)  # next at 103.5
+    assert not life.poll_near(102.5, 0.5) and life.poll_near(102.5, 1.0)
+    other = queued(life, [group("b@x.co", 1)], now=200.0)
+    other.batch_id = None  # no batch id (not queued at AC): nothing to poll
+    imp.state = State.UNKNOWN  # settled by AC's summary, not by polls
+    assert not life.poll_near(1000.0, 1.0)
