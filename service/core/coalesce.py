@@ -12,7 +12,13 @@ Invariants:
   (the caller passes the busy set), so AC never sees two requests for one email at once; a due
   change of a busy email waits aside until the caller ``release``s the email (not re-examined on
   every call: a large import keeps thousands of emails busy);
-- ``discard`` forgets partitions wholesale (revoke/lost); their offsets are not completed.
+- ``discard`` forgets partitions wholesale (revoke/lost); their offsets are not completed;
+- a change added with ``hold`` (a later record of its email is on its way: the backlog read
+  ahead says so) is pending but not queued: it leaves with the email's next change that is
+  queued, when a record of the email is added without ``hold``, or when the caller releases
+  the partition's holds (``release_holds``: its records stopped flowing). So an email's lists
+  leave in one import row instead of one per wave of the pending bound. ``take_due`` with
+  ``flush_all`` releases every hold first.
 
 The partition is part of the key because ordering is only defined within a partition; producers
 key by the normalised email, so in a healthy topic one email lives in one partition.
@@ -24,53 +30,13 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable, Container, Iterable
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
-from service.core.ledger import ListState, Plan
 from service.core.model import MembershipEvent
+from service.core.pending import ChangeKey, ListRef, PendingChange
 
+__all__ = ["HELD", "ChangeKey", "Coalescer", "ListRef", "PendingChange"]
 
-class ListRef(NamedTuple):
-    """An AC list: by name (found or created) or by an id given in the mapping file."""
-
-    name: str | None = None
-    list_id: str | None = None
-
-    def label(self) -> str:
-        return self.name if self.name is not None else f"#{self.list_id}"
-
-
-ChangeKey = tuple[int, str, ListRef]
-
-
-@dataclass(slots=True)
-class PendingChange:
-    partition: int
-    email: str
-    target: ListRef
-    event: MembershipEvent
-    raw: bytes | None
-    offsets: list[int]  # of ``partition``: every record this change covers, in order
-    first_seen: float
-    due_at: float
-    attempts: int = 0
-    seq: int = field(default=0)
-    force_single: bool = False  # AC refused it in an import: learn the exact error per contact
-    plan: Plan = Plan.SKIP  # decided from the ledger when the change is handed out
-    previous: ListState | None = None  # the ledger's state for the key at that moment
-    contact_id: str | None = None  # learned by an exit's verification (for its unsubscribe)
-    verified_at: float = 0.0  # when the exit's verification read said "still subscribed"
-    failing_since: float | None = None  # first failure of the current attempt series
-    # The Kafka headers of the record ``raw`` came from (None: it had none): parked with it, so
-    # a redriven record that fails again carries its redrive history into the DLQ.
-    headers: list[tuple[str, bytes]] | None = None
-
-    @property
-    def key(self) -> ChangeKey:
-        # Built when asked (requeue, discard: rare), not stored: one object less per pending
-        # change, and no __post_init__ call on the per-record path.
-        return (self.partition, self.email, self.target)
+HELD = -1  # the seq of a change added with ``hold``: in no queue
 
 
 class Coalescer:
@@ -98,6 +64,9 @@ class Coalescer:
         self._blocked: dict[str, list[tuple[float, int, ChangeKey]]] = {}  # due, email busy
         self._seq = itertools.count()
         self._examined: dict[int, int] = {}  # partition -> last seq ``expedite`` looked at
+        # partition -> emails with a change added with ``hold`` and not yet released. Empty
+        # outside a backlog read ahead, so the per-record check costs one truth test.
+        self._held: dict[int, set[str]] = {}
         self.raw_bytes = 0  # of the records pending changes keep (for the DLQ): back-pressure
 
     def __len__(self) -> int:
@@ -177,14 +146,22 @@ class Coalescer:
         offset: int,
         now: float,
         headers: list[tuple[str, bytes]] | None = None,
+        *,
+        hold: bool = False,
     ) -> bool:
         """Add one event. True when it superseded a pending change for the same key.
-        ``headers``: the record's own Kafka headers (kept with ``raw`` for the DLQ).
+        ``headers``: the record's own Kafka headers (kept with ``raw`` for the DLQ). ``hold``:
+        a later record of the same email is on its way; a new change then waits for it
+        (see the module's invariants). Without ``hold``, the email's held changes queue again.
 
         Runs once per consumed record: ``_insert`` and ``_push`` are written out here, since a
         Python call costs about as much as each of their steps.
         """
         email = event.email
+        if not hold and self._held:
+            held = self._held.get(partition)
+            if held is not None and email in held:
+                self._release(partition, email)
         key = (partition, email, target)
         current = self._pending.get(key)
         if current is not None:
@@ -230,6 +207,10 @@ class Coalescer:
             keys.append(key)
         else:
             self._by_email[email] = [keys, key]
+        if hold:
+            change.seq = HELD
+            self._held.setdefault(partition, set()).add(email)
+            return False
         seq = change.seq = next(self._seq)
         if due_at >= self._fresh_last_due or not self._fresh:
             self._fresh.append(key)
@@ -239,6 +220,33 @@ class Coalescer:
             heapq.heappush(self._heap, (due_at, seq, key))
         return False
 
+    def _release(self, partition: int, email: str) -> None:
+        """Queue the email's held changes of ``partition`` by the due they were added with."""
+        held = self._held[partition]
+        held.discard(email)
+        if not held:
+            del self._held[partition]
+        keys = self._by_email.get(email)
+        for key in keys if isinstance(keys, list) else (keys,) if keys is not None else ():
+            change = self._pending[key]
+            if key[0] == partition and change.seq == HELD:
+                self._push(change, key)
+
+    def release_holds(self, partition: int | None = None) -> int:
+        """Queue every held change of ``partition`` (None: of every partition): its records
+        stopped flowing, or its backlog was all read. Returns how many emails were released."""
+        partitions = list(self._held) if partition is None else [partition]
+        released = 0
+        for p in partitions:
+            for email in list(self._held.get(p, ())):
+                self._release(p, email)
+                released += 1
+        return released
+
+    def held_partitions(self) -> list[int]:
+        """Partitions with a held change."""
+        return list(self._held)
+
     def next_due_at(self) -> float | None:
         head = self._head()
         return head[0] if head else None
@@ -247,6 +255,8 @@ class Coalescer:
         self, now: float, *, limit: int, busy: Container[str], flush_all: bool = False
     ) -> list[list[PendingChange]]:
         """Remove and return up to ``limit`` groups of due changes, one group per email."""
+        if flush_all and self._held:
+            self.release_holds()
         groups: list[list[PendingChange]] = []
         deferred: list[tuple[float, int, ChangeKey]] = []
         taken: set[str] = set()
@@ -326,6 +336,11 @@ class Coalescer:
                 heapq.heappush(self._heap, item)
 
     def _take_email(self, partition: int, email: str) -> list[PendingChange]:
+        held = self._held.get(partition)
+        if held is not None and email in held:  # its held changes leave with this one
+            held.discard(email)
+            if not held:
+                del self._held[partition]
         keys = self._email_keys(email)
         elsewhere = [key for key in keys if key[0] != partition]  # rare: a mis-keyed producer
         self._reindex_email(email, elsewhere)
@@ -365,6 +380,8 @@ class Coalescer:
     def discard(self, partitions: Iterable[int]) -> list[PendingChange]:
         """Forget every pending change of ``partitions``; return what was dropped."""
         gone = set(partitions)
+        for partition in gone:
+            self._held.pop(partition, None)
         dropped = [c for k, c in self._pending.items() if k[0] in gone]
         for change in dropped:
             del self._pending[change.key]

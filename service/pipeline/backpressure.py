@@ -5,7 +5,8 @@ The load is everything held in memory for the owned partitions: the changes pend
 coalescer, in flight, waiting in delivery), each partition's tracked offsets and the bytes of
 the pending records. Only pauses of reason ``backpressure`` are taken or released here: a
 partition paused for another reason (its ledger restoring, a schema, the dead-letter breaker,
-shutdown) stays paused whatever the load. A paused partition keeps being polled, so the loop
+shutdown) stays paused whatever the load. A paused partition's changes held for a later record
+of their email are released here when that record cannot come soon. A paused partition keeps being polled, so the loop
 never sleeps for long and the group session stays alive.
 """
 
@@ -61,3 +62,23 @@ class BackPressure:
                 },
             )
         self.metrics.paused_partitions.set(self.pauses.paused())
+        self._release_holds()
+
+    def _release_holds(self) -> None:
+        """A change held for a later record of its email (``Coalescer.add(hold=True)``) must
+        not wait for a record that cannot come: its partition is paused for another reason
+        (a schema, the ledger restoring, the dead-letter breaker), or paused for this bound
+        with nothing else queued or on its way (the holds keep the load over the bound:
+        waiting would never end). Work still on its way may yet lower the load: not before."""
+        held = self.coalescer.held_partitions()
+        if not held:
+            return
+        idle = self.coalescer.next_due_at() is None and self.delivery.idle()
+        for partition in held:
+            why = self.pauses.reasons.get(partition)
+            if why and (idle or why != {BACKPRESSURE}):
+                released = self.coalescer.release_holds(partition)
+                logger.info(
+                    "held changes released: their partition is paused",
+                    extra={"partition": partition, "emails": released, "paused": sorted(why)},
+                )

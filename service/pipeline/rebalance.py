@@ -189,7 +189,7 @@ class Rebalancer:
             backlogs = self.ahead.step(AHEAD_SLICE_SECONDS)
             if backlogs is not None:
                 for partition, backlog in backlogs.items():
-                    if partition in self.ownership.assigned and backlog.supersedes_any():
+                    if partition in self.ownership.assigned and backlog.informs():
                         self.source.ahead[partition] = backlog
                     self._flow(partition)
 

@@ -9,7 +9,9 @@
   nothing is parked. The same holding keeps the records of a partition whose ledger is still
   being restored (records returned by the ``consume`` that assigned it).
 - A record that a later record of the same key supersedes, as the partition's backlog was read
-  ahead on assignment (``pipeline/ahead.py``), completes at once: nothing is sent for it.
+  ahead on assignment (``pipeline/ahead.py``), completes at once: nothing is sent for it. A
+  record whose email has a later record in that backlog is held in the coalescer until that
+  record is added (``Coalescer.add(hold=True)``): the email's lists leave together.
 - Once a partition's end is reached, changes of records published more than a window ago are
   due at once (``Coalescer.expedite``): a backlog then leaves when a consumer that had kept up
   would have sent it.
@@ -35,7 +37,7 @@ from service.core.coalesce import Coalescer, ListRef
 from service.core.codec import EventDecoder
 from service.core.errors import PoisonMessage, SchemaUnavailable
 from service.core.lists import ListNamer
-from service.core.lookahead import Backlog
+from service.core.lookahead import CONTINUES, SUPERSEDED, Backlog
 from service.core.model import MembershipEvent
 from service.core.offsets import OffsetTracker
 from service.metrics import Metrics
@@ -188,11 +190,19 @@ class Source:
             valid += 1
             self.list_seen(target)
             backlog = self.ahead.get(partition)
-            if backlog is not None and self._superseded(backlog, partition, message):
+            mark = 0 if backlog is None else self._ahead_mark(backlog, partition, message)
+            if mark == SUPERSEDED:
                 coalesced += 1
                 continue
             coalesced += self.coalescer.add(
-                partition, target, event, message.value(), message.offset(), now, message.headers()
+                partition,
+                target,
+                event,
+                message.value(),
+                message.offset(),
+                now,
+                message.headers(),
+                hold=mark == CONTINUES,
             )
         self._counters["valid"].inc(valid)
         self.metrics.events_coalesced.inc(coalesced)
@@ -206,21 +216,20 @@ class Source:
             if kind != TIMESTAMP_NOT_AVAILABLE and stamp > 0:
                 self.published.setdefault(partition, []).append((message.offset(), stamp / 1000))
 
-    def _superseded(
-        self,
-        backlog: Backlog,
-        partition: int,
-        message: Any,
-    ) -> bool:
-        """Does a later record of this key, read ahead, supersede this one? Then it is done now,
-        as if coalesced into it: that record is not committed until its own change settles."""
+    def _ahead_mark(self, backlog: Backlog, partition: int, message: Any) -> int:
+        """What the backlog read ahead says of this record (``Backlog.mark``). Superseded by a
+        later record of its key: done now, as if coalesced into it (that record is not
+        committed until its own change settles)."""
         offset = message.offset()
         if backlog.passed(offset):
-            del self.ahead[partition]  # processing reached the end of what was read ahead
-        if not backlog.superseded(offset):
-            return False
-        self.tracker.complete(partition, offset)
-        return True
+            # Processing reached the end of what was read ahead: a change still held waits
+            # for a record that was not added (a later record refused, say): it goes now.
+            del self.ahead[partition]
+            self.coalescer.release_holds(partition)
+        mark = backlog.mark(offset)
+        if mark == SUPERSEDED:
+            self.tracker.complete(partition, offset)
+        return mark
 
     def _dead_letter(self, message: Any, poison: PoisonMessage) -> None:
         partition, offset = message.partition(), message.offset()

@@ -98,3 +98,68 @@ def test_a_backlog_larger_than_the_pending_bound_sends_only_final_states() -> No
     assert {e for e, s in lists_without["Audience A"].items() if s == 2}, requests_without
     assert imported < imported_without, (imported, imported_without)
     assert sum(requests.values()) < sum(requests_without.values()), (requests, requests_without)
+
+
+def _rows_per_email(sim: Simulation) -> Counter[str]:
+    """How many import rows carried each email."""
+    rows: Counter[str] = Counter()
+    for batch in sim.account.account.imports.values():
+        rows.update(str(contact["email"]).strip().lower() for contact in batch.contacts)
+    return rows
+
+
+def _drain(sim: Simulation, partitions: int) -> None:
+    sim.start_replica()
+    limit = sim.world.now + 600.0
+    while sim.world.now < limit and not all(
+        sim.committed.get(p, 0) >= len(sim.cluster.log(TOPIC, p)) for p in range(partitions)
+    ):
+        sim.world.at(sim.world.now + 0.5, lambda: None)
+        sim.world.run(until=sim.world.now + 0.5)
+    assert all(sim.committed.get(p, 0) >= len(sim.cluster.log(TOPIC, p)) for p in range(partitions))
+
+
+def _members(sim: Simulation) -> dict[str, set[str]]:
+    snapshot = sim.account.account.snapshot(sim.world.now)
+    return {
+        name: {e for e, s in data["members"].items() if s == 1}
+        for name, data in snapshot["lists"].items()
+    }
+
+
+def test_an_emails_lists_leave_in_one_row_when_the_pending_bound_falls_between_its_records() -> (
+    None
+):
+    """Each person enters A, and B 20 people later in the log. With a pending bound of 120
+    changes (of 800) a pause for the bound falls between some people's two records: their A
+    waits for their B (``Coalescer.add(hold=True)``) instead of leaving in the wave before."""
+    sim = Simulation(37, Profile(partitions=3, replicas=0, events=0, crashes=0, faults=0))
+    sim.settings = replace(sim.settings, max_pending_changes=120, read_ahead_max_keys=500_000)
+    order = sorted(
+        [(2 * p, p, "Audience A") for p in range(PEOPLE)]
+        + [(2 * (p + 20) + 1, p, "Audience B") for p in range(PEOPLE)]
+    )
+    for n, (_, person, audience) in enumerate(order):
+        sim.produce(_event(n, person, audience, "ENTERED"))
+    _drain(sim, 3)
+    everyone = {f"ahead{p}@example.com" for p in range(PEOPLE)}
+    assert _members(sim) == {"Audience A": everyone, "Audience B": everyone}
+    rows = _rows_per_email(sim)
+    assert len(rows) >= PEOPLE * 0.9, len(rows)  # the rest went per contact (fewer than an import)
+    assert max(rows.values()) == 1, sorted(e for e, n in rows.items() if n > 1)
+
+
+def test_holds_that_fill_the_pending_bound_are_released_and_the_backlog_drains() -> None:
+    """Every person enters A, then every person enters B: with a bound of 120 changes every A
+    held for its B would fill it, and no B could be read while paused. The holds go once the
+    bound pauses the partitions with nothing else to send, and the backlog drains."""
+    people = 2000  # more than a consumed batch: the bound pauses the partitions between them
+    sim = Simulation(41, Profile(partitions=3, replicas=0, events=0, crashes=0, faults=0))
+    sim.settings = replace(sim.settings, max_pending_changes=120, read_ahead_max_keys=500_000)
+    for n, (person, audience) in enumerate(
+        [(p, "Audience A") for p in range(people)] + [(p, "Audience B") for p in range(people)]
+    ):
+        sim.produce(_event(n, person, audience, "ENTERED"))
+    _drain(sim, 3)
+    everyone = {f"ahead{p}@example.com" for p in range(people)}
+    assert _members(sim) == {"Audience A": everyone, "Audience B": everyone}

@@ -1,7 +1,7 @@
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from service.core.coalesce import Coalescer, ListRef
+from service.core.coalesce import Coalescer, ListRef, PendingChange
 from service.core.model import Action, MembershipEvent
 
 A = ListRef(name="A")
@@ -639,3 +639,81 @@ def test_a_change_requeued_beside_two_of_its_emails_others_is_taken_with_them() 
     [group] = c.take_due(1, limit=1, busy=set())
     assert sorted(change.target.label() for change in group) == ["A", "B", "C"]
     assert len(c) == 0
+
+
+# ---- holds: a change waits for a later record of its email ----------------------------------
+
+
+def _emails(groups: list[list[PendingChange]]) -> list[list[tuple[str, str | None]]]:
+    return [[(c.email, c.target.name) for c in g] for g in groups]
+
+
+def test_a_held_change_waits_for_its_emails_later_record_and_leaves_with_it() -> None:
+    c = Coalescer(window=5)
+    c.add(0, A, ev("x@y.com", Action.ENTERED, 1), None, 1, now=0, hold=True)
+    c.add(0, A, ev("z@y.com", Action.ENTERED, 2), None, 2, now=0)
+    assert len(c) == 2
+    assert c.held_partitions() == [0]
+    # Long past its window, the held change is not due: only z's is.
+    assert _emails(c.take_due(1000, limit=10, busy=set())) == [[("z@y.com", "A")]]
+    assert c.next_due_at() is None
+    # The email's later record (not held): both lists leave together, due by the first's due.
+    c.add(0, B, ev("x@y.com", Action.ENTERED, 3), None, 3, now=1000)
+    assert c.held_partitions() == []
+    assert c.next_due_at() == 5
+    assert _emails(c.take_due(1000, limit=10, busy=set())) == [[("x@y.com", "A"), ("x@y.com", "B")]]
+    assert len(c) == 0
+
+
+def test_a_later_record_the_guard_refuses_still_releases_its_emails_held_change() -> None:
+    c = Coalescer(window=5, stale_tolerance_ms=10)
+    c.add(0, B, ev("x@y.com", Action.ENTERED, 1000), None, 1, now=0, hold=True)
+    c.add(0, A, ev("x@y.com", Action.ENTERED, 1000), None, 2, now=0, hold=True)
+    # The email's last record is older than the pending one of its key: folded, not queued.
+    assert c.add(0, A, ev("x@y.com", Action.EXITED, 900), None, 3, now=1)
+    [group] = c.take_due(5, limit=10, busy=set())
+    assert sorted(ch.target.name or "" for ch in group) == ["A", "B"]
+    assert [ch.event.action for ch in group if ch.target == A] == [Action.ENTERED]
+
+
+def test_holds_released_by_partition_by_flush_and_by_taking_the_email() -> None:
+    c = Coalescer(window=5)
+    c.add(0, A, ev("p0@y.com", Action.ENTERED), None, 1, now=0, hold=True)
+    c.add(1, A, ev("p1@y.com", Action.ENTERED), None, 1, now=2, hold=True)
+    c.add(2, B, ev("p2@y.com", Action.ENTERED), None, 1, now=0)  # queued: no hold
+    c.add(2, A, ev("p2@y.com", Action.ENTERED), None, 2, now=0, hold=True)
+    assert sorted(c.held_partitions()) == [0, 1, 2]
+    # Taking the email's queued change takes its held one too, and the hold is gone.
+    assert _emails(c.take_due(5, limit=10, busy=set())) == [[("p2@y.com", "B"), ("p2@y.com", "A")]]
+    assert sorted(c.held_partitions()) == [0, 1]
+    assert c.release_holds(0) == 1
+    assert c.held_partitions() == [1]
+    assert _emails(c.take_due(5, limit=10, busy=set())) == [[("p0@y.com", "A")]]
+    # A flush takes what is held too (shutting down: nothing waits).
+    assert _emails(c.take_due(5, limit=10, busy=set(), flush_all=True)) == [[("p1@y.com", "A")]]
+    assert c.held_partitions() == [] and len(c) == 0
+
+
+def test_discarding_a_partition_forgets_its_holds() -> None:
+    c = Coalescer(window=5)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=0, hold=True)
+    c.add(1, A, ev("y@y.com", Action.ENTERED), None, 1, now=0, hold=True)
+    assert [ch.email for ch in c.discard([0])] == ["x@y.com"]
+    assert c.held_partitions() == [1]
+    assert c.release_holds() == 1
+    assert _emails(c.take_due(5, limit=10, busy=set())) == [[("y@y.com", "A")]]
+
+
+def test_a_hold_waits_only_in_its_own_partition() -> None:
+    """A mis-keyed producer put the email in two partitions: a record of partition 1 does not
+    release partition 0's hold (its later record is partition 0's)."""
+    c = Coalescer(window=5)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=0, hold=True)
+    c.add(1, B, ev("x@y.com", Action.ENTERED), None, 1, now=0)
+    assert c.held_partitions() == [0]
+    [group] = c.take_due(5, limit=10, busy=set())
+    assert [(ch.partition, ch.target) for ch in group] == [(1, B)]
+    assert c.held_partitions() == [0]
+    c.add(0, B, ev("x@y.com", Action.ENTERED), None, 2, now=6)
+    [group] = c.take_due(11, limit=10, busy=set())
+    assert sorted((ch.partition, ch.target.name or "") for ch in group) == [(0, "A"), (0, "B")]

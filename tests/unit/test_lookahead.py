@@ -12,7 +12,7 @@ from service.adapters.kafka import Record
 from service.core.coalesce import Coalescer, ListRef
 from service.core.codec import EventDecoder, encode_event, load_reader_schema
 from service.core.lists import ListNamer
-from service.core.lookahead import Backlog
+from service.core.lookahead import CONTINUES, SUPERSEDED, Backlog
 from service.core.model import Action, MembershipEvent
 from service.pipeline.ahead import ReadAhead
 
@@ -81,7 +81,7 @@ def test_sealing_forgets_the_keys_and_keeps_a_byte_per_record() -> None:
         backlog.read(offset)
         backlog.add((f"p{offset % 1000}", A), offset, offset)
     assert backlog.keys == 1000
-    assert backlog.supersedes_any()
+    assert backlog.informs()
     assert backlog.sealed and backlog.keys == 1000 and not backlog._after
     assert len(backlog._marks) == 10_000  # one byte per record read ahead
     assert backlog.superseded(100) and not backlog.superseded(10_099)
@@ -90,12 +90,21 @@ def test_sealing_forgets_the_keys_and_keeps_a_byte_per_record() -> None:
         backlog.add(("x", A), 10_100, 0)
 
 
-def test_a_backlog_whose_records_are_all_last_supersedes_nothing() -> None:
+def test_a_backlog_whose_records_are_all_last_of_their_email_changes_nothing() -> None:
     backlog = Backlog(None)
     for offset, email in enumerate(["p", "q", "r"]):
         backlog.read(offset)
         backlog.add((email, A), offset, 0)
-    assert not backlog.supersedes_any()
+    assert not backlog.informs()
+
+
+def test_a_backlog_without_a_superseded_record_still_holds_an_emails_first_list() -> None:
+    backlog = Backlog(None)
+    for offset, key in enumerate([("p", A), ("p", B)]):
+        backlog.read(offset)
+        backlog.add(key, offset, 0)
+    assert backlog.informs()
+    assert backlog.mark(0) == CONTINUES
 
 
 def test_records_are_indexed_in_offset_order() -> None:
@@ -361,3 +370,43 @@ def test_the_lists_a_backlog_names_are_told_once_each_while_it_is_read() -> None
     ahead.start({2: 0})  # a later assignment naming a list already told tells nothing again
     until_done(ahead)
     assert seen == [ListRef("L"), ListRef("M")]
+
+
+def test_a_record_whose_email_has_a_later_record_processed_is_marked_continues() -> None:
+    backlog = Backlog(None)
+    keys = [("x", A), ("y", A), ("x", B), ("x", B), ("y", B), ("z", A)]
+    for offset, key in enumerate(keys):
+        backlog.read(offset)
+        backlog.add(key, offset, 1000 + offset)
+    assert [backlog.mark(o) for o in range(7)] == [
+        CONTINUES,  # x's last record processed is offset 3
+        CONTINUES,  # y's is offset 4
+        SUPERSEDED,  # offset 3 supersedes it
+        0,  # x's last
+        0,  # y's last
+        0,  # z has one record
+        0,  # never read ahead
+    ]
+
+
+def test_a_record_the_guard_keeps_after_the_one_kept_is_its_emails_last() -> None:
+    backlog = Backlog(60_000)
+    backlog.add(("x", A), 0, 1_000_000)
+    backlog.add(("x", B), 1, 1_000_000)
+    backlog.add(("x", B), 2, 1_000_000 - 60_001)  # stale: processed as usual, and last
+    assert [backlog.mark(o) for o in range(3)] == [CONTINUES, CONTINUES, 0]
+
+
+@given(st.lists(st.tuples(st.sampled_from("xyz"), st.sampled_from([A, B])), max_size=30))
+def test_continues_exactly_where_a_later_record_of_the_email_is_not_superseded(
+    keys: list[tuple[str, ListRef]],
+) -> None:
+    backlog = Backlog(None)
+    for offset, key in enumerate(keys):
+        backlog.read(offset)
+        backlog.add(key, offset, offset)
+    processed = [o for o in range(len(keys)) if not backlog.superseded(o)]
+    for offset, (email, _) in enumerate(keys):
+        later = any(o > offset and keys[o][0] == email for o in processed)
+        expected = SUPERSEDED if offset not in processed else CONTINUES if later else 0
+        assert backlog.mark(offset) == expected
