@@ -27,13 +27,16 @@ on a schedule instead, from the runner's loop (``CollectionSchedule``):
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 COLLECT_INTERVAL_SECONDS = 60.0
 COLLECT_AFTER_OBJECTS = 1_000_000
+TRIM_INTERVAL_SECONDS = 5.0
 
 
 def tune_gc() -> tuple[int, int, int]:
@@ -89,3 +92,47 @@ class Collector:
         pause = time.perf_counter() - began
         self.schedule.collected(now)
         return found, pause
+
+
+class MemoryTrimmer:
+    """Gives the C heap's free pages back to the system every ``interval`` seconds (glibc's
+    ``malloc_trim(0)``; elsewhere, nothing).
+
+    Why: what the pipeline frees in bursts (a fetch's records decoded and superseded, a batch
+    of imports' payloads, a dict's old table after it grew) stays in the process as free heap
+    unless something returns it: glibc gives back only the top of a heap on its own, and
+    librdkafka's threads allocate in arenas of their own. On the 500,000-event benchmark the
+    resident set's plateau in the drain's last third was 249-252 MB without it and 197-218 MB
+    with it. The call releases the GIL (ctypes), so only allocations in other threads wait
+    for it, a few milliseconds.
+
+    Invariant: after ``maybe_trim(now)`` returned a result, the next one is ``interval`` later.
+    """
+
+    def __init__(self, interval: float = TRIM_INTERVAL_SECONDS, libc: Any = None) -> None:
+        self.interval = interval
+        self.next_at: float | None = None
+        self._trim: Callable[[int], int] | None = None
+        try:
+            # dlopen(NULL): the symbols the process already has (glibc's, when it is glibc).
+            library = libc if libc is not None else ctypes.CDLL(None)
+            self._trim = library.malloc_trim
+        except (AttributeError, OSError, TypeError):
+            self._trim = None  # not glibc (musl, macOS): nothing to call
+
+    @property
+    def available(self) -> bool:
+        return self._trim is not None
+
+    def maybe_trim(self, now: float, *, force: bool = False) -> float | None:
+        """Trim if due (or ``force``): the seconds the call took, else None."""
+        if self._trim is None:
+            return None
+        if self.next_at is None:
+            self.next_at = now + self.interval
+        if now < self.next_at and not force:
+            return None
+        began = time.perf_counter()
+        self._trim(0)
+        self.next_at = now + self.interval
+        return time.perf_counter() - began

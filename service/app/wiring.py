@@ -34,7 +34,7 @@ def build_runner(settings: Settings, registry: Any, preview: Preview | None = No
     from service.adapters.kafka_readers import kafka_log_reader, record_scanner
     from service.adapters.ratelimit import RateLimitedTransport, RateLimiter
     from service.app.logs import EmailHasher
-    from service.app.runtime import Collector
+    from service.app.runtime import Collector, MemoryTrimmer
     from service.clock import SystemClock
     from service.metrics import Metrics
     from service.pipeline.stages import Ports
@@ -85,6 +85,7 @@ def build_runner(settings: Settings, registry: Any, preview: Preview | None = No
     # A dry run sends nothing to Kafka: not even a producer is built.
     producer: Any = Producer(settings.producer_config()) if preview is None else preview.kafka
     collector = Collector()
+    trimmer = MemoryTrimmer()
 
     def housekeeping(now: float) -> None:
         # The scheduled full collection (``service/app/runtime.py``), between two iterations.
@@ -98,6 +99,8 @@ def build_runner(settings: Settings, registry: Any, preview: Preview | None = No
                 "garbage collected",
                 extra={"unreachable": found, "pause_seconds": round(pause, 3)},
             )
+        # After a collection at once: what it freed goes back too.
+        trimmer.maybe_trim(now, force=collected is not None)
 
     readers = kafka_log_reader(settings.consumer_config())
     if preview is not None and not preview.ledger_exists:
