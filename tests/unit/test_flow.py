@@ -1,11 +1,18 @@
-"""Back-pressure: ``decide`` (pure) and ``Pauses`` (the reasons a partition is paused)."""
+"""Back-pressure: ``decide`` (pure), ``Pauses`` (the reasons a partition is paused) and the
+stage that releases held changes whose record cannot come (``BackPressure``)."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
+from service.core.coalesce import Coalescer, ListRef
+from service.core.model import Action, MembershipEvent
+from service.metrics import Metrics
+from service.pipeline.backpressure import BackPressure
 from service.pipeline.flow import Bounds, Decision, Load, Pauses, decide
+from service.pipeline.ownership import Ownership
 
 BOUNDS = Bounds(max_changes=100, max_tracked=1000, max_bytes=10_000)
 OWNED = frozenset({0, 1, 2, 3})  # a fair share of tracked offsets: 250 each
@@ -128,3 +135,105 @@ def test_a_fair_share_is_a_whole_number_of_offsets() -> None:
     three = frozenset({0, 1, 2})  # 1000 // 3 = 333
     assert decide(load(tracked={1: 333}), BOUNDS, frozenset(), three).pause == {1}
     assert decide(load(tracked={1: 332}), BOUNDS, frozenset(), three).pause == frozenset()
+
+
+# ---- BackPressure: held changes released when their record cannot come ----------------------
+
+
+class _Tracker:
+    def __init__(self, outstanding: dict[int, int]) -> None:
+        self.counts = outstanding
+
+    def outstanding(self, partition: int) -> int:
+        return self.counts.get(partition, 0)
+
+
+class _Dispatcher:
+    def changes_in_flight(self) -> int:
+        return 0
+
+
+class _Delivery:
+    def __init__(self, idle: bool) -> None:
+        self._idle = idle
+
+    def pending(self) -> int:
+        return 0
+
+    def idle(self) -> bool:
+        return self._idle
+
+
+class _Consumer:
+    def pause(self, partitions: object) -> None:
+        pass
+
+    def resume(self, partitions: object) -> None:
+        pass
+
+
+def _held_stage(
+    tracked: dict[int, int], *, idle: bool, reason: str = "backpressure", max_changes: int = 1000
+) -> tuple[BackPressure, Coalescer]:
+    """Partitions 0 and 1 owned, a change of partition 0 held for a later record, partition 0
+    paused for ``reason``; partition 1 has a queued change."""
+    coalescer = Coalescer(window=5)
+    coalescer.add(0, ListRef("A"), _event("x@y.com"), None, 0, now=0, hold=True)
+    coalescer.add(1, ListRef("A"), _event("z@y.com"), None, 0, now=0)
+    ownership = Ownership()
+    ownership.assign([0, 1])
+    pauses = Pauses("t", _Consumer())
+    pauses.hold(0, reason)
+    stage = BackPressure(
+        Bounds(max_changes=max_changes, max_tracked=200, max_bytes=10**9),
+        ownership,
+        pauses,
+        _Tracker(tracked),  # type: ignore[arg-type]
+        coalescer,
+        _Dispatcher(),  # type: ignore[arg-type]
+        _Delivery(idle),  # type: ignore[arg-type]
+        Metrics(CollectorRegistry()),
+    )
+    return stage, coalescer
+
+
+def _event(email: str) -> MembershipEvent:
+    return MembershipEvent("e", 0, email, "aud", "A", Action.ENTERED)
+
+
+def test_a_partition_paused_for_its_own_share_releases_its_holds_at_once() -> None:
+    # Partition 0 holds over half its share of the tracked offsets (51 of 100, 200 over two
+    # partitions): ``decide`` keeps it paused until they fall to half, and its held change
+    # keeps its commit point back, so waiting would only grow them.
+    stage, coalescer = _held_stage({0: 51, 1: 5}, idle=False)
+    stage.apply()
+    assert coalescer.held_partitions() == []
+    assert coalescer.next_due_at() == 5  # queued by the due it was added with
+
+
+def test_a_partition_paused_with_the_replica_keeps_its_holds_while_work_is_on_its_way() -> None:
+    # Pending changes at a bound of one: every partition paused, and work on its way
+    # (an import outstanding) may still lower the load, so partition 0's hold waits.
+    stage, coalescer = _held_stage({0: 50, 1: 5}, idle=False, max_changes=1)
+    stage.apply()
+    assert stage.pauses.held("backpressure") == {0, 1}
+    assert coalescer.held_partitions() == [0]
+    # Nothing left on its way: the hold alone keeps the load at the bound. It goes.
+    stage.delivery = _Delivery(idle=True)  # type: ignore[assignment]
+    coalescer.take_due(100, limit=10, busy=set())  # partition 1's change is taken
+    stage.apply()
+    assert coalescer.held_partitions() == []
+
+
+def test_a_partition_paused_for_another_reason_releases_its_holds() -> None:
+    stage, coalescer = _held_stage({0: 10, 1: 5}, idle=False, reason="schema")
+    stage.apply()
+    assert coalescer.held_partitions() == []
+
+
+def test_a_flowing_partition_keeps_its_holds_even_when_nothing_else_is_queued() -> None:
+    stage, coalescer = _held_stage({0: 10, 1: 5}, idle=True)
+    stage.pauses.release(0, "backpressure")
+    coalescer.take_due(100, limit=10, busy=set())  # partition 1's change is taken
+    stage.apply()
+    assert coalescer.held_partitions() == [0]  # its record is on its way: it flows
