@@ -234,15 +234,10 @@ def stage(
 
 
 def until_done(ahead: ReadAhead) -> dict[int, Backlog]:
-    """Every backlog the stage delivers, however many steps it takes."""
-    delivered: dict[int, Backlog] = {}
     for _ in range(1000):
         found = ahead.step(0.002)
         if found is not None:
-            assert not set(found) & set(delivered)  # each partition once
-            delivered.update(found)
-        if not ahead.reading:
-            return delivered
+            return found
     raise AssertionError("the read-ahead never finished")
 
 
@@ -305,9 +300,9 @@ def test_a_new_assignment_restarts_the_read_with_the_union() -> None:
     ahead.start({0: 0})
     assert ahead.step(0.0005) is None  # one slice, not done
     ahead.start({1: 0})
-    assert made[0].closed and ahead.reading == {0, 1}
+    assert made[0].closed
+    assert asked[-1] == {0: 0, 1: 0}
     backlogs = until_done(ahead)
-    assert asked == [{0: 0}, {0: 0}, {1: 0}]  # 0 read again from its start, then 1
     assert set(backlogs) == {0, 1} and backlogs[0].keys == 20
 
 
@@ -316,13 +311,10 @@ def test_cancel_of_some_partitions_restarts_the_others() -> None:
         0: [value("p@x.com", "L", "ENTERED")] * 5,
         1: [value("q@x.com", "L", "ENTERED")] * 5,
     }
-    ahead, asked, made = stage(log)
+    ahead, asked, _ = stage(log)
     ahead.start({0: 0, 1: 2})
-    assert ahead.step(0.0005) is None  # reading partition 0's group
     ahead.cancel({0})
-    assert asked == [{0: 0}, {1: 2}] and made[0].closed and ahead.reading == {1}
-    assert set(until_done(ahead)) == {1} and len(asked) == 2
-    ahead.start({0: 0})
+    assert asked[-1] == {1: 2} and ahead.reading == {1}
     ahead.cancel()
     assert ahead.reading == frozenset() and ahead.step(1.0) is None
 
@@ -418,44 +410,3 @@ def test_continues_exactly_where_a_later_record_of_the_email_is_not_superseded(
         later = any(o > offset and keys[o][0] == email for o in processed)
         expected = SUPERSEDED if offset not in processed else CONTINUES if later else 0
         assert backlog.mark(offset) == expected
-
-
-def test_a_backlog_is_delivered_a_group_of_partitions_at_a_time() -> None:
-    """Eight partitions in four groups of two, read one after the other: the first group's
-    records may flow while the next group is read."""
-    log: dict[int, list[bytes | None]] = {
-        p: [value(f"p{p}-{i}@x.com", "L", "ENTERED") for i in range(6)] for p in range(8)
-    }
-    ahead, asked, made = stage(log)
-    ahead.start(dict.fromkeys(range(8), 0))
-    deliveries: list[set[int]] = []
-    for _ in range(1000):
-        found = ahead.step(0.002)
-        if found:
-            deliveries.append(set(found))
-            assert all(b.sealed and b.records == 6 for b in found.values())
-            assert ahead.reading == set(range(8)) - set().union(*deliveries)
-        if not ahead.reading:
-            break
-    assert deliveries == [{0, 1}, {2, 3}, {4, 5}, {6, 7}]
-    assert asked == [{0: 0, 1: 0}, {2: 0, 3: 0}, {4: 0, 5: 0}, {6: 0, 7: 0}]
-    assert all(reader.closed for reader in made)
-
-
-def test_the_key_bound_counts_the_group_being_read_and_ends_the_rest_empty() -> None:
-    log: dict[int, list[bytes | None]] = {
-        p: [value(f"p{p}-{i}@x.com", "L", "ENTERED") for i in range(6)] for p in range(4)
-    }
-    # A bound of 7 keys: each group (one partition, 6 keys) fits; the whole backlog (24) not.
-    ahead, asked, _ = stage(log, max_keys=7)
-    ahead.start(dict.fromkeys(range(4), 0))
-    backlogs = until_done(ahead)
-    assert [backlogs[p].keys for p in range(4)] == [6, 6, 6, 6]
-    assert len(asked) == 4
-    # A bound of 3: the first group stops at its prefix, and the groups not read are empty.
-    ahead, asked, _ = stage(log, max_keys=3)
-    ahead.start(dict.fromkeys(range(4), 0))
-    backlogs = until_done(ahead)
-    assert 3 <= backlogs[0].keys < 6
-    assert [backlogs[p].records for p in (1, 2, 3)] == [0, 0, 0]
-    assert asked == [{0: 0}]
