@@ -226,8 +226,9 @@ class Coalescer:
         held.discard(email)
         if not held:
             del self._held[partition]
-        keys = self._by_email.get(email)
-        for key in keys if isinstance(keys, list) else (keys,) if keys is not None else ():
+        keys = self._email_keys(email)
+        self._reindex_email(email, keys)
+        for key in keys:
             change = self._pending[key]
             if key[0] == partition and change.seq == HELD:
                 self._push(change, key)

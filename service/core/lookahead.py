@@ -131,11 +131,9 @@ class Backlog:
         last: dict[Hashable, int] = {}
         for key, packed in winners.items():
             offset = packed >> 64
-            if last.get(key[0], -1) < offset:
-                last[key[0]] = offset
-        for key, offsets in self._after.items():
-            if last.get(key[0], -1) < offsets[-1]:
-                last[key[0]] = offsets[-1]
+            last[key[0]] = max(last.get(key[0], offset), offset)
+        for key, offsets in self._after.items():  # a key here has its record kept: in ``last``
+            last[key[0]] = max(last[key[0]], offsets[-1])
         for key, packed in winners.items():
             offset = packed >> 64  # the record kept: not superseded
             marks[offset - start] = CONTINUES if offset < last[key[0]] else 0

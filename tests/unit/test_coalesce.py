@@ -650,7 +650,7 @@ def _emails(groups: list[list[PendingChange]]) -> list[list[tuple[str, str | Non
 
 def test_a_held_change_waits_for_its_emails_later_record_and_leaves_with_it() -> None:
     c = Coalescer(window=5)
-    c.add(0, A, ev("x@y.com", Action.ENTERED, 1), None, 1, now=0, hold=True)
+    assert c.add(0, A, ev("x@y.com", Action.ENTERED, 1), None, 1, now=0, hold=True) is False
     c.add(0, A, ev("z@y.com", Action.ENTERED, 2), None, 2, now=0)
     assert len(c) == 2
     assert c.held_partitions() == [0]
@@ -717,3 +717,26 @@ def test_a_hold_waits_only_in_its_own_partition() -> None:
     c.add(0, B, ev("x@y.com", Action.ENTERED), None, 2, now=6)
     [group] = c.take_due(11, limit=10, busy=set())
     assert sorted((ch.partition, ch.target.name or "") for ch in group) == [(0, "A"), (0, "B")]
+
+
+def test_a_second_held_record_of_a_held_email_keeps_it_held() -> None:
+    c = Coalescer(window=5)
+    c.add(0, A, ev("x@y.com", Action.ENTERED, 1), None, 1, now=0, hold=True)
+    c.add(0, B, ev("x@y.com", Action.ENTERED, 2), None, 2, now=0, hold=True)
+    assert c.held_partitions() == [0]
+    assert c.take_due(1000, limit=10, busy=set()) == []
+    assert c.release_holds(7) == 0  # no hold in partition 7
+    c.add(0, A, ev("w@y.com", Action.ENTERED, 3), None, 3, now=0, hold=True)
+    assert c.release_holds(0) == 2  # two emails
+    assert len(c.take_due(1000, limit=10, busy=set())) == 2
+
+
+def test_a_record_releases_only_its_own_partitions_hold_of_the_email() -> None:
+    c = Coalescer(window=5)
+    c.add(0, A, ev("x@y.com", Action.ENTERED), None, 1, now=0, hold=True)
+    c.add(1, A, ev("x@y.com", Action.ENTERED), None, 1, now=0, hold=True)
+    c.add(0, B, ev("x@y.com", Action.ENTERED), None, 2, now=0)
+    assert c.held_partitions() == [1]
+    [group] = c.take_due(1000, limit=10, busy=set())
+    assert sorted((ch.partition, ch.target.name or "") for ch in group) == [(0, "A"), (0, "B")]
+    assert c.take_due(1000, limit=10, busy=set()) == []  # partition 1's still waits

@@ -393,7 +393,15 @@ def test_a_record_the_guard_keeps_after_the_one_kept_is_its_emails_last() -> Non
     backlog = Backlog(60_000)
     backlog.add(("x", A), 0, 1_000_000)
     backlog.add(("x", B), 1, 1_000_000)
-    backlog.add(("x", B), 2, 1_000_000 - 60_001)  # stale: processed as usual, and last
+    backlog.add(("x", B), 2, 1_000_000 - 60_001)  # stale: processed as usual
+    backlog.add(("x", B), 3, 1_000_000 - 60_002)  # stale too, and the email's last
+    backlog.add(("y", A), 4, 0)
+    assert [backlog.mark(o) for o in range(5)] == [CONTINUES, CONTINUES, CONTINUES, 0, 0]
+    # A later record kept for another list of the email: the stale ones continue to it.
+    backlog = Backlog(60_000)
+    backlog.add(("x", B), 0, 1_000_000)
+    backlog.add(("x", B), 1, 1_000_000 - 60_001)  # stale: processed as usual
+    backlog.add(("x", A), 2, 1_000_000)  # the email's last
     assert [backlog.mark(o) for o in range(3)] == [CONTINUES, CONTINUES, 0]
 
 
