@@ -619,7 +619,7 @@ def test_a_requeued_change_yields_to_the_newer_one_unless_that_one_is_stale_besi
     assert c.raw_bytes == pending_raw(c)
     [group] = c.take_due(100, limit=5, busy=set())
     assert len(c) == 0
-    assert sorted(ch.target.name or "" for ch in group) == (["A", "B"] if other_list else ["A"])
+    assert sorted(ch.target.label() for ch in group) == (["A", "B"] if other_list else ["A"])
     [change] = [ch for ch in group if ch.target == A]
     assert change is (failed if stale else pending)
     assert change.offsets == list(range(len(newer) + 1))
@@ -672,7 +672,7 @@ def test_a_later_record_the_guard_refuses_still_releases_its_emails_held_change(
     # The email's last record is older than the pending one of its key: folded, not queued.
     assert c.add(0, A, ev("x@y.com", Action.EXITED, 900), None, 3, now=1)
     [group] = c.take_due(5, limit=10, busy=set())
-    assert sorted(ch.target.name or "" for ch in group) == ["A", "B"]
+    assert sorted(ch.target.label() for ch in group) == ["A", "B"]
     assert [ch.event.action for ch in group if ch.target == A] == [Action.ENTERED]
 
 
@@ -716,7 +716,7 @@ def test_a_hold_waits_only_in_its_own_partition() -> None:
     assert c.held_partitions() == [0]
     c.add(0, B, ev("x@y.com", Action.ENTERED), None, 2, now=6)
     [group] = c.take_due(11, limit=10, busy=set())
-    assert sorted((ch.partition, ch.target.name or "") for ch in group) == [(0, "A"), (0, "B")]
+    assert sorted((ch.partition, ch.target.label()) for ch in group) == [(0, "A"), (0, "B")]
 
 
 def test_a_second_held_record_of_a_held_email_keeps_it_held() -> None:
@@ -738,5 +738,5 @@ def test_a_record_releases_only_its_own_partitions_hold_of_the_email() -> None:
     c.add(0, B, ev("x@y.com", Action.ENTERED), None, 2, now=0)
     assert c.held_partitions() == [1]
     [group] = c.take_due(1000, limit=10, busy=set())
-    assert sorted((ch.partition, ch.target.name or "") for ch in group) == [(0, "A"), (0, "B")]
+    assert sorted((ch.partition, ch.target.label()) for ch in group) == [(0, "A"), (0, "B")]
     assert c.take_due(1000, limit=10, busy=set()) == []  # partition 1's still waits
